@@ -1,0 +1,286 @@
+//! Consistency check and repair, streaming over the tables so memory stays bounded whatever the
+//! image claims: tables are read in pieces of at most 512 KiB, and referenced clusters are kept
+//! in a sparse bitmap that grows only with clusters actually referenced.
+//!
+//! Like QEMU's check it reports corruptions (entries that are unaligned, inside the header, past
+//! the end of the file, or referencing a cluster twice), leaks (clusters nothing references),
+//! check errors (tables that could not be read), and cluster statistics. Repair goes further
+//! than QEMU: an entry pointing into metadata is cleared; two data entries sharing a cluster are
+//! separated by copying the cluster (copy, flush, repoint), so neither guest range loses data;
+//! and leaked clusters at the end of the file are truncated away.
+
+use crate::error::{IoContext, Result};
+use crate::format::{table, Geometry, Header};
+use crate::storage::Storage;
+use std::collections::BTreeMap;
+
+/// What to repair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckFix {
+    /// Reclaim leaked clusters.
+    pub leaks: bool,
+    /// Repair corrupt entries.
+    pub errors: bool,
+}
+
+impl CheckFix {
+    /// Report only.
+    pub const NONE: CheckFix = CheckFix { leaks: false, errors: false };
+    /// Repair everything.
+    pub const ALL: CheckFix = CheckFix { leaks: true, errors: true };
+    /// Whether anything is to be repaired.
+    pub fn any(self) -> bool {
+        self.leaks || self.errors
+    }
+}
+
+/// Result of a check, with QEMU's fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckResult {
+    /// Corruptions found and not repaired.
+    pub corruptions: u64,
+    /// Leaked clusters found and not repaired.
+    pub leaks: u64,
+    /// Errors that kept the check from completing (unreadable tables).
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaked clusters reclaimed.
+    pub leaks_fixed: u64,
+    /// Data clusters referenced by L2 entries.
+    pub allocated_clusters: u64,
+    /// Clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Data clusters not directly after the previous one of the same table.
+    pub fragmented_clusters: u64,
+    /// File length after the check (and repair).
+    pub image_end_offset: u64,
+}
+
+const PAGE_BITS: u64 = 1 << 16;
+
+/// A sparse bitmap of cluster indices.
+#[derive(Default)]
+struct Bitmap {
+    pages: BTreeMap<u64, Box<[u64]>>,
+}
+
+impl Bitmap {
+    fn get(&self, i: u64) -> bool {
+        self.pages
+            .get(&(i / PAGE_BITS))
+            .is_some_and(|p| p[((i % PAGE_BITS) / 64) as usize] & (1 << (i % 64)) != 0)
+    }
+    fn set(&mut self, i: u64) {
+        let p = self
+            .pages
+            .entry(i / PAGE_BITS)
+            .or_insert_with(|| vec![0u64; (PAGE_BITS / 64) as usize].into_boxed_slice());
+        p[((i % PAGE_BITS) / 64) as usize] |= 1 << (i % 64);
+    }
+    fn any_in(&self, start: u64, n: u64) -> bool {
+        (start..start + n).any(|i| self.get(i))
+    }
+    fn set_range(&mut self, start: u64, n: u64) {
+        (start..start + n).for_each(|i| self.set(i))
+    }
+    fn count_in(&self, start: u64, end: u64) -> u64 {
+        let mut c = 0;
+        for (&pi, p) in self.pages.range(start / PAGE_BITS..=end.saturating_sub(1) / PAGE_BITS) {
+            for (wi, &w) in p.iter().enumerate() {
+                if w == 0 {
+                    continue;
+                }
+                for b in 0..64 {
+                    let i = pi * PAGE_BITS + wi as u64 * 64 + b;
+                    if i >= start && i < end && w & (1 << b) != 0 {
+                        c += 1;
+                    }
+                }
+            }
+        }
+        c
+    }
+    fn last(&self) -> Option<u64> {
+        let (&pi, p) = self.pages.iter().rev().find(|(_, p)| p.iter().any(|&w| w != 0))?;
+        let (wi, &w) = p.iter().enumerate().rev().find(|(_, &w)| w != 0)?;
+        Some(pi * PAGE_BITS + wi as u64 * 64 + 63 - w.leading_zeros() as u64)
+    }
+}
+
+/// Entries read per piece of table.
+const PIECE_ENTRIES: u64 = 64 * 1024;
+
+/// Runs the check over `storage` with its validated `header`.
+pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: CheckFix) -> Result<CheckResult> {
+    let cs = g.cluster_bytes();
+    let cb = g.cluster_bits();
+    let tb = g.table_bytes();
+    let ts = g.table_size as u64;
+    let file_len = storage.len().ctx(|| "reading image length".into())?;
+    let header_bytes = header.header_bytes();
+    let l1_off = header.l1_table_offset;
+    let mut res = CheckResult {
+        total_clusters: header.image_size.div_ceil(cs),
+        ..Default::default()
+    };
+    let mut used = Bitmap::default();
+    let mut meta = Bitmap::default();
+    used.set_range(0, header.header_size as u64);
+    used.set_range(l1_off >> cb, ts);
+    meta.set_range(0, header.header_size as u64);
+    meta.set_range(l1_off >> cb, ts);
+    let mut wrote = false;
+    let mut append_at = g.cluster_ceil(file_len);
+
+    // Pass 1: the L1 table; mark every table so that data entries pointing at one are caught
+    // whatever order they come in.
+    let mut tables: Vec<u64> = Vec::new();
+    let n = g.table_entries();
+    let mut bytes = Vec::new();
+    let mut entries = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let count = (n - start).min(PIECE_ENTRIES);
+        bytes.resize((count * 8) as usize, 0);
+        let at = l1_off + start * 8;
+        storage.read_at(&mut bytes, at).ctx(|| format!("reading L1 table at {at:#x}"))?;
+        entries.clear();
+        table::decode_entries(&bytes, &mut entries);
+        let mut modified = false;
+        for e in entries.iter_mut() {
+            if *e == 0 {
+                continue;
+            }
+            let valid = g.is_cluster_aligned(*e)
+                && *e >= header_bytes
+                && e.checked_add(tb).is_some_and(|end| end <= file_len)
+                && !used.any_in(*e >> cb, ts);
+            if valid {
+                used.set_range(*e >> cb, ts);
+                meta.set_range(*e >> cb, ts);
+                tables.push(*e);
+            } else if fix.errors {
+                *e = 0;
+                modified = true;
+                res.corruptions_fixed += 1;
+            } else {
+                res.corruptions += 1;
+            }
+        }
+        if modified {
+            let mut out = Vec::with_capacity(bytes.len());
+            table::encode_entries(entries.iter().copied(), &mut out);
+            storage.write_at(&out, at).ctx(|| format!("repairing L1 table at {at:#x}"))?;
+            wrote = true;
+        }
+        start += count;
+    }
+
+    // Pass 2: each L2 table's data entries.
+    for &t in &tables {
+        let mut last = 0u64;
+        let mut start = 0;
+        while start < n {
+            let count = (n - start).min(PIECE_ENTRIES);
+            bytes.resize((count * 8) as usize, 0);
+            let at = t + start * 8;
+            if storage.read_at(&mut bytes, at).is_err() {
+                res.check_errors += 1;
+                start += count;
+                continue;
+            }
+            entries.clear();
+            table::decode_entries(&bytes, &mut entries);
+            let mut modified = false;
+            let mut copied = false;
+            for e in entries.iter_mut() {
+                if *e <= crate::format::L2_ZERO_CLUSTER {
+                    continue;
+                }
+                res.allocated_clusters += 1;
+                if last != 0 && last + cs != *e {
+                    res.fragmented_clusters += 1;
+                }
+                last = *e;
+                let in_file = g.is_cluster_aligned(*e) && *e >= header_bytes && *e < file_len;
+                if in_file && !used.get(*e >> cb) {
+                    used.set(*e >> cb);
+                    continue;
+                }
+                if !fix.errors {
+                    res.corruptions += 1;
+                    continue;
+                }
+                if in_file && !meta.get(*e >> cb) {
+                    // Two data entries share this cluster: give this one its own copy.
+                    let mut data = vec![0u8; cs as usize];
+                    storage.read_at(&mut data, *e).ctx(|| format!("reading data cluster at {e:#x}"))?;
+                    storage.write_at(&data, append_at).ctx(|| format!("copying cluster to {append_at:#x}"))?;
+                    used.set(append_at >> cb);
+                    *e = append_at;
+                    append_at += cs;
+                    copied = true;
+                } else {
+                    *e = 0;
+                }
+                modified = true;
+                res.corruptions_fixed += 1;
+            }
+            if modified {
+                if copied {
+                    storage.flush().ctx(|| "flushing copied clusters".into())?;
+                }
+                let mut out = Vec::with_capacity(bytes.len());
+                table::encode_entries(entries.iter().copied(), &mut out);
+                storage.write_at(&out, at).ctx(|| format!("repairing L2 table at {at:#x}"))?;
+                wrote = true;
+            }
+            start += count;
+        }
+    }
+
+    let file_len = storage.len().ctx(|| "reading image length".into())?;
+    let file_clusters = file_len.div_ceil(cs);
+    let first = header.header_size as u64;
+    let mut leaks = file_clusters.saturating_sub(first) - used.count_in(first, file_clusters);
+    let mut end = file_len;
+    if fix.leaks && leaks > 0 {
+        let keep = used.last().map_or(first, |l| l + 1).max(first);
+        if keep < file_clusters {
+            let trailing = file_clusters - keep;
+            if wrote {
+                storage.flush().ctx(|| "flushing repairs".into())?;
+            }
+            end = keep << cb;
+            storage.set_len(end).ctx(|| "truncating leaked clusters".into())?;
+            wrote = true;
+            leaks -= trailing;
+            res.leaks_fixed += trailing;
+        }
+    }
+    res.leaks = leaks;
+    res.image_end_offset = end;
+    if wrote {
+        storage.flush().ctx(|| "flushing repairs".into())?;
+    }
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_counts_and_finds_last() {
+        let mut b = Bitmap::default();
+        b.set_range(3, 5);
+        b.set(PAGE_BITS * 3 + 7);
+        assert!(b.get(4) && !b.get(8));
+        assert_eq!(b.count_in(0, PAGE_BITS * 4), 6);
+        assert_eq!(b.count_in(4, 6), 2);
+        assert_eq!(b.last(), Some(PAGE_BITS * 3 + 7));
+        assert!(b.any_in(0, 4));
+        assert!(!b.any_in(8, 100));
+    }
+}

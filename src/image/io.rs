@@ -1,0 +1,557 @@
+//! Guest I/O: mapping guest ranges to where their bytes live, reads, writes (in place and
+//! allocating, with copy-on-write from the backing file), write-zeroes and block status.
+
+use super::l2cache::{Chunk, CHUNK_BYTES, CHUNK_ENTRIES};
+use super::{lock, rlock, wlock, Image};
+use crate::error::{Error, IoContext, Result};
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Where a guest range lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated in this image; `host_offset` is the file offset of the extent's first byte.
+    Data {
+        /// File offset of the first byte.
+        host_offset: u64,
+    },
+    /// A zero cluster: reads as zeros, whatever the backing file holds.
+    Zero,
+    /// Not allocated here: the backing file's bytes, or zeros without one.
+    Unallocated,
+}
+
+/// A guest range of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Where it lives.
+    pub kind: ExtentKind,
+}
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Slices covering `len` zero bytes.
+fn zero_iov(len: u64) -> Vec<&'static [u8]> {
+    let mut v = Vec::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        v.push(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    v
+}
+
+/// A cursor over caller buffers that hands out consecutive byte ranges as slices.
+struct SgMut<'b> {
+    segs: VecDeque<&'b mut [u8]>,
+}
+
+impl<'b> SgMut<'b> {
+    fn new(bufs: &mut [&'b mut [u8]]) -> Self {
+        SgMut { segs: bufs.iter_mut().map(std::mem::take).filter(|s| !s.is_empty()).collect() }
+    }
+    fn take(&mut self, mut n: u64) -> Vec<&'b mut [u8]> {
+        let mut out = Vec::new();
+        while n > 0 {
+            let s = self.segs.pop_front().expect("cursor holds the request's bytes");
+            if s.len() as u64 <= n {
+                n -= s.len() as u64;
+                out.push(s);
+            } else {
+                let (a, b) = s.split_at_mut(n as usize);
+                out.push(a);
+                self.segs.push_front(b);
+                n = 0;
+            }
+        }
+        out
+    }
+}
+
+struct SgRef<'b> {
+    segs: VecDeque<&'b [u8]>,
+}
+
+impl<'b> SgRef<'b> {
+    fn new(bufs: &[&'b [u8]]) -> Self {
+        SgRef { segs: bufs.iter().copied().filter(|s| !s.is_empty()).collect() }
+    }
+    fn take(&mut self, mut n: u64) -> Vec<&'b [u8]> {
+        let mut out = Vec::new();
+        while n > 0 {
+            let s = self.segs.pop_front().expect("cursor holds the request's bytes");
+            if s.len() as u64 <= n {
+                n -= s.len() as u64;
+                out.push(s);
+            } else {
+                let (a, b) = s.split_at(n as usize);
+                out.push(a);
+                self.segs.push_front(b);
+                n = 0;
+            }
+        }
+        out
+    }
+}
+
+impl Image {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at guest `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_sg(offset, &mut [buf])
+    }
+
+    /// Writes `buf` at guest `offset`.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_sg(offset, &[buf])
+    }
+
+    /// Reads consecutive guest bytes at `offset` into several buffers.
+    pub fn readv_at(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let mut v: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut **b).collect();
+        self.read_sg(offset, &mut v)
+    }
+
+    /// Writes several buffers to consecutive guest bytes at `offset`.
+    pub fn writev_at(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let v: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
+        self.write_sg(offset, &v)
+    }
+
+    /// Scatter-gather read: consecutive guest bytes at `offset` into `bufs`.
+    pub fn read_sg(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.check_usable()?;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, total)?;
+        let _g = rlock(&self.gate);
+        let mut cur = SgMut::new(bufs);
+        let end = offset + total;
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.lookup(pos, end - pos)?;
+            let mut segs = cur.take(ext.length);
+            match ext.kind {
+                ExtentKind::Data { host_offset } => self
+                    .storage
+                    .read_vectored_at(&mut segs, host_offset)
+                    .ctx(|| format!("reading data cluster at {host_offset:#x}"))?,
+                ExtentKind::Zero => segs.iter_mut().for_each(|s| s.fill(0)),
+                ExtentKind::Unallocated => match &*rlock(&self.backing) {
+                    Some(b) => b.read_vectored(&mut segs, pos)?,
+                    None => segs.iter_mut().for_each(|s| s.fill(0)),
+                },
+            }
+            pos += ext.length;
+        }
+        Ok(())
+    }
+
+    /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
+    pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, total)?;
+        let _g = rlock(&self.gate);
+        self.write_locked(offset, total, bufs)
+    }
+
+    fn write_locked(&self, offset: u64, total: u64, bufs: &[&[u8]]) -> Result<()> {
+        let mut cur = SgRef::new(bufs);
+        let end = offset + total;
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.lookup(pos, end - pos)?;
+            match ext.kind {
+                ExtentKind::Data { host_offset } => {
+                    let segs = cur.take(ext.length);
+                    self.storage
+                        .write_vectored_at(&segs, host_offset)
+                        .ctx(|| format!("writing data cluster at {host_offset:#x}"))?;
+                    pos += ext.length;
+                }
+                _ => pos += self.allocate_write(pos, ext.length, &mut cur)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes from `pos` to the end of its 512-entry piece of L2 table.
+    fn to_chunk_end(&self, pos: u64) -> u64 {
+        let cb = self.geometry.cluster_bits();
+        let in_chunk = self.geometry.l2_index(pos) % CHUNK_ENTRIES;
+        let cluster_start = self.geometry.cluster_floor(pos);
+        ((CHUNK_ENTRIES - in_chunk) << cb) - (pos - cluster_start)
+    }
+
+    /// Allocates clusters for the unallocated (or zero) run at `pos`, writes the caller's data
+    /// with copy-on-write around it, then points the L2 entries at it. Returns the bytes written,
+    /// or 0 when another writer allocated the clusters first (the caller then writes in place).
+    fn allocate_write(&self, pos: u64, len: u64, cur: &mut SgRef<'_>) -> Result<u64> {
+        let g = self.geometry;
+        let cb = g.cluster_bits();
+        let len = len.min(self.to_chunk_end(pos));
+        let c0 = pos >> cb;
+        let c1 = (pos + len - 1) >> cb;
+        let _range = self.ranges.lock(c0, c1 + 1);
+        let ext = self.lookup(pos, len)?;
+        if let ExtentKind::Data { .. } = ext.kind {
+            return Ok(0);
+        }
+        let len = ext.length;
+        let c1 = (pos + len - 1) >> cb;
+        let n = c1 - c0 + 1;
+        self.mark_dirty()?;
+        let backing = match ext.kind {
+            ExtentKind::Unallocated => rlock(&self.backing).clone(),
+            _ => None,
+        };
+        let host = self.allocate_clusters(n)?;
+        let cstart = c0 << cb;
+        let head = pos - cstart;
+        let end = pos + len;
+        let tail = ((c1 + 1) << cb) - end;
+        let data = cur.take(len);
+        // Fresh clusters lie past the old end of the file and read as zeros, so only backing
+        // bytes need copying; zeros are never written.
+        let mut head_buf = Vec::new();
+        let mut tail_buf = Vec::new();
+        if let Some(b) = &backing {
+            if head > 0 {
+                head_buf = vec![0u8; head as usize];
+                b.read_vectored(&mut [&mut head_buf], cstart)?;
+            }
+            if tail > 0 {
+                tail_buf = vec![0u8; tail as usize];
+                b.read_vectored(&mut [&mut tail_buf], end)?;
+            }
+        }
+        let mut iov: Vec<&[u8]> = Vec::with_capacity(data.len() + 2);
+        let start = if head_buf.is_empty() { host + head } else { host };
+        if !head_buf.is_empty() {
+            iov.push(&head_buf);
+        }
+        iov.extend(data);
+        if !tail_buf.is_empty() {
+            iov.push(&tail_buf);
+        }
+        self.storage.write_vectored_at(&iov, start).ctx(|| format!("writing new clusters at {host:#x}"))?;
+        if backing.is_some() {
+            // A lost data write would otherwise expose zeros where the backing file had data.
+            self.storage.flush().ctx(|| "flushing copied clusters".into())?;
+        }
+        let values: Vec<u64> = (0..n).map(|i| host + (i << cb)).collect();
+        self.install_entries(pos, &values)?;
+        Ok(len)
+    }
+
+    /// Takes `n` clusters from the end of the file, extending the file to cover them.
+    pub(super) fn allocate_clusters(&self, n: u64) -> Result<u64> {
+        let bytes = n << self.geometry.cluster_bits();
+        let mut next = lock(&self.alloc);
+        let start = *next;
+        let end = start.checked_add(bytes).filter(|&e| e <= i64::MAX as u64).ok_or_else(|| {
+            Error::io("allocating clusters", std::io::Error::from_raw_os_error(libc::EFBIG))
+        })?;
+        self.storage.set_len(end).ctx(|| format!("extending image file to {end:#x}"))?;
+        *next = end;
+        self.alloc_end.store(end, Ordering::Release);
+        Ok(start)
+    }
+
+    /// Points the L2 entries of the clusters starting at guest `pos` (all in one chunk) at
+    /// `values`, creating the L2 table if needed. The data must already be written.
+    fn install_entries(&self, pos: u64, values: &[u64]) -> Result<()> {
+        let g = self.geometry;
+        let l1i = g.l1_index(pos) as usize;
+        let l2i = g.l2_index(pos);
+        let ci = l2i / CHUNK_ENTRIES;
+        let first = (l2i % CHUNK_ENTRIES) as usize;
+        debug_assert!(first + values.len() <= CHUNK_ENTRIES as usize);
+        loop {
+            let table = rlock(&self.l1).entries[l1i];
+            if table == 0 {
+                if self.create_table(l1i, ci, first, values)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let chunk = self.chunk(table, ci)?;
+            let _w = chunk.lock();
+            let old: Vec<u64> = (0..values.len()).map(|i| chunk.get(first + i)).collect();
+            for (i, &v) in values.iter().enumerate() {
+                chunk.set(first + i, v);
+            }
+            let s0 = first / 64 * 64;
+            let s1 = (first + values.len()).next_multiple_of(64);
+            let bytes = chunk.encode(s0..s1);
+            let at = table + ci * CHUNK_BYTES + s0 as u64 * 8;
+            if let Err(e) = self.storage.write_at(&bytes, at) {
+                for (i, &v) in old.iter().enumerate() {
+                    chunk.set(first + i, v);
+                }
+                return Err(Error::io(format!("writing L2 table at {at:#x}"), e));
+            }
+            return Ok(());
+        }
+    }
+
+    /// Creates the L2 table for L1 index `l1i` holding `values` at chunk `ci`, entry `first`.
+    /// Returns false if another writer created it first.
+    fn create_table(&self, l1i: usize, ci: u64, first: usize, values: &[u64]) -> Result<bool> {
+        let g = self.geometry;
+        let _t = lock(&self.table_alloc);
+        if rlock(&self.l1).entries[l1i] != 0 {
+            return Ok(false);
+        }
+        let t = self.allocate_clusters(g.table_size as u64)?;
+        wlock(&self.l2_tables).insert(t);
+        wlock(&self.session_tables).insert(t);
+        let mut raw = vec![0u64; CHUNK_ENTRIES as usize];
+        raw[first..first + values.len()].copy_from_slice(values);
+        let chunk = Chunk::new(&raw, &[]);
+        // The rest of the new table reads as zeros from the extended file.
+        let s0 = first / 64 * 64;
+        let s1 = (first + values.len()).next_multiple_of(64);
+        let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
+        self.storage.write_at(&chunk.encode(s0..s1), at).ctx(|| format!("writing new L2 table at {t:#x}"))?;
+        self.storage.flush().ctx(|| "flushing new L2 table".into())?;
+        self.l2.insert_new((t, ci), chunk);
+        let sector = l1i / 64 * 64;
+        let bytes = {
+            let l1 = rlock(&self.l1);
+            let mut entries = l1.entries[sector..sector + 64].to_vec();
+            entries[l1i - sector] = t;
+            let mut b = Vec::with_capacity(512);
+            crate::format::table::encode_entries(entries, &mut b);
+            b
+        };
+        let at = self.l1_offset + sector as u64 * 8;
+        self.storage.write_at(&bytes, at).ctx(|| format!("writing L1 table at {at:#x}"))?;
+        wlock(&self.l1).entries[l1i] = t;
+        Ok(true)
+    }
+
+    /// The chunk `ci` of the L2 table at `table`, from the cache or the file.
+    fn chunk(&self, table: u64, ci: u64) -> Result<Arc<Chunk>> {
+        self.l2.get((table, ci), || self.load_chunk(table, ci))
+    }
+
+    fn load_chunk(&self, table: u64, ci: u64) -> Result<Chunk> {
+        let at = table + ci * CHUNK_BYTES;
+        let mut bytes = vec![0u8; CHUNK_BYTES as usize];
+        self.storage.read_at(&mut bytes, at).ctx(|| format!("reading L2 table at {at:#x}"))?;
+        let mut raw = Vec::with_capacity(CHUNK_ENTRIES as usize);
+        crate::format::table::decode_entries(&bytes, &mut raw);
+        // Entries past the file as it was opened can only be ours if this piece was validated
+        // before, or belongs to a table this session created.
+        let trusted = rlock(&self.session_tables).contains(&table) || !lock(&self.validated).insert((table, ci));
+        let limit = if trusted {
+            self.alloc_end.load(Ordering::Acquire)
+        } else {
+            self.open_eof.load(Ordering::Acquire)
+        };
+        let bad: Vec<usize> = raw
+            .iter()
+            .enumerate()
+            .filter(|&(_, &e)| e > crate::format::L2_ZERO_CLUSTER && !self.data_offset_ok(e, limit))
+            .map(|(i, _)| i)
+            .collect();
+        Ok(Chunk::new(&raw, &bad))
+    }
+
+    /// Whether a data cluster offset is aligned, starts inside the file (before `limit`), and
+    /// does not overlap the header, the L1 table or any L2 table.
+    fn data_offset_ok(&self, e: u64, limit: u64) -> bool {
+        let g = self.geometry;
+        let tb = g.table_bytes();
+        if !g.is_cluster_aligned(e) || e < self.header_bytes || e >= limit {
+            return false;
+        }
+        if e >= self.l1_offset && e < self.l1_offset + tb {
+            return false;
+        }
+        let tables = rlock(&self.l2_tables);
+        !tables.range(..=e).next_back().is_some_and(|&t| e < t + tb)
+    }
+
+    /// The extent at guest `pos` (inside the image), at most `max_len` bytes, within one L2
+    /// table and, when the table exists, one 512-entry piece of it.
+    fn lookup(&self, pos: u64, max_len: u64) -> Result<Extent> {
+        let g = self.geometry;
+        let cb = g.cluster_bits();
+        let cs = g.cluster_bytes();
+        let l1i = g.l1_index(pos) as usize;
+        let (table, bad) = {
+            let l1 = rlock(&self.l1);
+            (l1.entries[l1i], l1.bad[l1i])
+        };
+        if bad {
+            return Err(Error::Corrupt {
+                what: "L1 table entry",
+                offset: table,
+                reason: format!(
+                    "L1[{l1i}] (mapping guest offset {pos:#x}) is unaligned, outside the file or overlaps other metadata; run a check with repair"
+                ),
+            });
+        }
+        let end = pos.saturating_add(max_len);
+        if table == 0 {
+            let table_end = if g.l2_coverage_bits() >= 64 {
+                u64::MAX
+            } else {
+                let cov = g.l2_coverage();
+                (pos & !(cov - 1)).saturating_add(cov)
+            };
+            let len = end.min(table_end) - pos;
+            return Ok(Extent { offset: pos, length: len, kind: ExtentKind::Unallocated });
+        }
+        let limit = end.min(pos.saturating_add(self.to_chunk_end(pos)));
+        let l2i = g.l2_index(pos);
+        let ci = l2i / CHUNK_ENTRIES;
+        let i0 = (l2i % CHUNK_ENTRIES) as usize;
+        let chunk = self.chunk(table, ci)?;
+        let corrupt = |i: usize, e: u64| Error::Corrupt {
+            what: "L2 table entry",
+            offset: table + ci * CHUNK_BYTES + i as u64 * 8,
+            reason: format!(
+                "entry {e:#x} for guest offset {:#x} is unaligned, outside the file or points at metadata; run a check with repair",
+                g.cluster_floor(pos) + ((i - i0) as u64) * cs
+            ),
+        };
+        if chunk.is_bad(i0) {
+            return Err(corrupt(i0, chunk.get(i0)));
+        }
+        let first = chunk.get(i0);
+        let kind_of = |e: u64| match crate::format::L2Entry::from_raw(e) {
+            crate::format::L2Entry::Unallocated => ExtentKind::Unallocated,
+            crate::format::L2Entry::Zero => ExtentKind::Zero,
+            crate::format::L2Entry::Data(h) => ExtentKind::Data { host_offset: h },
+        };
+        let cluster_start = g.cluster_floor(pos);
+        let mut n = 1u64;
+        let mut next = cluster_start + cs;
+        while next < limit {
+            let i = i0 + n as usize;
+            let e = chunk.get(i);
+            if chunk.is_bad(i) {
+                break;
+            }
+            let same = match (kind_of(first), kind_of(e)) {
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => b == a + (n << cb),
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            n += 1;
+            next += cs;
+        }
+        let length = next.min(limit) - pos;
+        let kind = match kind_of(first) {
+            ExtentKind::Data { host_offset } => ExtentKind::Data { host_offset: host_offset + (pos - cluster_start) },
+            k => k,
+        };
+        Ok(Extent { offset: pos, length, kind })
+    }
+
+    /// Makes `len` guest bytes at `offset` read as zeros. Whole unallocated clusters become zero
+    /// clusters (no data written); allocated ones are overwritten with zeros in place, as QEMU
+    /// does; partial clusters at the ends are written with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let _g = rlock(&self.gate);
+        let g = self.geometry;
+        let end = offset + len;
+        let a = g.cluster_ceil(offset).min(end);
+        let b = g.cluster_floor(end).max(a);
+        if a > offset {
+            self.write_locked(offset, a - offset, &zero_iov(a - offset))?;
+        }
+        let mut pos = a;
+        while pos < b {
+            let ext = self.lookup(pos, b - pos)?;
+            match ext.kind {
+                ExtentKind::Data { .. } => {
+                    self.write_locked(pos, ext.length, &zero_iov(ext.length))?;
+                    pos += ext.length;
+                }
+                ExtentKind::Zero => pos += ext.length,
+                ExtentKind::Unallocated => pos += self.zero_clusters(pos, ext.length)?,
+            }
+        }
+        if end > b {
+            self.write_locked(b, end - b, &zero_iov(end - b))?;
+        }
+        Ok(())
+    }
+
+    /// Turns the unallocated whole clusters at `pos` into zero clusters; returns the bytes done
+    /// (0 if another writer changed them first).
+    fn zero_clusters(&self, pos: u64, len: u64) -> Result<u64> {
+        let cb = self.geometry.cluster_bits();
+        let len = len.min(self.to_chunk_end(pos));
+        let c0 = pos >> cb;
+        let _range = self.ranges.lock(c0, c0 + (len >> cb));
+        let ext = self.lookup(pos, len)?;
+        if ext.kind != ExtentKind::Unallocated {
+            return Ok(0);
+        }
+        self.mark_dirty()?;
+        let values = vec![crate::format::L2_ZERO_CLUSTER; (ext.length >> cb) as usize];
+        self.install_entries(pos, &values)?;
+        Ok(ext.length)
+    }
+
+    /// The extent at guest `offset`, at most `len` bytes, merged across L2 tables while the kind
+    /// stays the same (data extents also stay contiguous in the file).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.check_usable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Err(Error::InvalidArgument { what: "len", value: 0, reason: "block status of an empty range".into() });
+        }
+        let _g = rlock(&self.gate);
+        let end = offset + len;
+        let mut ext = self.lookup(offset, len)?;
+        while ext.offset + ext.length < end {
+            let next = self.lookup(ext.offset + ext.length, end - ext.offset - ext.length)?;
+            let joins = match (ext.kind, next.kind) {
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => b == a + ext.length,
+                (a, b) => a == b,
+            };
+            if !joins {
+                break;
+            }
+            ext.length += next.length;
+        }
+        Ok(ext)
+    }
+
+    /// Every extent of `[offset, offset + len)`, in order.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len, size: self.size() })?;
+        let mut pos = offset;
+        while pos < end {
+            let e = self.block_status(pos, end - pos)?;
+            pos += e.length;
+            out.push(e);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,704 @@
+//! The engine: create and open images, map guest ranges through the L1/L2 tables, read, write,
+//! allocate, write zeroes, resize, change the backing file, check and repair, flush and close.
+//!
+//! Crash-safety order (every write acknowledged before a completed flush survives a power loss):
+//! 1. before the first metadata update after a clean state, the need-check bit is written to the
+//!    header and flushed;
+//! 2. new clusters come from the end of the file; the file is extended first, so the unwritten
+//!    part of a fresh cluster reads as zeros and needs no zero-fill write;
+//! 3. data (and copy-on-write data from the backing file) is written before the L2 entry that
+//!    points to it; with a backing file the data is flushed first, since a lost data write would
+//!    otherwise expose zeros where the backing file's bytes were;
+//! 4. a new L2 table is written and flushed before the L1 entry that points to it;
+//! 5. a clean close flushes, clears the need-check bit, and flushes again.
+//!
+//! Concurrency: one [`Image`] is `Send + Sync`. Reads and in-place writes take no lock beyond a
+//! shared gate; allocations lock the range of guest clusters they fill, so two writers never
+//! allocate the same cluster, and L2 updates are serialised per 4 KiB piece of table, so no
+//! update is lost. Exclusive operations (repair, resize, backing change, close) take the gate
+//! exclusively.
+
+mod backing;
+mod check;
+mod io;
+mod l2cache;
+mod options;
+mod rangelock;
+
+pub use backing::Backing;
+pub use check::{CheckFix, CheckResult};
+pub use io::{Extent, ExtentKind};
+pub use options::{
+    BackingFormat, BackingResolver, CreateOptions, OpenOptions, DEFAULT_L2_CACHE_BYTES,
+    DEFAULT_MAX_BACKING_DEPTH,
+};
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::parse_backing_name;
+use crate::format::*;
+use crate::storage::lock::{lock_image, ImageLock, LockMode};
+use crate::storage::{FileStorage, Storage};
+use l2cache::L2Cache;
+use rangelock::RangeLock;
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// What [`Image::info`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Table size in clusters.
+    pub table_size: u32,
+    /// Header size in clusters.
+    pub header_size: u32,
+    /// Incompatible feature bits as stored.
+    pub features: u64,
+    /// Compatible feature bits.
+    pub compat_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// File offset of the L1 table.
+    pub l1_table_offset: u64,
+    /// Backing file name as stored in the header.
+    pub backing_file: Option<String>,
+    /// Backing format declared by the header (`Some(Raw)` with the no-probe bit), or found by
+    /// probing when the backing file is open.
+    pub backing_format: Option<BackingFormat>,
+    /// Whether the need-check bit is set.
+    pub needs_check: bool,
+    /// Length of the image file in bytes.
+    pub file_size: u64,
+    /// Whether the image is open read-write.
+    pub writable: bool,
+}
+
+struct HeaderState {
+    header: Header,
+    backing_name: Option<String>,
+}
+
+/// The in-memory L1 table: the entries that map the virtual size (rounded up to whole sectors of
+/// the table), and which of them failed validation at open.
+struct L1 {
+    entries: Vec<u64>,
+    bad: Vec<bool>,
+}
+
+/// An open QED image. `Send + Sync`: share it between threads with `Arc`.
+pub struct Image {
+    storage: Arc<dyn Storage>,
+    geometry: Geometry,
+    /// Header length in bytes and L1 table offset: fixed for the life of the handle.
+    header_bytes: u64,
+    l1_offset: u64,
+    writable: bool,
+    path: Option<PathBuf>,
+    hs: Mutex<HeaderState>,
+    size: AtomicU64,
+    l1: RwLock<L1>,
+    /// Offsets of every valid L2 table, for overlap checks of data entries.
+    l2_tables: RwLock<BTreeSet<u64>>,
+    /// L2 tables created in this session: their entries are ours.
+    session_tables: RwLock<HashSet<u64>>,
+    /// Chunks validated once against the file as opened; later loads may trust our allocations.
+    validated: Mutex<HashSet<l2cache::ChunkKey>>,
+    l2: L2Cache,
+    /// Next free file offset; the file is always extended to cover it.
+    alloc: Mutex<u64>,
+    alloc_end: AtomicU64,
+    /// File length when the metadata was loaded: entries at or past it were not written by us.
+    open_eof: AtomicU64,
+    /// Serialises creation of L2 tables.
+    table_alloc: Mutex<()>,
+    ranges: RangeLock,
+    backing: RwLock<Option<Backing>>,
+    dirty: AtomicBool,
+    dirty_lock: Mutex<()>,
+    /// Shared by I/O, exclusive for repair, resize, backing change and close.
+    gate: RwLock<()>,
+    closed: AtomicBool,
+    lock: Mutex<Option<ImageLock>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+fn rlock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(PoisonError::into_inner)
+}
+fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn check_create_options(opts: &CreateOptions) -> Result<Geometry> {
+    let g = Geometry::new(opts.cluster_size, opts.table_size).map_err(|e| match e {
+        geometry::GeometryError::ClusterSize => Error::InvalidArgument {
+            what: "cluster_size",
+            value: opts.cluster_size as u64,
+            reason: "must be a power of two from 4 KiB to 64 MiB".into(),
+        },
+        geometry::GeometryError::TableSize => Error::InvalidArgument {
+            what: "table_size",
+            value: opts.table_size as u64,
+            reason: "must be a power of two from 1 to 16".into(),
+        },
+    })?;
+    if !g.is_valid_image_size(opts.size) {
+        return Err(Error::InvalidArgument {
+            what: "size",
+            value: opts.size,
+            reason: format!(
+                "must be a multiple of 512 and at most {} bytes for this geometry",
+                g.max_image_size().min(u64::MAX as u128)
+            ),
+        });
+    }
+    if let Some(name) = &opts.backing_file {
+        if name.is_empty() || name.len() > (g.cluster_bytes() as usize - HEADER_LEN).min(MAX_BACKING_NAME_LEN as usize) {
+            return Err(Error::InvalidArgument {
+                what: "backing_file",
+                value: name.len() as u64,
+                reason: "backing file name must be 1 to 4095 bytes and fit in the header cluster".into(),
+            });
+        }
+        if name.as_bytes().contains(&0) {
+            return Err(Error::InvalidArgument {
+                what: "backing_file",
+                value: 0,
+                reason: "backing file name contains a NUL byte".into(),
+            });
+        }
+    } else if opts.backing_format.is_some() {
+        return Err(Error::InvalidArgument {
+            what: "backing_format",
+            value: 0,
+            reason: "a backing format was given without a backing file".into(),
+        });
+    }
+    Ok(g)
+}
+
+/// The bytes of a new image's header cluster area: header + backing name.
+fn header_area(header: &Header, backing_name: Option<&str>) -> Vec<u8> {
+    let mut area = header.to_bytes().to_vec();
+    if let Some(name) = backing_name {
+        area.extend_from_slice(name.as_bytes());
+    }
+    area
+}
+
+fn apply_backing(header: &mut Header, name: Option<&str>, format: Option<BackingFormat>) {
+    header.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
+    header.backing_filename_offset = 0;
+    header.backing_filename_size = 0;
+    if let Some(name) = name {
+        header.features |= FEATURE_BACKING_FILE;
+        if format == Some(BackingFormat::Raw) {
+            header.features |= FEATURE_BACKING_FORMAT_NO_PROBE;
+        }
+        header.backing_filename_offset = HEADER_LEN as u32;
+        header.backing_filename_size = name.len() as u32;
+    }
+}
+
+impl Image {
+    /// Creates a new image file at `path` (an existing file is replaced). With a backing file and
+    /// `size` 0, the virtual size is the backing file's.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
+        let path = path.as_ref();
+        let mut opts = opts.clone();
+        if opts.size == 0 {
+            if let Some(name) = &opts.backing_file {
+                let ro = OpenOptions { lock: false, ..OpenOptions::read_only() };
+                let b = backing::open_by_path(path, name, opts.backing_format, &ro, &[])?;
+                opts.size = b.size()?.next_multiple_of(SECTOR_SIZE);
+                if opts.backing_format.is_none() {
+                    opts.backing_format = Some(b.format());
+                }
+            }
+        }
+        check_create_options(&opts)?;
+        let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
+        let _lock = lock_image(storage.file(), LockMode::ReadWrite)
+            .map_err(|e| Error::Locked { path: path.display().to_string(), detail: e.to_string() })?;
+        Self::create_on(&storage, &opts)
+    }
+
+    /// Writes a new, empty image onto `storage` (whose old content is discarded). The backing
+    /// file name is stored as given and not opened.
+    pub fn create_on(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+        let g = check_create_options(opts)?;
+        let mut header = Header::new(g, opts.size);
+        apply_backing(&mut header, opts.backing_file.as_deref(), opts.backing_format);
+        let area = header_area(&header, opts.backing_file.as_deref());
+        storage.set_len(0).ctx(|| "truncating new image".into())?;
+        storage.write_at(&area, 0).ctx(|| "writing header".into())?;
+        // The L1 table reads as zeros from the extended file: no need to write it (QEMU does).
+        let len = (1 + g.table_size as u64) * g.cluster_bytes();
+        storage.set_len(len).ctx(|| "sizing new image".into())?;
+        storage.flush().ctx(|| "flushing new image".into())?;
+        Ok(())
+    }
+
+    /// Opens the image file at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let storage = FileStorage::open(path, opts.writable, opts.direct)
+            .ctx(|| format!("opening {}", path.display()))?;
+        let lock = if opts.lock {
+            let mode = if opts.writable { LockMode::ReadWrite } else { LockMode::ReadOnly };
+            Some(lock_image(storage.file(), mode).map_err(|e| Error::Locked {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })?)
+        } else {
+            None
+        };
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        Self::open_inner(Arc::new(storage), opts, Some(&canon), &[canon.clone()], lock)
+    }
+
+    /// Opens an image on caller-provided storage. A backing file is opened through
+    /// `opts.backing_resolver`; without one, an image that names a backing file needs
+    /// `opts.no_backing`.
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_inner(storage, opts, None, &[], None)
+    }
+
+    fn open_inner(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        path: Option<&Path>,
+        chain: &[PathBuf],
+        lock: Option<ImageLock>,
+    ) -> Result<Image> {
+        let file_len = storage.len().ctx(|| "reading image length".into())?;
+        let mut first = [0u8; HEADER_LEN];
+        let n = file_len.min(HEADER_LEN as u64) as usize;
+        storage.read_at(&mut first[..n], 0).ctx(|| "reading header".into())?;
+        let mut header = Header::parse(&first[..n])?;
+        let geometry = header.validate(file_len)?;
+        let backing_name = match header.backing_name_range() {
+            Some((off, len)) => {
+                let mut raw = vec![0u8; len];
+                storage.read_at(&mut raw, off).ctx(|| "reading backing file name".into())?;
+                Some(parse_backing_name(&raw)?)
+            }
+            None => None,
+        };
+
+        if opts.writable && header.needs_check() && !opts.no_repair {
+            let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(Error::Corrupt {
+                    what: "image",
+                    offset: 0,
+                    reason: format!(
+                        "{} corruptions remain after repair ({} check errors); open read-only or repair with a check tool",
+                        r.corruptions, r.check_errors
+                    ),
+                });
+            }
+            header.features &= !FEATURE_NEED_CHECK;
+            storage.write_at(&header.to_bytes(), 0).ctx(|| "clearing need-check bit".into())?;
+            storage.flush().ctx(|| "flushing after repair".into())?;
+        }
+        if opts.writable && header.autoclear_features & !AUTOCLEAR_FEATURE_MASK != 0 {
+            header.autoclear_features &= AUTOCLEAR_FEATURE_MASK;
+            storage.write_at(&header.to_bytes(), 0).ctx(|| "clearing autoclear bits".into())?;
+        }
+
+        let backing = if header.has_backing_file() && !opts.no_backing {
+            let name = backing_name.as_deref().unwrap_or_default();
+            let fmt = (header.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0).then_some(BackingFormat::Raw);
+            let b = if let Some(resolver) = &opts.backing_resolver {
+                resolver(name, fmt)
+            } else if let Some(p) = path {
+                backing::open_by_path(p, name, fmt, opts, chain)
+            } else {
+                Err(Error::InvalidArgument {
+                    what: "backing_resolver",
+                    value: 0,
+                    reason: "the image has a backing file but was opened on caller storage without a resolver; pass one or open with no_backing".into(),
+                })
+            };
+            Some(b.map_err(|e| Error::Backing { name: name.to_owned(), source: Box::new(e) })?)
+        } else {
+            None
+        };
+
+        let writable = opts.writable;
+        let img = Image {
+            storage,
+            geometry,
+            header_bytes: header.header_bytes(),
+            l1_offset: header.l1_table_offset,
+            writable,
+            path: path.map(Path::to_path_buf),
+            size: AtomicU64::new(header.image_size),
+            hs: Mutex::new(HeaderState { header, backing_name }),
+            l1: RwLock::new(L1 { entries: Vec::new(), bad: Vec::new() }),
+            l2_tables: RwLock::new(BTreeSet::new()),
+            session_tables: RwLock::new(HashSet::new()),
+            validated: Mutex::new(HashSet::new()),
+            l2: L2Cache::new(opts.l2_cache_bytes),
+            alloc: Mutex::new(0),
+            alloc_end: AtomicU64::new(0),
+            open_eof: AtomicU64::new(0),
+            table_alloc: Mutex::new(()),
+            ranges: RangeLock::default(),
+            backing: RwLock::new(backing),
+            dirty: AtomicBool::new(false),
+            dirty_lock: Mutex::new(()),
+            gate: RwLock::new(()),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(lock),
+        };
+        img.load_metadata()?;
+        Ok(img)
+    }
+
+    /// (Re)loads the L1 table and resets the allocation state from the file.
+    fn load_metadata(&self) -> Result<()> {
+        let g = self.geometry;
+        let file_len = self.storage.len().ctx(|| "reading image length".into())?;
+        let (l1_off, header_bytes, size) = {
+            let hs = lock(&self.hs);
+            (hs.header.l1_table_offset, hs.header.header_bytes(), hs.header.image_size)
+        };
+        let n = Self::l1_loaded_len(&g, size);
+        let mut bytes = vec![0u8; n as usize * 8];
+        self.storage.read_at(&mut bytes, l1_off).ctx(|| "reading L1 table".into())?;
+        let mut entries = Vec::with_capacity(n as usize);
+        table::decode_entries(&bytes, &mut entries);
+        drop(bytes);
+        let (bad, tables) = Self::validate_l1(&g, &entries, header_bytes, l1_off, file_len);
+        *wlock(&self.l1) = L1 { entries, bad };
+        *wlock(&self.l2_tables) = tables;
+        wlock(&self.session_tables).clear();
+        lock(&self.validated).clear();
+        self.l2.clear();
+        let end = g.cluster_ceil(file_len);
+        *lock(&self.alloc) = end;
+        self.alloc_end.store(end, Ordering::Release);
+        self.open_eof.store(file_len, Ordering::Release);
+        Ok(())
+    }
+
+    /// L1 entries kept in memory: those mapping `size`, rounded up to whole 512-byte sectors so
+    /// that an L1 sector can be rewritten from memory. At most 2^21 entries (16 MiB) for any
+    /// valid header, however large its table.
+    fn l1_loaded_len(g: &Geometry, size: u64) -> u64 {
+        g.l1_entries_for(size).next_multiple_of(64).min(g.table_entries())
+    }
+
+    /// Flags L1 entries that are unaligned, inside the header or the L1 table, extend past the
+    /// end of the file, or overlap another table. Returns the flags and the valid table offsets.
+    fn validate_l1(g: &Geometry, entries: &[u64], header_bytes: u64, l1_off: u64, file_len: u64) -> (Vec<bool>, BTreeSet<u64>) {
+        let tb = g.table_bytes();
+        let mut bad = vec![false; entries.len()];
+        let mut valid: Vec<(u64, usize)> = Vec::new();
+        for (i, &e) in entries.iter().enumerate() {
+            if e == 0 {
+                continue;
+            }
+            let ok = g.is_cluster_aligned(e)
+                && e >= header_bytes
+                && e.checked_add(tb).is_some_and(|end| end <= file_len)
+                && (e + tb <= l1_off || e >= l1_off + tb);
+            if ok {
+                valid.push((e, i));
+            } else {
+                bad[i] = true;
+            }
+        }
+        valid.sort_unstable();
+        for w in valid.windows(2) {
+            if w[1].0 < w[0].0 + tb {
+                bad[w[0].1] = true;
+                bad[w[1].1] = true;
+            }
+        }
+        let tables = valid.iter().filter(|(_, i)| !bad[*i]).map(|(e, _)| *e).collect();
+        (bad, tables)
+    }
+
+    /// The geometry of this image.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Whether the image is open read-write.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The open backing file, if any.
+    pub fn backing(&self) -> Option<Backing> {
+        rlock(&self.backing).clone()
+    }
+
+    /// The storage under the image.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// What the header says, and the file size.
+    pub fn info(&self) -> Result<ImageInfo> {
+        let hs = lock(&self.hs);
+        let h = &hs.header;
+        let declared = (h.has_backing_file() && h.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0)
+            .then_some(BackingFormat::Raw);
+        let backing_format = declared.or_else(|| rlock(&self.backing).as_ref().map(Backing::format));
+        Ok(ImageInfo {
+            virtual_size: h.image_size,
+            cluster_size: h.cluster_size,
+            table_size: h.table_size,
+            header_size: h.header_size,
+            features: h.features,
+            compat_features: h.compat_features,
+            autoclear_features: h.autoclear_features,
+            l1_table_offset: h.l1_table_offset,
+            backing_file: hs.backing_name.clone(),
+            backing_format,
+            needs_check: h.needs_check(),
+            file_size: self.storage.len().ctx(|| "reading image length".into())?,
+            writable: self.writable,
+        })
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument { what: "image", value: 0, reason: "image is closed".into() });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_usable()?;
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn write_header(&self, h: &Header) -> Result<()> {
+        self.storage.write_at(&h.to_bytes(), 0).ctx(|| "writing header".into())
+    }
+
+    /// Sets the need-check bit and flushes it before the first metadata update after a clean
+    /// state (QEMU does not flush it; a reordering cache could then persist an L2 update without
+    /// the bit).
+    fn mark_dirty(&self) -> Result<()> {
+        if self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = lock(&self.dirty_lock);
+        if self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut hs = lock(&self.hs);
+        let mut h = hs.header.clone();
+        h.features |= FEATURE_NEED_CHECK;
+        self.write_header(&h)?;
+        self.storage.flush().ctx(|| "flushing need-check bit".into())?;
+        hs.header = h;
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.check_usable()?;
+        if !self.writable {
+            return Ok(());
+        }
+        self.storage.flush().ctx(|| "flushing image".into())
+    }
+
+    /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
+    /// refuses it: QED cannot give clusters back.
+    pub fn truncate(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let _g = wlock(&self.gate);
+        let old = self.size();
+        if new_size < old {
+            return Err(Error::Unsupported {
+                field: "size",
+                value: new_size,
+                reason: format!("cannot shrink a QED image (current size {old})"),
+            });
+        }
+        if !self.geometry.is_valid_image_size(new_size) {
+            return Err(Error::InvalidArgument {
+                what: "size",
+                value: new_size,
+                reason: format!(
+                    "must be a multiple of 512 and at most {} bytes for this geometry",
+                    self.geometry.max_image_size().min(u64::MAX as u128)
+                ),
+            });
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        // Load (and validate) the L1 entries the new size brings into use.
+        let g = self.geometry;
+        let want = Self::l1_loaded_len(&g, new_size);
+        {
+            let mut l1 = wlock(&self.l1);
+            let have = l1.entries.len() as u64;
+            if want > have {
+                let hs = lock(&self.hs);
+                let (l1_off, header_bytes) = (hs.header.l1_table_offset, hs.header.header_bytes());
+                drop(hs);
+                let mut bytes = vec![0u8; ((want - have) * 8) as usize];
+                self.storage.read_at(&mut bytes, l1_off + have * 8).ctx(|| "reading L1 table".into())?;
+                let mut extra = Vec::new();
+                table::decode_entries(&bytes, &mut extra);
+                let mut all = l1.entries.clone();
+                all.extend_from_slice(&extra);
+                let file_len = self.open_eof.load(Ordering::Acquire);
+                let (mut bad, tables) = Self::validate_l1(&g, &all, header_bytes, l1_off, file_len);
+                // Keep tables this session created (past the length at open) valid.
+                let session = rlock(&self.session_tables);
+                for (i, e) in all.iter().enumerate() {
+                    if session.contains(e) {
+                        bad[i] = false;
+                    }
+                }
+                let mut set = wlock(&self.l2_tables);
+                set.extend(tables);
+                l1.entries = all;
+                l1.bad = bad;
+            }
+        }
+        let mut hs = lock(&self.hs);
+        let mut h = hs.header.clone();
+        h.image_size = new_size;
+        self.write_header(&h)?;
+        hs.header = h;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes the backing file named in the header (`None` removes it), as `qemu-img rebase -u`
+    /// does: only the header changes, no data is copied. The new backing file is opened first
+    /// (when the image was opened by path or with a resolver), so a name that cannot be opened
+    /// changes nothing.
+    pub fn change_backing_file(&self, name: Option<&str>, format: Option<BackingFormat>) -> Result<()> {
+        self.check_writable()?;
+        let _g = wlock(&self.gate);
+        let hs_header = lock(&self.hs).header.clone();
+        if let Some(n) = name {
+            let room = hs_header.header_bytes().saturating_sub(HEADER_LEN as u64);
+            if n.is_empty() || n.len() as u64 > room.min(MAX_BACKING_NAME_LEN as u64) || n.as_bytes().contains(&0) {
+                return Err(Error::InvalidArgument {
+                    what: "backing_file",
+                    value: n.len() as u64,
+                    reason: format!("backing file name must be 1 to {} bytes without NUL", room.min(MAX_BACKING_NAME_LEN as u64)),
+                });
+            }
+        }
+        let new_backing = match name {
+            Some(n) => {
+                if let Some(p) = &self.path {
+                    let opts = OpenOptions::read_only();
+                    let canon = p.clone();
+                    Some(backing::open_by_path(p, n, format, &opts, &[canon])?)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let mut h = hs_header;
+        apply_backing(&mut h, name, format);
+        let area = header_area(&h, name);
+        self.storage.write_at(&area, 0).ctx(|| "writing header".into())?;
+        self.storage.flush().ctx(|| "flushing header".into())?;
+        let mut hs = lock(&self.hs);
+        hs.header = h;
+        hs.backing_name = name.map(str::to_owned);
+        *wlock(&self.backing) = new_backing;
+        Ok(())
+    }
+
+    /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
+    /// requests wait until it is done.
+    pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
+        self.check_usable()?;
+        if fix.any() && !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let _g = wlock(&self.gate);
+        let header = lock(&self.hs).header.clone();
+        let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
+        if fix.any() {
+            self.load_metadata()?;
+        }
+        Ok(r)
+    }
+
+    /// Flushes, clears the need-check bit and releases the file locks. Later calls fail; calling
+    /// it again does nothing. Dropping an image closes it too, ignoring errors.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _g = wlock(&self.gate);
+        let r = self.close_inner();
+        lock(&self.lock).take();
+        r
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.storage.flush().ctx(|| "flushing image".into())?;
+        if self.dirty.load(Ordering::Acquire) {
+            let mut hs = lock(&self.hs);
+            let mut h = hs.header.clone();
+            h.features &= !FEATURE_NEED_CHECK;
+            self.write_header(&h)?;
+            self.storage.flush().ctx(|| "flushing header".into())?;
+            hs.header = h;
+            self.dirty.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("size", &self.size())
+            .field("geometry", &self.geometry)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Image>();
+}

@@ -1,0 +1,146 @@
+//! Options for creating and opening images.
+
+use super::backing::Backing;
+use crate::error::Result;
+use crate::format::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE};
+use std::sync::Arc;
+
+/// Format of a backing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// A raw file: guest offset = file offset (the header's no-probe bit is set).
+    Raw,
+    /// A QED image.
+    Qed,
+}
+
+impl BackingFormat {
+    /// Parses a format name as qemu-img spells it (`raw`, `qed`); other names are unsupported.
+    pub fn from_name(name: &str) -> Result<BackingFormat> {
+        match name {
+            "raw" => Ok(BackingFormat::Raw),
+            "qed" => Ok(BackingFormat::Qed),
+            other => Err(crate::Error::Unsupported {
+                field: "backing_format",
+                value: 0,
+                reason: format!("backing format {other:?} is not supported (only raw and qed)"),
+            }),
+        }
+    }
+
+    /// The qemu-img name of the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackingFormat::Raw => "raw",
+            BackingFormat::Qed => "qed",
+        }
+    }
+}
+
+/// How to create an image. `Default` gives QEMU's defaults (64 KiB clusters, 4-cluster tables).
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (a multiple of 512). 0 with a backing file takes its size.
+    pub size: u64,
+    /// Cluster size in bytes (power of two, 4 KiB ..= 64 MiB).
+    pub cluster_size: u32,
+    /// Table size in clusters (power of two, 1 ..= 16).
+    pub table_size: u32,
+    /// Backing file name, stored as given (relative names resolve against the image's folder).
+    pub backing_file: Option<String>,
+    /// Backing file format; `None` leaves it to be probed at open.
+    pub backing_format: Option<BackingFormat>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            table_size: DEFAULT_TABLE_SIZE,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Default options for an image of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        CreateOptions { size, ..Default::default() }
+    }
+}
+
+/// A caller-supplied way to open backing files: given the name stored in the header and the
+/// format it declares (`None`: probe), return the backing file. Used for images on caller storage
+/// and to confine which files an untrusted image may name.
+pub type BackingResolver =
+    Arc<dyn Fn(&str, Option<BackingFormat>) -> Result<Backing> + Send + Sync>;
+
+/// How to open an image.
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Open read-write (default: read-only).
+    pub writable: bool,
+    /// Do not open the backing file; unallocated clusters then read as zeros.
+    pub no_backing: bool,
+    /// For check tools: do not check and repair an image whose need-check bit is set.
+    pub no_repair: bool,
+    /// Use O_DIRECT for the image file.
+    pub direct: bool,
+    /// Take QEMU-compatible advisory locks on the image file (default: true).
+    pub lock: bool,
+    /// Byte budget of the L2 table cache (default: 128 MiB, enough to map 1 TiB at the default
+    /// geometry).
+    pub l2_cache_bytes: usize,
+    /// Opens backing files; the default opens them by path relative to the image's folder.
+    pub backing_resolver: Option<BackingResolver>,
+    /// Longest backing chain accepted (default 16).
+    pub max_backing_depth: u32,
+}
+
+/// Default L2 cache budget: 1 TiB of 64 KiB clusters needs 128 MiB of L2 entries.
+pub const DEFAULT_L2_CACHE_BYTES: usize = 128 << 20;
+/// Default limit on backing chain depth.
+pub const DEFAULT_MAX_BACKING_DEPTH: u32 = 16;
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            no_backing: false,
+            no_repair: false,
+            direct: false,
+            lock: true,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            backing_resolver: None,
+            max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("writable", &self.writable)
+            .field("no_backing", &self.no_backing)
+            .field("no_repair", &self.no_repair)
+            .field("direct", &self.direct)
+            .field("lock", &self.lock)
+            .field("l2_cache_bytes", &self.l2_cache_bytes)
+            .field("backing_resolver", &self.backing_resolver.is_some())
+            .field("max_backing_depth", &self.max_backing_depth)
+            .finish()
+    }
+}
+
+impl OpenOptions {
+    /// Read-only defaults.
+    pub fn read_only() -> Self {
+        Self::default()
+    }
+    /// Read-write defaults.
+    pub fn read_write() -> Self {
+        OpenOptions { writable: true, ..Self::default() }
+    }
+}

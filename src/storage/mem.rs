@@ -1,0 +1,208 @@
+//! An in-memory, sparse [`Storage`], optionally recording every write, flush and length change so
+//! that tests can rebuild the disk as it could be after a power loss at any point.
+
+use super::Storage;
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+const PAGE: u64 = 64 * 1024;
+
+/// One recorded operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemOp {
+    /// Bytes written at an offset.
+    Write {
+        /// Offset.
+        offset: u64,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// A completed flush.
+    Flush,
+    /// A length change.
+    SetLen(u64),
+}
+
+#[derive(Default)]
+struct Inner {
+    pages: BTreeMap<u64, Box<[u8]>>,
+    len: u64,
+    log: Option<Vec<MemOp>>,
+}
+
+/// Sparse in-memory storage; pages that were never written read as zeros.
+#[derive(Default)]
+pub struct MemStorage {
+    inner: Mutex<Inner>,
+}
+
+impl MemStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty storage that records every operation.
+    pub fn recording() -> Self {
+        let s = Self::default();
+        s.lock().log = Some(Vec::new());
+        s
+    }
+
+    /// A storage holding `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let s = Self::default();
+        s.write_at(bytes, 0).expect("memory write cannot fail");
+        s
+    }
+
+    /// Starts (or restarts) recording operations.
+    pub fn start_recording(&self) {
+        self.lock().log = Some(Vec::new());
+    }
+
+    /// Takes the operations recorded so far.
+    pub fn take_log(&self) -> Vec<MemOp> {
+        self.lock().log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// A copy of the whole contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let len = self.lock().len;
+        let mut v = vec![0u8; len as usize];
+        self.read_at(&mut v, 0).expect("memory read cannot fail");
+        v
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn read(&self, buf: &mut [u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.pages.get(&page) {
+                Some(p) if pos < self.len => {
+                    out.copy_from_slice(&p[in_page..in_page + n]);
+                    // Bytes past the length read as zeros even if the page still holds data.
+                    if pos + n as u64 > self.len {
+                        let keep = (self.len - pos) as usize;
+                        out[keep..].fill(0);
+                    }
+                }
+                _ => out.fill(0),
+            }
+            done += n;
+        }
+    }
+
+    fn write(&mut self, buf: &[u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = pos / PAGE;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(buf.len() - done);
+            let p = self
+                .pages
+                .entry(page)
+                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            p[in_page..in_page + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        self.len = self.len.max(offset + buf.len() as u64);
+    }
+
+    fn set_len(&mut self, len: u64) {
+        if len < self.len {
+            // Drop whole pages past the end and zero the tail of the last one.
+            let first_dead = len.div_ceil(PAGE);
+            self.pages.split_off(&first_dead);
+            if len % PAGE != 0 {
+                if let Some(p) = self.pages.get_mut(&(len / PAGE)) {
+                    p[(len % PAGE) as usize..].fill(0);
+                }
+            }
+        }
+        self.len = len;
+    }
+}
+
+fn check_range(offset: u64, len: usize) -> io::Result<()> {
+    offset
+        .checked_add(len as u64)
+        .filter(|&end| end <= i64::MAX as u64)
+        .map(|_| ())
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len())?;
+        self.lock().read(buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len())?;
+        let mut g = self.lock();
+        g.write(buf, offset);
+        if let Some(log) = g.log.as_mut() {
+            log.push(MemOp::Write { offset, data: buf.to_vec() });
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if let Some(log) = self.lock().log.as_mut() {
+            log.push(MemOp::Flush);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        check_range(len, 0)?;
+        let mut g = self.lock();
+        g.set_len(len);
+        if let Some(log) = g.log.as_mut() {
+            log.push(MemOp::SetLen(len));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_reads_writes_and_truncate() {
+        let s = MemStorage::recording();
+        s.write_at(b"hello", PAGE - 2).unwrap();
+        assert_eq!(s.len().unwrap(), PAGE + 3);
+        let mut b = [9u8; 9];
+        s.read_at(&mut b, PAGE - 4).unwrap();
+        assert_eq!(&b, b"\0\0hello\0\0");
+        s.set_len(PAGE).unwrap();
+        s.set_len(2 * PAGE).unwrap();
+        s.read_at(&mut b, PAGE - 4).unwrap();
+        assert_eq!(&b, b"\0\0he\0\0\0\0\0");
+        s.flush().unwrap();
+        let log = s.take_log();
+        assert_eq!(log.len(), 4);
+        assert_eq!(log[3], MemOp::Flush);
+        assert!(s.write_at(b"x", u64::MAX).is_err());
+    }
+}

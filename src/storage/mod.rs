@@ -1,0 +1,78 @@
+//! Where the bytes of an image live. The engine talks only to the [`Storage`] trait, so files,
+//! memory and caller-provided I/O (the C API's `qed_open_with_io`) are interchangeable.
+//!
+//! Contract of every backend:
+//! - reads and writes are complete: no short reads or writes are returned to the caller;
+//! - a read past the end of the storage returns zeros for the missing part;
+//! - a write past the end grows the storage (the gap reads as zeros);
+//! - `flush` makes every completed write durable; `set_len` is separate from it and is made
+//!   durable by the next `flush`;
+//! - there is no alignment requirement on offsets, lengths or buffers;
+//! - every method may be called from several threads at once.
+
+pub mod file;
+pub mod lock;
+pub mod mem;
+
+pub use file::FileStorage;
+pub use mem::{MemOp, MemStorage};
+
+use std::io;
+
+/// Byte-addressed storage for an image file.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads into several buffers from consecutive bytes starting at `offset`.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], mut offset: u64) -> io::Result<()> {
+        for b in bufs.iter_mut() {
+            self.read_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Writes several buffers to consecutive bytes starting at `offset`.
+    fn write_vectored_at(&self, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+        for b in bufs {
+            self.write_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Makes every completed write (and length change) durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Sets the length; growing fills with zeros.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
+        (**self).read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
