@@ -95,7 +95,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The innermost error, through backing-file wrappers.

@@ -40,7 +40,12 @@ impl Geometry {
         let cluster_bits = cluster_size.trailing_zeros();
         // entries per table = table_size * cluster_size / 8
         let table_bits = table_size.trailing_zeros() + cluster_bits - 3;
-        Ok(Geometry { cluster_size, table_size, cluster_bits, table_bits })
+        Ok(Geometry {
+            cluster_size,
+            table_size,
+            cluster_bits,
+            table_bits,
+        })
     }
 
     /// log2(cluster_size).
@@ -130,10 +135,18 @@ mod tests {
     #[test]
     fn refuses_bad_sizes() {
         for cs in [0, 512, 2048, 4097, 69632, 1 << 27, 1 << 31, u32::MAX] {
-            assert_eq!(Geometry::new(cs, 4), Err(GeometryError::ClusterSize), "cs {cs}");
+            assert_eq!(
+                Geometry::new(cs, 4),
+                Err(GeometryError::ClusterSize),
+                "cs {cs}"
+            );
         }
         for ts in [0, 3, 32, u32::MAX] {
-            assert_eq!(Geometry::new(65536, ts), Err(GeometryError::TableSize), "ts {ts}");
+            assert_eq!(
+                Geometry::new(65536, ts),
+                Err(GeometryError::TableSize),
+                "ts {ts}"
+            );
         }
     }
 
@@ -164,6 +177,6 @@ mod tests {
         assert_eq!(g.l1_entries_for(512 * 4096 + 512), 2);
         // Biggest geometry: the L2 coverage is 2^53, and u64 sizes need only 2^11 L1 entries.
         let g = Geometry::new(64 << 20, 16).unwrap();
-        assert_eq!(g.l1_entries_for(u64::MAX & !511), 1 << 11);
+        assert_eq!(g.l1_entries_for(!511u64), 1 << 11);
     }
 }

@@ -60,7 +60,11 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn invalid(field: &'static str, value: u64, reason: &'static str) -> Error {
-    Error::InvalidHeader { field, value, reason }
+    Error::InvalidHeader {
+        field,
+        value,
+        reason,
+    }
 }
 
 impl Header {
@@ -84,7 +88,11 @@ impl Header {
     /// Decodes the 64-byte header. Only the length and the magic are checked here.
     pub fn parse(bytes: &[u8]) -> Result<Header> {
         if bytes.len() < HEADER_LEN {
-            return Err(invalid("header", bytes.len() as u64, "file is shorter than a QED header"));
+            return Err(invalid(
+                "header",
+                bytes.len() as u64,
+                "file is shorter than a QED header",
+            ));
         }
         let h = Header {
             magic: u32_at(bytes, 0),
@@ -194,11 +202,19 @@ impl Header {
             return Err(invalid("l1_table_offset", off, "not cluster-aligned"));
         }
         if off < header_bytes {
-            return Err(invalid("l1_table_offset", off, "L1 table overlaps the header"));
+            return Err(invalid(
+                "l1_table_offset",
+                off,
+                "L1 table overlaps the header",
+            ));
         }
         match off.checked_add(g.table_bytes()) {
             Some(end) if end <= file_len => Ok(()),
-            _ => Err(invalid("l1_table_offset", off, "L1 table extends past the end of the file")),
+            _ => Err(invalid(
+                "l1_table_offset",
+                off,
+                "L1 table extends past the end of the file",
+            )),
         }
     }
 
@@ -220,21 +236,36 @@ impl Header {
     /// Where the backing file name lies in the file, if the image has one (valid after
     /// [`Header::validate`], which bounds it inside the header and to 4095 bytes).
     pub fn backing_name_range(&self) -> Option<(u64, usize)> {
-        self.has_backing_file()
-            .then_some((self.backing_filename_offset as u64, self.backing_filename_size as usize))
+        self.has_backing_file().then_some((
+            self.backing_filename_offset as u64,
+            self.backing_filename_size as usize,
+        ))
     }
 }
 
 /// Validates the raw bytes of a backing file name.
 pub fn parse_backing_name(raw: &[u8]) -> Result<String> {
     if raw.is_empty() {
-        return Err(invalid("backing_filename_size", 0, "backing file flag set but name is empty"));
+        return Err(invalid(
+            "backing_filename_size",
+            0,
+            "backing file flag set but name is empty",
+        ));
     }
     if let Some(pos) = raw.iter().position(|&b| b == 0) {
-        return Err(invalid("backing_filename", pos as u64, "name contains a NUL byte"));
+        return Err(invalid(
+            "backing_filename",
+            pos as u64,
+            "name contains a NUL byte",
+        ));
     }
-    let name = std::str::from_utf8(raw)
-        .map_err(|e| invalid("backing_filename", e.valid_up_to() as u64, "name is not UTF-8"))?;
+    let name = std::str::from_utf8(raw).map_err(|e| {
+        invalid(
+            "backing_filename",
+            e.valid_up_to() as u64,
+            "name is not UTF-8",
+        )
+    })?;
     Ok(name.to_owned())
 }
 
@@ -258,7 +289,8 @@ mod tests {
     #[test]
     fn refuses_each_bad_field_by_name() {
         let file = 5 * 65536;
-        let cases: Vec<(Box<dyn Fn(&mut Header)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Header)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|h| h.magic = 0x58444551), "magic"),
             (Box::new(|h| h.cluster_size = 0), "cluster_size"),
             (Box::new(|h| h.cluster_size = 69632), "cluster_size"),
@@ -269,8 +301,14 @@ mod tests {
             (Box::new(|h| h.features = 1 << 40), "features"),
             (Box::new(|h| h.l1_table_offset = 0), "l1_table_offset"),
             (Box::new(|h| h.l1_table_offset = 65537), "l1_table_offset"),
-            (Box::new(|h| h.l1_table_offset = 2 * 65536), "l1_table_offset"),
-            (Box::new(|h| h.l1_table_offset = 0xffff_ffff_ffff_0000), "l1_table_offset"),
+            (
+                Box::new(|h| h.l1_table_offset = 2 * 65536),
+                "l1_table_offset",
+            ),
+            (
+                Box::new(|h| h.l1_table_offset = 0xffff_ffff_ffff_0000),
+                "l1_table_offset",
+            ),
             (Box::new(|h| h.image_size = 1000), "image_size"),
             (Box::new(|h| h.image_size = 1 << 62), "image_size"),
             (
@@ -295,7 +333,8 @@ mod tests {
             mutate(&mut h);
             let err = Header::parse(&h.to_bytes()).and_then(|h| h.validate(file));
             match err {
-                Err(Error::InvalidHeader { field: f, .. }) | Err(Error::Unsupported { field: f, .. }) => {
+                Err(Error::InvalidHeader { field: f, .. })
+                | Err(Error::Unsupported { field: f, .. }) => {
                     assert_eq!(f, field)
                 }
                 other => panic!("expected {field} to be refused, got {other:?}"),
@@ -316,7 +355,10 @@ mod tests {
     fn short_header_refused() {
         assert!(matches!(
             Header::parse(&[0u8; 40]),
-            Err(Error::InvalidHeader { field: "header", .. })
+            Err(Error::InvalidHeader {
+                field: "header",
+                ..
+            })
         ));
     }
 

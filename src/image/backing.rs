@@ -74,7 +74,10 @@ impl Backing {
 /// Refuses backing names QEMU would hand to a protocol driver: we only ever open plain paths.
 fn check_plain_path(name: &str) -> Result<()> {
     let proto = name.split_once(':').map(|(p, _)| p).filter(|p| {
-        !p.is_empty() && !p.contains('/') && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+        !p.is_empty()
+            && !p.contains('/')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
     });
     if let Some(p) = proto {
         return Err(Error::Unsupported {
@@ -89,7 +92,9 @@ fn check_plain_path(name: &str) -> Result<()> {
 /// Guesses the format of a backing file from its first bytes.
 pub(crate) fn probe(storage: &dyn Storage, name: &str) -> Result<BackingFormat> {
     let mut magic = [0u8; 4];
-    storage.read_at(&mut magic, 0).ctx(|| format!("probing backing file {name}"))?;
+    storage
+        .read_at(&mut magic, 0)
+        .ctx(|| format!("probing backing file {name}"))?;
     match &magic {
         b"QED\0" => Ok(BackingFormat::Qed),
         b"QFI\xfb" => Err(unsupported_format(name, "qcow2")),
@@ -133,11 +138,16 @@ pub(crate) fn open_by_path(
         return Err(Error::Unsupported {
             field: "backing_filename",
             value: chain.len() as u64,
-            reason: format!("backing chain deeper than {} images", opts.max_backing_depth),
+            reason: format!(
+                "backing chain deeper than {} images",
+                opts.max_backing_depth
+            ),
         });
     }
     let path = resolve_path(Some(image_path), name);
-    let canon = path.canonicalize().ctx(|| format!("opening backing file {}", path.display()))?;
+    let canon = path
+        .canonicalize()
+        .ctx(|| format!("opening backing file {}", path.display()))?;
     if chain.contains(&canon) {
         return Err(Error::InvalidHeader {
             field: "backing_filename",
@@ -149,8 +159,14 @@ pub(crate) fn open_by_path(
         .ctx(|| format!("opening backing file {}", canon.display()))?;
     let lock = if opts.lock {
         Some(
-            crate::storage::lock::lock_image(storage.file(), crate::storage::lock::LockMode::ReadOnly)
-                .map_err(|e| Error::Locked { path: canon.display().to_string(), detail: e.to_string() })?,
+            crate::storage::lock::lock_image(
+                storage.file(),
+                crate::storage::lock::LockMode::ReadOnly,
+            )
+            .map_err(|e| Error::Locked {
+                path: canon.display().to_string(),
+                detail: e.to_string(),
+            })?,
         )
     } else {
         None
@@ -163,7 +179,10 @@ pub(crate) fn open_by_path(
     match format {
         BackingFormat::Raw => {
             // The lock lives as long as the file; keep it alive with the storage.
-            Ok(Backing::Raw(Arc::new(LockedStorage { inner: storage, _lock: lock })))
+            Ok(Backing::Raw(Arc::new(LockedStorage {
+                inner: storage,
+                _lock: lock,
+            })))
         }
         BackingFormat::Qed => {
             let mut sub = opts.clone();
@@ -209,7 +228,11 @@ mod tests {
 
     #[test]
     fn protocol_names_are_refused() {
-        for n in ["json:{\"driver\":\"file\"}", "nbd:localhost:10809", "file:/etc/passwd"] {
+        for n in [
+            "json:{\"driver\":\"file\"}",
+            "nbd:localhost:10809",
+            "file:/etc/passwd",
+        ] {
             assert!(check_plain_path(n).is_err(), "{n}");
         }
         for n in ["base.raw", "../x/base.qed", "/abs/path:with/colon"] {

@@ -25,9 +25,15 @@ pub struct CheckFix {
 
 impl CheckFix {
     /// Report only.
-    pub const NONE: CheckFix = CheckFix { leaks: false, errors: false };
+    pub const NONE: CheckFix = CheckFix {
+        leaks: false,
+        errors: false,
+    };
     /// Repair everything.
-    pub const ALL: CheckFix = CheckFix { leaks: true, errors: true };
+    pub const ALL: CheckFix = CheckFix {
+        leaks: true,
+        errors: true,
+    };
     /// Whether anything is to be repaired.
     pub fn any(self) -> bool {
         self.leaks || self.errors
@@ -86,7 +92,10 @@ impl Bitmap {
     }
     fn count_in(&self, start: u64, end: u64) -> u64 {
         let mut c = 0;
-        for (&pi, p) in self.pages.range(start / PAGE_BITS..=end.saturating_sub(1) / PAGE_BITS) {
+        for (&pi, p) in self
+            .pages
+            .range(start / PAGE_BITS..=end.saturating_sub(1) / PAGE_BITS)
+        {
             for (wi, &w) in p.iter().enumerate() {
                 if w == 0 {
                     continue;
@@ -102,7 +111,11 @@ impl Bitmap {
         c
     }
     fn last(&self) -> Option<u64> {
-        let (&pi, p) = self.pages.iter().rev().find(|(_, p)| p.iter().any(|&w| w != 0))?;
+        let (&pi, p) = self
+            .pages
+            .iter()
+            .rev()
+            .find(|(_, p)| p.iter().any(|&w| w != 0))?;
         let (wi, &w) = p.iter().enumerate().rev().find(|(_, &w)| w != 0)?;
         Some(pi * PAGE_BITS + wi as u64 * 64 + 63 - w.leading_zeros() as u64)
     }
@@ -112,7 +125,12 @@ impl Bitmap {
 const PIECE_ENTRIES: u64 = 64 * 1024;
 
 /// Runs the check over `storage` with its validated `header`.
-pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: CheckFix) -> Result<CheckResult> {
+pub(crate) fn run(
+    storage: &dyn Storage,
+    header: &Header,
+    g: &Geometry,
+    fix: CheckFix,
+) -> Result<CheckResult> {
     let cs = g.cluster_bytes();
     let cb = g.cluster_bits();
     let tb = g.table_bytes();
@@ -144,7 +162,9 @@ pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: Che
         let count = (n - start).min(PIECE_ENTRIES);
         bytes.resize((count * 8) as usize, 0);
         let at = l1_off + start * 8;
-        storage.read_at(&mut bytes, at).ctx(|| format!("reading L1 table at {at:#x}"))?;
+        storage
+            .read_at(&mut bytes, at)
+            .ctx(|| format!("reading L1 table at {at:#x}"))?;
         entries.clear();
         table::decode_entries(&bytes, &mut entries);
         let mut modified = false;
@@ -171,7 +191,9 @@ pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: Che
         if modified {
             let mut out = Vec::with_capacity(bytes.len());
             table::encode_entries(entries.iter().copied(), &mut out);
-            storage.write_at(&out, at).ctx(|| format!("repairing L1 table at {at:#x}"))?;
+            storage
+                .write_at(&out, at)
+                .ctx(|| format!("repairing L1 table at {at:#x}"))?;
             wrote = true;
         }
         start += count;
@@ -215,8 +237,12 @@ pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: Che
                 if in_file && !meta.get(*e >> cb) {
                     // Two data entries share this cluster: give this one its own copy.
                     let mut data = vec![0u8; cs as usize];
-                    storage.read_at(&mut data, *e).ctx(|| format!("reading data cluster at {e:#x}"))?;
-                    storage.write_at(&data, append_at).ctx(|| format!("copying cluster to {append_at:#x}"))?;
+                    storage
+                        .read_at(&mut data, *e)
+                        .ctx(|| format!("reading data cluster at {e:#x}"))?;
+                    storage
+                        .write_at(&data, append_at)
+                        .ctx(|| format!("copying cluster to {append_at:#x}"))?;
                     used.set(append_at >> cb);
                     *e = append_at;
                     append_at += cs;
@@ -233,7 +259,9 @@ pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: Che
                 }
                 let mut out = Vec::with_capacity(bytes.len());
                 table::encode_entries(entries.iter().copied(), &mut out);
-                storage.write_at(&out, at).ctx(|| format!("repairing L2 table at {at:#x}"))?;
+                storage
+                    .write_at(&out, at)
+                    .ctx(|| format!("repairing L2 table at {at:#x}"))?;
                 wrote = true;
             }
             start += count;
@@ -253,7 +281,9 @@ pub(crate) fn run(storage: &dyn Storage, header: &Header, g: &Geometry, fix: Che
                 storage.flush().ctx(|| "flushing repairs".into())?;
             }
             end = keep << cb;
-            storage.set_len(end).ctx(|| "truncating leaked clusters".into())?;
+            storage
+                .set_len(end)
+                .ctx(|| "truncating leaked clusters".into())?;
             wrote = true;
             leaks -= trailing;
             res.leaks_fixed += trailing;

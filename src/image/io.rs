@@ -55,12 +55,21 @@ struct SgMut<'b> {
 
 impl<'b> SgMut<'b> {
     fn new(bufs: &mut [&'b mut [u8]]) -> Self {
-        SgMut { segs: bufs.iter_mut().map(std::mem::take).filter(|s| !s.is_empty()).collect() }
+        SgMut {
+            segs: bufs
+                .iter_mut()
+                .map(std::mem::take)
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
     }
     fn take(&mut self, mut n: u64) -> Vec<&'b mut [u8]> {
         let mut out = Vec::new();
         while n > 0 {
-            let s = self.segs.pop_front().expect("cursor holds the request's bytes");
+            let s = self
+                .segs
+                .pop_front()
+                .expect("cursor holds the request's bytes");
             if s.len() as u64 <= n {
                 n -= s.len() as u64;
                 out.push(s);
@@ -81,12 +90,17 @@ struct SgRef<'b> {
 
 impl<'b> SgRef<'b> {
     fn new(bufs: &[&'b [u8]]) -> Self {
-        SgRef { segs: bufs.iter().copied().filter(|s| !s.is_empty()).collect() }
+        SgRef {
+            segs: bufs.iter().copied().filter(|s| !s.is_empty()).collect(),
+        }
     }
     fn take(&mut self, mut n: u64) -> Vec<&'b [u8]> {
         let mut out = Vec::new();
         while n > 0 {
-            let s = self.segs.pop_front().expect("cursor holds the request's bytes");
+            let s = self
+                .segs
+                .pop_front()
+                .expect("cursor holds the request's bytes");
             if s.len() as u64 <= n {
                 n -= s.len() as u64;
                 out.push(s);
@@ -240,7 +254,11 @@ impl Image {
             }
         }
         let mut iov: Vec<&[u8]> = Vec::with_capacity(data.len() + 2);
-        let start = if head_buf.is_empty() { host + head } else { host };
+        let start = if head_buf.is_empty() {
+            host + head
+        } else {
+            host
+        };
         if !head_buf.is_empty() {
             iov.push(&head_buf);
         }
@@ -248,10 +266,14 @@ impl Image {
         if !tail_buf.is_empty() {
             iov.push(&tail_buf);
         }
-        self.storage.write_vectored_at(&iov, start).ctx(|| format!("writing new clusters at {host:#x}"))?;
+        self.storage
+            .write_vectored_at(&iov, start)
+            .ctx(|| format!("writing new clusters at {host:#x}"))?;
         if backing.is_some() {
             // A lost data write would otherwise expose zeros where the backing file had data.
-            self.storage.flush().ctx(|| "flushing copied clusters".into())?;
+            self.storage
+                .flush()
+                .ctx(|| "flushing copied clusters".into())?;
         }
         let values: Vec<u64> = (0..n).map(|i| host + (i << cb)).collect();
         self.install_entries(pos, &values)?;
@@ -263,10 +285,18 @@ impl Image {
         let bytes = n << self.geometry.cluster_bits();
         let mut next = lock(&self.alloc);
         let start = *next;
-        let end = start.checked_add(bytes).filter(|&e| e <= i64::MAX as u64).ok_or_else(|| {
-            Error::io("allocating clusters", std::io::Error::from_raw_os_error(libc::EFBIG))
-        })?;
-        self.storage.set_len(end).ctx(|| format!("extending image file to {end:#x}"))?;
+        let end = start
+            .checked_add(bytes)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| {
+                Error::io(
+                    "allocating clusters",
+                    std::io::Error::from_raw_os_error(libc::EFBIG),
+                )
+            })?;
+        self.storage
+            .set_len(end)
+            .ctx(|| format!("extending image file to {end:#x}"))?;
         *next = end;
         self.alloc_end.store(end, Ordering::Release);
         Ok(start)
@@ -327,8 +357,12 @@ impl Image {
         let s0 = first / 64 * 64;
         let s1 = (first + values.len()).next_multiple_of(64);
         let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
-        self.storage.write_at(&chunk.encode(s0..s1), at).ctx(|| format!("writing new L2 table at {t:#x}"))?;
-        self.storage.flush().ctx(|| "flushing new L2 table".into())?;
+        self.storage
+            .write_at(&chunk.encode(s0..s1), at)
+            .ctx(|| format!("writing new L2 table at {t:#x}"))?;
+        self.storage
+            .flush()
+            .ctx(|| "flushing new L2 table".into())?;
         self.l2.insert_new((t, ci), chunk);
         let sector = l1i / 64 * 64;
         let bytes = {
@@ -340,7 +374,9 @@ impl Image {
             b
         };
         let at = self.l1_offset + sector as u64 * 8;
-        self.storage.write_at(&bytes, at).ctx(|| format!("writing L1 table at {at:#x}"))?;
+        self.storage
+            .write_at(&bytes, at)
+            .ctx(|| format!("writing L1 table at {at:#x}"))?;
         wlock(&self.l1).entries[l1i] = t;
         Ok(true)
     }
@@ -353,12 +389,15 @@ impl Image {
     fn load_chunk(&self, table: u64, ci: u64) -> Result<Chunk> {
         let at = table + ci * CHUNK_BYTES;
         let mut bytes = vec![0u8; CHUNK_BYTES as usize];
-        self.storage.read_at(&mut bytes, at).ctx(|| format!("reading L2 table at {at:#x}"))?;
+        self.storage
+            .read_at(&mut bytes, at)
+            .ctx(|| format!("reading L2 table at {at:#x}"))?;
         let mut raw = Vec::with_capacity(CHUNK_ENTRIES as usize);
         crate::format::table::decode_entries(&bytes, &mut raw);
         // Entries past the file as it was opened can only be ours if this piece was validated
         // before, or belongs to a table this session created.
-        let trusted = rlock(&self.session_tables).contains(&table) || !lock(&self.validated).insert((table, ci));
+        let trusted = rlock(&self.session_tables).contains(&table)
+            || !lock(&self.validated).insert((table, ci));
         let limit = if trusted {
             self.alloc_end.load(Ordering::Acquire)
         } else {
@@ -417,20 +456,26 @@ impl Image {
                 (pos & !(cov - 1)).saturating_add(cov)
             };
             let len = end.min(table_end) - pos;
-            return Ok(Extent { offset: pos, length: len, kind: ExtentKind::Unallocated });
+            return Ok(Extent {
+                offset: pos,
+                length: len,
+                kind: ExtentKind::Unallocated,
+            });
         }
         let limit = end.min(pos.saturating_add(self.to_chunk_end(pos)));
         let l2i = g.l2_index(pos);
         let ci = l2i / CHUNK_ENTRIES;
         let i0 = (l2i % CHUNK_ENTRIES) as usize;
         let chunk = self.chunk(table, ci)?;
-        let corrupt = |i: usize, e: u64| Error::Corrupt {
+        let corrupt = |i: usize, e: u64| {
+            Error::Corrupt {
             what: "L2 table entry",
             offset: table + ci * CHUNK_BYTES + i as u64 * 8,
             reason: format!(
                 "entry {e:#x} for guest offset {:#x} is unaligned, outside the file or points at metadata; run a check with repair",
                 g.cluster_floor(pos) + ((i - i0) as u64) * cs
             ),
+        }
         };
         if chunk.is_bad(i0) {
             return Err(corrupt(i0, chunk.get(i0)));
@@ -451,7 +496,9 @@ impl Image {
                 break;
             }
             let same = match (kind_of(first), kind_of(e)) {
-                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => b == a + (n << cb),
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                    b == a + (n << cb)
+                }
                 (a, b) => a == b,
             };
             if !same {
@@ -462,10 +509,16 @@ impl Image {
         }
         let length = next.min(limit) - pos;
         let kind = match kind_of(first) {
-            ExtentKind::Data { host_offset } => ExtentKind::Data { host_offset: host_offset + (pos - cluster_start) },
+            ExtentKind::Data { host_offset } => ExtentKind::Data {
+                host_offset: host_offset + (pos - cluster_start),
+            },
             k => k,
         };
-        Ok(Extent { offset: pos, length, kind })
+        Ok(Extent {
+            offset: pos,
+            length,
+            kind,
+        })
     }
 
     /// Makes `len` guest bytes at `offset` read as zeros. Whole unallocated clusters become zero
@@ -523,7 +576,11 @@ impl Image {
         self.check_usable()?;
         self.check_range(offset, len)?;
         if len == 0 {
-            return Err(Error::InvalidArgument { what: "len", value: 0, reason: "block status of an empty range".into() });
+            return Err(Error::InvalidArgument {
+                what: "len",
+                value: 0,
+                reason: "block status of an empty range".into(),
+            });
         }
         let _g = rlock(&self.gate);
         let end = offset + len;
@@ -531,7 +588,9 @@ impl Image {
         while ext.offset + ext.length < end {
             let next = self.lookup(ext.offset + ext.length, end - ext.offset - ext.length)?;
             let joins = match (ext.kind, next.kind) {
-                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => b == a + ext.length,
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                    b == a + ext.length
+                }
                 (a, b) => a == b,
             };
             if !joins {
@@ -545,7 +604,11 @@ impl Image {
     /// Every extent of `[offset, offset + len)`, in order.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange { offset, len, size: self.size() })?;
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange {
+            offset,
+            len,
+            size: self.size(),
+        })?;
         let mut pos = offset;
         while pos < end {
             let e = self.block_status(pos, end - pos)?;

@@ -57,14 +57,6 @@ impl Chunk {
     pub fn has_bad(&self) -> bool {
         self.bad.iter().any(|&w| w != 0)
     }
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-    /// Whether the chunk is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
     /// Little-endian bytes of entries `range`.
     pub fn encode(&self, range: std::ops::Range<usize>) -> Vec<u8> {
         let mut out = Vec::with_capacity(range.len() * 8);
@@ -73,7 +65,9 @@ impl Chunk {
     }
     /// Locks the chunk for an update.
     pub fn lock(&self) -> MutexGuard<'_, ()> {
-        self.write_lock.lock().unwrap_or_else(PoisonError::into_inner)
+        self.write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -106,14 +100,21 @@ impl L2Cache {
     }
 
     fn shard(&self, key: ChunkKey) -> MutexGuard<'_, Shard> {
-        let h = (key.0 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ key.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let h = (key.0 >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ key.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         let i = (h >> 32) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Returns the chunk for `key`, loading it with `load` if it is not cached. Concurrent callers
     /// for the same key share one load.
-    pub fn get<E>(&self, key: ChunkKey, load: impl FnOnce() -> Result<Chunk, E>) -> Result<Arc<Chunk>, E> {
+    pub fn get<E>(
+        &self,
+        key: ChunkKey,
+        load: impl FnOnce() -> Result<Chunk, E>,
+    ) -> Result<Arc<Chunk>, E> {
         let slot = {
             let mut sh = self.shard(key);
             if let Some(s) = sh.map.get(&key) {
@@ -150,7 +151,11 @@ impl L2Cache {
                 drop(_g);
                 // Forget the empty slot so a later call retries the load.
                 let mut sh = self.shard(key);
-                if sh.map.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot) && s.chunk.get().is_none()) {
+                if sh
+                    .map
+                    .get(&key)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.chunk.get().is_none())
+                {
                     sh.map.remove(&key);
                 }
                 Err(e)
@@ -160,7 +165,8 @@ impl L2Cache {
 
     /// Inserts a chunk for a table this session created (its content is known without a read).
     pub fn insert_new(&self, key: ChunkKey, chunk: Chunk) -> Arc<Chunk> {
-        self.get::<std::convert::Infallible>(key, || Ok(chunk)).unwrap_or_else(|e| match e {})
+        self.get::<std::convert::Infallible>(key, || Ok(chunk))
+            .unwrap_or_else(|e| match e {})
     }
 
     /// Second-chance eviction of one unused chunk; chunks in use or with bad entries stay.
@@ -168,10 +174,17 @@ impl L2Cache {
         let mut budget = sh.clock.len() * 2;
         while sh.map.len() >= limit && budget > 0 {
             budget -= 1;
-            let Some(key) = sh.clock.pop_front() else { return };
-            let Some(slot) = sh.map.get(&key) else { continue };
+            let Some(key) = sh.clock.pop_front() else {
+                return;
+            };
+            let Some(slot) = sh.map.get(&key) else {
+                continue;
+            };
             let in_use = Arc::strong_count(slot) > 1
-                || slot.chunk.get().is_some_and(|c| Arc::strong_count(c) > 1 || c.has_bad());
+                || slot
+                    .chunk
+                    .get()
+                    .is_some_and(|c| Arc::strong_count(c) > 1 || c.has_bad());
             let unloaded = slot.chunk.get().is_none();
             if in_use || unloaded || slot.referenced.swap(false, Ordering::Relaxed) {
                 sh.clock.push_back(key);
@@ -191,13 +204,12 @@ impl L2Cache {
     }
 
     /// Number of cached chunks.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).map.len()).sum()
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).map.len())
+            .sum()
     }
 }
 
@@ -208,13 +220,23 @@ mod tests {
     #[test]
     fn bounded_and_keeps_chunks_in_use() {
         let cache = L2Cache::new(0); // minimum: 4 per shard
-        let held = cache.get::<()>((4096, 0), || Ok(Chunk::new(&[7; 512], &[]))).unwrap();
+        let held = cache
+            .get::<()>((4096, 0), || Ok(Chunk::new(&[7; 512], &[])))
+            .unwrap();
         for i in 1..1000u64 {
-            cache.get::<()>((4096 * (i + 1), 0), || Ok(Chunk::new(&[0; 512], &[]))).unwrap();
+            cache
+                .get::<()>((4096 * (i + 1), 0), || Ok(Chunk::new(&[0; 512], &[])))
+                .unwrap();
         }
-        assert!(cache.len() <= SHARDS * 4 + 1, "cache grew to {}", cache.len());
+        assert!(
+            cache.len() <= SHARDS * 4 + 1,
+            "cache grew to {}",
+            cache.len()
+        );
         // The chunk we hold was never evicted, so a second get returns the same one.
-        let again = cache.get::<()>((4096, 0), || panic!("reloaded a chunk in use")).unwrap();
+        let again = cache
+            .get::<()>((4096, 0), || panic!("reloaded a chunk in use"))
+            .unwrap();
         assert!(Arc::ptr_eq(&held, &again));
         assert_eq!(again.get(3), 7);
     }
@@ -223,6 +245,9 @@ mod tests {
     fn failed_load_is_retried() {
         let cache = L2Cache::new(1 << 20);
         assert!(cache.get((0, 0), || Err("io")).is_err());
-        assert_eq!(cache.get::<()>((0, 0), || Ok(Chunk::new(&[1; 512], &[5]))).unwrap().is_bad(5), true);
+        assert!(cache
+            .get::<()>((0, 0), || Ok(Chunk::new(&[1; 512], &[5])))
+            .unwrap()
+            .is_bad(5));
     }
 }

@@ -159,11 +159,15 @@ fn check_create_options(opts: &CreateOptions) -> Result<Geometry> {
         });
     }
     if let Some(name) = &opts.backing_file {
-        if name.is_empty() || name.len() > (g.cluster_bytes() as usize - HEADER_LEN).min(MAX_BACKING_NAME_LEN as usize) {
+        if name.is_empty()
+            || name.len()
+                > (g.cluster_bytes() as usize - HEADER_LEN).min(MAX_BACKING_NAME_LEN as usize)
+        {
             return Err(Error::InvalidArgument {
                 what: "backing_file",
                 value: name.len() as u64,
-                reason: "backing file name must be 1 to 4095 bytes and fit in the header cluster".into(),
+                reason: "backing file name must be 1 to 4095 bytes and fit in the header cluster"
+                    .into(),
             });
         }
         if name.as_bytes().contains(&0) {
@@ -214,7 +218,10 @@ impl Image {
         let mut opts = opts.clone();
         if opts.size == 0 {
             if let Some(name) = &opts.backing_file {
-                let ro = OpenOptions { lock: false, ..OpenOptions::read_only() };
+                let ro = OpenOptions {
+                    lock: false,
+                    ..OpenOptions::read_only()
+                };
                 let b = backing::open_by_path(path, name, opts.backing_format, &ro, &[])?;
                 opts.size = b.size()?.next_multiple_of(SECTOR_SIZE);
                 if opts.backing_format.is_none() {
@@ -224,8 +231,10 @@ impl Image {
         }
         check_create_options(&opts)?;
         let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
-        let _lock = lock_image(storage.file(), LockMode::ReadWrite)
-            .map_err(|e| Error::Locked { path: path.display().to_string(), detail: e.to_string() })?;
+        let _lock = lock_image(storage.file(), LockMode::ReadWrite).map_err(|e| Error::Locked {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
         Self::create_on(&storage, &opts)
     }
 
@@ -234,7 +243,11 @@ impl Image {
     pub fn create_on(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         let g = check_create_options(opts)?;
         let mut header = Header::new(g, opts.size);
-        apply_backing(&mut header, opts.backing_file.as_deref(), opts.backing_format);
+        apply_backing(
+            &mut header,
+            opts.backing_file.as_deref(),
+            opts.backing_format,
+        );
         let area = header_area(&header, opts.backing_file.as_deref());
         storage.set_len(0).ctx(|| "truncating new image".into())?;
         storage.write_at(&area, 0).ctx(|| "writing header".into())?;
@@ -250,8 +263,19 @@ impl Image {
         let path = path.as_ref();
         let storage = FileStorage::open(path, opts.writable, opts.direct)
             .ctx(|| format!("opening {}", path.display()))?;
+        if opts.writable && opts.force_share {
+            return Err(Error::InvalidArgument {
+                what: "force_share",
+                value: 1,
+                reason: "force-share can only be used with read-only opens".into(),
+            });
+        }
         let lock = if opts.lock {
-            let mode = if opts.writable { LockMode::ReadWrite } else { LockMode::ReadOnly };
+            let mode = match (opts.writable, opts.force_share) {
+                (true, _) => LockMode::ReadWrite,
+                (false, false) => LockMode::ReadOnly,
+                (false, true) => LockMode::ForceShare,
+            };
             Some(lock_image(storage.file(), mode).map_err(|e| Error::Locked {
                 path: path.display().to_string(),
                 detail: e.to_string(),
@@ -260,7 +284,13 @@ impl Image {
             None
         };
         let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        Self::open_inner(Arc::new(storage), opts, Some(&canon), &[canon.clone()], lock)
+        Self::open_inner(
+            Arc::new(storage),
+            opts,
+            Some(&canon),
+            std::slice::from_ref(&canon),
+            lock,
+        )
     }
 
     /// Opens an image on caller-provided storage. A backing file is opened through
@@ -280,13 +310,17 @@ impl Image {
         let file_len = storage.len().ctx(|| "reading image length".into())?;
         let mut first = [0u8; HEADER_LEN];
         let n = file_len.min(HEADER_LEN as u64) as usize;
-        storage.read_at(&mut first[..n], 0).ctx(|| "reading header".into())?;
+        storage
+            .read_at(&mut first[..n], 0)
+            .ctx(|| "reading header".into())?;
         let mut header = Header::parse(&first[..n])?;
         let geometry = header.validate(file_len)?;
         let backing_name = match header.backing_name_range() {
             Some((off, len)) => {
                 let mut raw = vec![0u8; len];
-                storage.read_at(&mut raw, off).ctx(|| "reading backing file name".into())?;
+                storage
+                    .read_at(&mut raw, off)
+                    .ctx(|| "reading backing file name".into())?;
                 Some(parse_backing_name(&raw)?)
             }
             None => None,
@@ -305,17 +339,22 @@ impl Image {
                 });
             }
             header.features &= !FEATURE_NEED_CHECK;
-            storage.write_at(&header.to_bytes(), 0).ctx(|| "clearing need-check bit".into())?;
+            storage
+                .write_at(&header.to_bytes(), 0)
+                .ctx(|| "clearing need-check bit".into())?;
             storage.flush().ctx(|| "flushing after repair".into())?;
         }
         if opts.writable && header.autoclear_features & !AUTOCLEAR_FEATURE_MASK != 0 {
             header.autoclear_features &= AUTOCLEAR_FEATURE_MASK;
-            storage.write_at(&header.to_bytes(), 0).ctx(|| "clearing autoclear bits".into())?;
+            storage
+                .write_at(&header.to_bytes(), 0)
+                .ctx(|| "clearing autoclear bits".into())?;
         }
 
         let backing = if header.has_backing_file() && !opts.no_backing {
             let name = backing_name.as_deref().unwrap_or_default();
-            let fmt = (header.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0).then_some(BackingFormat::Raw);
+            let fmt = (header.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0)
+                .then_some(BackingFormat::Raw);
             let b = if let Some(resolver) = &opts.backing_resolver {
                 resolver(name, fmt)
             } else if let Some(p) = path {
@@ -327,7 +366,10 @@ impl Image {
                     reason: "the image has a backing file but was opened on caller storage without a resolver; pass one or open with no_backing".into(),
                 })
             };
-            Some(b.map_err(|e| Error::Backing { name: name.to_owned(), source: Box::new(e) })?)
+            Some(b.map_err(|e| Error::Backing {
+                name: name.to_owned(),
+                source: Box::new(e),
+            })?)
         } else {
             None
         };
@@ -341,8 +383,14 @@ impl Image {
             writable,
             path: path.map(Path::to_path_buf),
             size: AtomicU64::new(header.image_size),
-            hs: Mutex::new(HeaderState { header, backing_name }),
-            l1: RwLock::new(L1 { entries: Vec::new(), bad: Vec::new() }),
+            hs: Mutex::new(HeaderState {
+                header,
+                backing_name,
+            }),
+            l1: RwLock::new(L1 {
+                entries: Vec::new(),
+                bad: Vec::new(),
+            }),
             l2_tables: RwLock::new(BTreeSet::new()),
             session_tables: RwLock::new(HashSet::new()),
             validated: Mutex::new(HashSet::new()),
@@ -369,11 +417,17 @@ impl Image {
         let file_len = self.storage.len().ctx(|| "reading image length".into())?;
         let (l1_off, header_bytes, size) = {
             let hs = lock(&self.hs);
-            (hs.header.l1_table_offset, hs.header.header_bytes(), hs.header.image_size)
+            (
+                hs.header.l1_table_offset,
+                hs.header.header_bytes(),
+                hs.header.image_size,
+            )
         };
         let n = Self::l1_loaded_len(&g, size);
         let mut bytes = vec![0u8; n as usize * 8];
-        self.storage.read_at(&mut bytes, l1_off).ctx(|| "reading L1 table".into())?;
+        self.storage
+            .read_at(&mut bytes, l1_off)
+            .ctx(|| "reading L1 table".into())?;
         let mut entries = Vec::with_capacity(n as usize);
         table::decode_entries(&bytes, &mut entries);
         drop(bytes);
@@ -394,12 +448,20 @@ impl Image {
     /// that an L1 sector can be rewritten from memory. At most 2^21 entries (16 MiB) for any
     /// valid header, however large its table.
     fn l1_loaded_len(g: &Geometry, size: u64) -> u64 {
-        g.l1_entries_for(size).next_multiple_of(64).min(g.table_entries())
+        g.l1_entries_for(size)
+            .next_multiple_of(64)
+            .min(g.table_entries())
     }
 
     /// Flags L1 entries that are unaligned, inside the header or the L1 table, extend past the
     /// end of the file, or overlap another table. Returns the flags and the valid table offsets.
-    fn validate_l1(g: &Geometry, entries: &[u64], header_bytes: u64, l1_off: u64, file_len: u64) -> (Vec<bool>, BTreeSet<u64>) {
+    fn validate_l1(
+        g: &Geometry,
+        entries: &[u64],
+        header_bytes: u64,
+        l1_off: u64,
+        file_len: u64,
+    ) -> (Vec<bool>, BTreeSet<u64>) {
         let tb = g.table_bytes();
         let mut bad = vec![false; entries.len()];
         let mut valid: Vec<(u64, usize)> = Vec::new();
@@ -424,7 +486,11 @@ impl Image {
                 bad[w[1].1] = true;
             }
         }
-        let tables = valid.iter().filter(|(_, i)| !bad[*i]).map(|(e, _)| *e).collect();
+        let tables = valid
+            .iter()
+            .filter(|(_, i)| !bad[*i])
+            .map(|(e, _)| *e)
+            .collect();
         (bad, tables)
     }
 
@@ -459,7 +525,8 @@ impl Image {
         let h = &hs.header;
         let declared = (h.has_backing_file() && h.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0)
             .then_some(BackingFormat::Raw);
-        let backing_format = declared.or_else(|| rlock(&self.backing).as_ref().map(Backing::format));
+        let backing_format =
+            declared.or_else(|| rlock(&self.backing).as_ref().map(Backing::format));
         Ok(ImageInfo {
             virtual_size: h.image_size,
             cluster_size: h.cluster_size,
@@ -479,7 +546,11 @@ impl Image {
 
     fn check_usable(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::InvalidArgument { what: "image", value: 0, reason: "image is closed".into() });
+            return Err(Error::InvalidArgument {
+                what: "image",
+                value: 0,
+                reason: "image is closed".into(),
+            });
         }
         Ok(())
     }
@@ -493,7 +564,9 @@ impl Image {
     }
 
     fn write_header(&self, h: &Header) -> Result<()> {
-        self.storage.write_at(&h.to_bytes(), 0).ctx(|| "writing header".into())
+        self.storage
+            .write_at(&h.to_bytes(), 0)
+            .ctx(|| "writing header".into())
     }
 
     /// Sets the need-check bit and flushes it before the first metadata update after a clean
@@ -511,7 +584,9 @@ impl Image {
         let mut h = hs.header.clone();
         h.features |= FEATURE_NEED_CHECK;
         self.write_header(&h)?;
-        self.storage.flush().ctx(|| "flushing need-check bit".into())?;
+        self.storage
+            .flush()
+            .ctx(|| "flushing need-check bit".into())?;
         hs.header = h;
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -563,7 +638,9 @@ impl Image {
                 let (l1_off, header_bytes) = (hs.header.l1_table_offset, hs.header.header_bytes());
                 drop(hs);
                 let mut bytes = vec![0u8; ((want - have) * 8) as usize];
-                self.storage.read_at(&mut bytes, l1_off + have * 8).ctx(|| "reading L1 table".into())?;
+                self.storage
+                    .read_at(&mut bytes, l1_off + have * 8)
+                    .ctx(|| "reading L1 table".into())?;
                 let mut extra = Vec::new();
                 table::decode_entries(&bytes, &mut extra);
                 let mut all = l1.entries.clone();
@@ -596,17 +673,27 @@ impl Image {
     /// does: only the header changes, no data is copied. The new backing file is opened first
     /// (when the image was opened by path or with a resolver), so a name that cannot be opened
     /// changes nothing.
-    pub fn change_backing_file(&self, name: Option<&str>, format: Option<BackingFormat>) -> Result<()> {
+    pub fn change_backing_file(
+        &self,
+        name: Option<&str>,
+        format: Option<BackingFormat>,
+    ) -> Result<()> {
         self.check_writable()?;
         let _g = wlock(&self.gate);
         let hs_header = lock(&self.hs).header.clone();
         if let Some(n) = name {
             let room = hs_header.header_bytes().saturating_sub(HEADER_LEN as u64);
-            if n.is_empty() || n.len() as u64 > room.min(MAX_BACKING_NAME_LEN as u64) || n.as_bytes().contains(&0) {
+            if n.is_empty()
+                || n.len() as u64 > room.min(MAX_BACKING_NAME_LEN as u64)
+                || n.as_bytes().contains(&0)
+            {
                 return Err(Error::InvalidArgument {
                     what: "backing_file",
                     value: n.len() as u64,
-                    reason: format!("backing file name must be 1 to {} bytes without NUL", room.min(MAX_BACKING_NAME_LEN as u64)),
+                    reason: format!(
+                        "backing file name must be 1 to {} bytes without NUL",
+                        room.min(MAX_BACKING_NAME_LEN as u64)
+                    ),
                 });
             }
         }
@@ -625,7 +712,9 @@ impl Image {
         let mut h = hs_header;
         apply_backing(&mut h, name, format);
         let area = header_area(&h, name);
-        self.storage.write_at(&area, 0).ctx(|| "writing header".into())?;
+        self.storage
+            .write_at(&area, 0)
+            .ctx(|| "writing header".into())?;
         self.storage.flush().ctx(|| "flushing header".into())?;
         let mut hs = lock(&self.hs);
         hs.header = h;

@@ -67,7 +67,10 @@ impl Default for CreateOptions {
 impl CreateOptions {
     /// Default options for an image of `size` bytes.
     pub fn new(size: u64) -> Self {
-        CreateOptions { size, ..Default::default() }
+        CreateOptions {
+            size,
+            ..Default::default()
+        }
     }
 }
 
@@ -90,6 +93,9 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Take QEMU-compatible advisory locks on the image file (default: true).
     pub lock: bool,
+    /// Read-only opens only: share the image with a writer (QEMU's `-U`/force-share). Reads may
+    /// then see a changing, inconsistent image.
+    pub force_share: bool,
     /// Byte budget of the L2 table cache (default: 128 MiB, enough to map 1 TiB at the default
     /// geometry).
     pub l2_cache_bytes: usize,
@@ -112,6 +118,7 @@ impl Default for OpenOptions {
             no_repair: false,
             direct: false,
             lock: true,
+            force_share: false,
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             backing_resolver: None,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
@@ -127,6 +134,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("no_repair", &self.no_repair)
             .field("direct", &self.direct)
             .field("lock", &self.lock)
+            .field("force_share", &self.force_share)
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("backing_resolver", &self.backing_resolver.is_some())
             .field("max_backing_depth", &self.max_backing_depth)
@@ -141,6 +149,9 @@ impl OpenOptions {
     }
     /// Read-write defaults.
     pub fn read_write() -> Self {
-        OpenOptions { writable: true, ..Self::default() }
+        OpenOptions {
+            writable: true,
+            ..Self::default()
+        }
     }
 }

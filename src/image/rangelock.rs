@@ -21,16 +21,26 @@ impl RangeLock {
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self.released.wait(held).unwrap_or_else(PoisonError::into_inner);
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         held.push((start, end));
-        RangeGuard { lock: self, range: (start, end) }
+        RangeGuard {
+            lock: self,
+            range: (start, end),
+        }
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self
+            .lock
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(i) = held.iter().position(|&r| r == self.range) {
             held.swap_remove(i);
         }

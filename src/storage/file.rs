@@ -4,7 +4,7 @@
 use super::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
@@ -32,18 +32,38 @@ impl FileStorage {
             o.custom_flags(libc::O_DIRECT);
         }
         let file = o.open(path)?;
-        Ok(FileStorage { file, direct, writable, rmw: Mutex::new(()) })
+        Ok(FileStorage {
+            file,
+            direct,
+            writable,
+            rmw: Mutex::new(()),
+        })
     }
 
     /// Creates (or truncates) `path` for writing.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(FileStorage { file, direct: false, writable: true, rmw: Mutex::new(()) })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            direct: false,
+            writable: true,
+            rmw: Mutex::new(()),
+        })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File, writable: bool) -> Self {
-        FileStorage { file, direct: false, writable, rmw: Mutex::new(()) }
+        FileStorage {
+            file,
+            direct: false,
+            writable,
+            rmw: Mutex::new(()),
+        }
     }
 
     /// The underlying file (for locking).
@@ -156,11 +176,19 @@ fn preadv_full(file: &File, bufs: &mut [&mut [u8]], mut offset: u64) -> io::Resu
         let mut iov: Vec<libc::iovec> = Vec::with_capacity((bufs.len() - idx).min(IOV_MAX));
         for (i, b) in bufs[idx..].iter_mut().enumerate().take(IOV_MAX) {
             let s = if i == 0 { skip } else { 0 };
-            iov.push(libc::iovec { iov_base: b[s..].as_mut_ptr().cast(), iov_len: b.len() - s });
+            iov.push(libc::iovec {
+                iov_base: b[s..].as_mut_ptr().cast(),
+                iov_len: b.len() - s,
+            });
         }
         // SAFETY: every iovec points into a live, exclusively borrowed buffer of iov_len bytes.
         let n = unsafe {
-            libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, to_off(offset)?)
+            libc::preadv(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                to_off(offset)?,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -207,11 +235,19 @@ fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> 
         let mut iov: Vec<libc::iovec> = Vec::with_capacity((bufs.len() - idx).min(IOV_MAX));
         for (i, b) in bufs[idx..].iter().enumerate().take(IOV_MAX) {
             let s = if i == 0 { skip } else { 0 };
-            iov.push(libc::iovec { iov_base: b[s..].as_ptr() as *mut _, iov_len: b.len() - s });
+            iov.push(libc::iovec {
+                iov_base: b[s..].as_ptr() as *mut _,
+                iov_len: b.len() - s,
+            });
         }
         // SAFETY: every iovec points into a live buffer of iov_len bytes; pwritev only reads them.
         let n = unsafe {
-            libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, to_off(offset)?)
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                to_off(offset)?,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -221,7 +257,10 @@ fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> 
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
         }
         let mut n = n as usize;
         offset += n as u64;
@@ -250,8 +289,7 @@ impl Storage for FileStorage {
     }
 
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
-        if self.direct
-            && !self.aligned(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())), offset)
+        if self.direct && !self.aligned(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())), offset)
         {
             return self.read_bounced(bufs, offset);
         }
@@ -259,8 +297,7 @@ impl Storage for FileStorage {
     }
 
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        if self.direct
-            && !self.aligned(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())), offset)
+        if self.direct && !self.aligned(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())), offset)
         {
             return self.write_bounced(bufs, offset);
         }
@@ -276,14 +313,10 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
+        let _g = self.direct.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
         self.file.set_len(len)
     }
-}
-
-#[allow(dead_code)]
-fn _assert_file_ext(f: &File) -> io::Result<usize> {
-    // FileExt is kept in scope for callers that want positional I/O on the raw file.
-    f.read_at(&mut [], 0)
 }
 
 #[cfg(test)]

@@ -64,7 +64,11 @@ impl MemStorage {
 
     /// Takes the operations recorded so far.
     pub fn take_log(&self) -> Vec<MemOp> {
-        self.lock().log.as_mut().map(std::mem::take).unwrap_or_default()
+        self.lock()
+            .log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// A copy of the whole contents.
@@ -156,7 +160,10 @@ impl Storage for MemStorage {
         let mut g = self.lock();
         g.write(buf, offset);
         if let Some(log) = g.log.as_mut() {
-            log.push(MemOp::Write { offset, data: buf.to_vec() });
+            log.push(MemOp::Write {
+                offset,
+                data: buf.to_vec(),
+            });
         }
         Ok(())
     }
