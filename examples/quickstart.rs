@@ -3,7 +3,9 @@
 use qed::{CheckFix, CreateOptions, Image, OpenOptions};
 
 fn main() -> qed::Result<()> {
-    let path = std::env::args().nth(1).unwrap_or_else(|| "quickstart.qed".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "quickstart.qed".into());
     Image::create(&path, &CreateOptions::new(1 << 30))?;
     let img = Image::open(&path, &OpenOptions::read_write())?;
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();

@@ -22,6 +22,8 @@ pub mod format;
 pub mod image;
 pub mod storage;
 
+pub mod capi;
+
 pub use error::{Error, Result};
 pub use image::{
     Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Extent, ExtentKind, Image,

@@ -314,7 +314,9 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
-        let _g = self.direct.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
+        let _g = self
+            .direct
+            .then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
         self.file.set_len(len)
     }
 }

@@ -1,0 +1,640 @@
+//! Open, close, read, write, flush, write-zeroes, truncate, info, block status and backing
+//! changes.
+
+use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
+use crate::image::{BackingFormat, ExtentKind, Image, OpenOptions};
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::Arc;
+
+/// Open the image read-write (the default is read-only).
+pub const QED_OPEN_RDWR: c_uint = 1;
+/// Do not open the backing file: unallocated clusters read as zeros.
+pub const QED_OPEN_NO_BACKING: c_uint = 2;
+/// For check tools: do not check and repair an image whose need-check bit is set.
+pub const QED_OPEN_CHECK: c_uint = 4;
+/// Use O_DIRECT for the image file.
+pub const QED_OPEN_DIRECT: c_uint = 8;
+/// Read-only opens: share the image with a writer (QEMU's force-share, `-U`).
+pub const QED_OPEN_FORCE_SHARE: c_uint = 16;
+/// Do not take QEMU-compatible advisory locks on the image file.
+pub const QED_OPEN_NO_LOCK: c_uint = 32;
+const OPEN_FLAGS: c_uint = QED_OPEN_RDWR
+    | QED_OPEN_NO_BACKING
+    | QED_OPEN_CHECK
+    | QED_OPEN_DIRECT
+    | QED_OPEN_FORCE_SHARE
+    | QED_OPEN_NO_LOCK;
+
+/// An open image. Opaque to C.
+pub struct qed_image {
+    pub(crate) img: Arc<Image>,
+}
+
+/// Information about an open image (filled by `qed_get_info`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct qed_info {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// L1/L2 table size in clusters.
+    pub table_size: u32,
+    /// Header size in clusters.
+    pub header_size: u32,
+    /// 1 if the image is open read-write.
+    pub writable: u32,
+    /// Incompatible feature bits as stored in the header.
+    pub features: u64,
+    /// Compatible feature bits.
+    pub compat_features: u64,
+    /// Autoclear feature bits.
+    pub autoclear_features: u64,
+    /// Length of the image file in bytes.
+    pub file_size: u64,
+    /// 1 if the need-check (dirty) bit is set.
+    pub needs_check: u32,
+    /// 1 if the header names a backing file (see `qed_get_backing_file`).
+    pub has_backing_file: u32,
+    /// File offset of the L1 table.
+    pub l1_table_offset: u64,
+}
+
+/// The range is not allocated in this image: it reads from the backing file, or as zeros.
+pub const QED_BLOCK_UNALLOCATED: c_uint = 0;
+/// The range is allocated data at `host_offset` in the image file.
+pub const QED_BLOCK_DATA: c_uint = 1;
+/// The range is made of zero clusters: it reads as zeros whatever the backing file holds.
+pub const QED_BLOCK_ZERO: c_uint = 2;
+
+/// One extent reported by `qed_block_status`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct qed_extent {
+    /// Guest offset of the extent (the offset asked for).
+    pub offset: u64,
+    /// Length in bytes (at most the length asked for).
+    pub length: u64,
+    /// `QED_BLOCK_DATA`, `QED_BLOCK_ZERO` or `QED_BLOCK_UNALLOCATED`.
+    pub status: c_uint,
+    /// File offset of the first byte for `QED_BLOCK_DATA`, else 0.
+    pub host_offset: u64,
+}
+
+pub(crate) fn open_options(func: &str, flags: c_uint) -> CResult<OpenOptions> {
+    if flags & !OPEN_FLAGS != 0 {
+        return Err(CError::arg(
+            func,
+            format_args!("unknown flags {:#x}", flags & !OPEN_FLAGS),
+        ));
+    }
+    Ok(OpenOptions {
+        writable: flags & QED_OPEN_RDWR != 0,
+        no_backing: flags & QED_OPEN_NO_BACKING != 0,
+        no_repair: flags & QED_OPEN_CHECK != 0,
+        direct: flags & QED_OPEN_DIRECT != 0,
+        force_share: flags & QED_OPEN_FORCE_SHARE != 0,
+        lock: flags & QED_OPEN_NO_LOCK == 0,
+        ..OpenOptions::default()
+    })
+}
+
+/// Borrows the image behind a handle.
+///
+/// # Safety
+/// `img` is NULL or a live handle from `qed_open*`.
+pub(crate) unsafe fn image<'a>(func: &str, img: *const qed_image) -> CResult<&'a Image> {
+    if img.is_null() {
+        return Err(CError::arg(func, "img is NULL"));
+    }
+    // SAFETY: non-NULL handles come from Box::into_raw in qed_open* and live until qed_close.
+    Ok(unsafe { &(*img).img })
+}
+
+/// Hands a new handle to C.
+///
+/// # Safety
+/// `out` is a valid pointer to write to.
+pub(crate) unsafe fn give(out: *mut *mut qed_image, img: Image) -> c_int {
+    let h = Box::into_raw(Box::new(qed_image { img: Arc::new(img) }));
+    // SAFETY: out was checked non-NULL by the caller and points to writable memory.
+    unsafe { *out = h };
+    0
+}
+
+/// Builds slices from a buffer argument; `(NULL, 0)` is an empty buffer.
+///
+/// # Safety
+/// `buf` is NULL with `len` 0, or points to `len` readable bytes.
+pub(crate) unsafe fn buf_ref<'a>(func: &str, buf: *const u8, len: usize) -> CResult<&'a [u8]> {
+    if buf.is_null() {
+        return if len == 0 {
+            Ok(&[])
+        } else {
+            Err(CError::arg(func, "buf is NULL"))
+        };
+    }
+    if len > isize::MAX as usize {
+        return Err(CError::arg(func, format_args!("len={len} is too large")));
+    }
+    // SAFETY: per the contract, buf points to len readable bytes.
+    Ok(unsafe { std::slice::from_raw_parts(buf, len) })
+}
+
+/// Mutable counterpart of [`buf_ref`].
+///
+/// # Safety
+/// `buf` is NULL with `len` 0, or points to `len` writable bytes not aliased during the call.
+pub(crate) unsafe fn buf_mut<'a>(func: &str, buf: *mut u8, len: usize) -> CResult<&'a mut [u8]> {
+    if buf.is_null() {
+        return if len == 0 {
+            Ok(&mut [])
+        } else {
+            Err(CError::arg(func, "buf is NULL"))
+        };
+    }
+    if len > isize::MAX as usize {
+        return Err(CError::arg(func, format_args!("len={len} is too large")));
+    }
+    // SAFETY: per the contract, buf points to len writable bytes.
+    Ok(unsafe { std::slice::from_raw_parts_mut(buf, len) })
+}
+
+/// Checks an iovec array and returns its elements.
+///
+/// # Safety
+/// `iov` is NULL with `iovcnt` 0, or points to `iovcnt` iovecs.
+pub(crate) unsafe fn iovecs<'a>(
+    func: &str,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+) -> CResult<&'a [libc::iovec]> {
+    if iovcnt < 0 {
+        return Err(CError::arg(
+            func,
+            format_args!("iovcnt={iovcnt} is negative"),
+        ));
+    }
+    if iov.is_null() {
+        return if iovcnt == 0 {
+            Ok(&[])
+        } else {
+            Err(CError::arg(func, "iov is NULL"))
+        };
+    }
+    // SAFETY: per the contract, iov points to iovcnt elements.
+    let v = unsafe { std::slice::from_raw_parts(iov, iovcnt as usize) };
+    let mut total: usize = 0;
+    for (i, e) in v.iter().enumerate() {
+        if e.iov_base.is_null() && e.iov_len != 0 {
+            return Err(CError::arg(func, format_args!("iov[{i}].iov_base is NULL")));
+        }
+        total = total
+            .checked_add(e.iov_len)
+            .filter(|&t| t <= isize::MAX as usize)
+            .ok_or_else(|| CError::arg(func, "total iovec length overflows"))?;
+    }
+    Ok(v)
+}
+
+/// Opens the image file at `path`.
+///
+/// **Returns:** 0 and a handle in `*out`; `-EINVAL` for NULL arguments, unknown flags or an
+/// invalid header; `-ENOTSUP` for unsupported features or backing formats; `-EAGAIN` when
+/// another process holds a conflicting lock; `-EIO` for corruption that a read-write open could
+/// not repair; other `-errno` from the operating system.
+///
+/// **Ownership:** `path` is borrowed for the call. The handle must eventually be released with
+/// `qed_close`. `*out` is written only on success.
+///
+/// **Thread-safety:** may be called from any thread.
+///
+/// **NULL:** `path` and `out` must not be NULL.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_open(
+    path: *const c_char,
+    flags: c_uint,
+    out: *mut *mut qed_image,
+) -> c_int {
+    const F: &str = "qed_open";
+    qed_boundary!(F, {
+        // SAFETY: caller passes a NUL-terminated path.
+        let path = unsafe { c_str(F, "path", path) }?;
+        if out.is_null() {
+            return Err(CError::arg(F, "out is NULL"));
+        }
+        let opts = open_options(F, flags)?;
+        let img = Image::open(path, &opts).in_fn(F)?;
+        // SAFETY: out is non-NULL.
+        Ok(unsafe { give(out, img) })
+    })
+}
+
+/// Flushes, clears the need-check bit, releases the locks and frees the handle.
+///
+/// **Returns:** 0, or `-errno` if the final flush or header write failed; the handle is freed
+/// even then, like `fclose`.
+///
+/// **Ownership:** consumes `img`; it must not be used afterwards.
+///
+/// **Thread-safety:** must be the last call on `img` and must not run concurrently with any
+/// other call on it.
+///
+/// **NULL:** `img` may be NULL (a no-op returning 0).
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_close(img: *mut qed_image) -> c_int {
+    qed_boundary!("qed_close", {
+        if img.is_null() {
+            return Ok(0);
+        }
+        // SAFETY: img came from Box::into_raw in qed_open* and is not used after this call.
+        let h = unsafe { Box::from_raw(img) };
+        let r = h.img.close();
+        drop(h);
+        r.in_fn("qed_close")?;
+        Ok(0)
+    })
+}
+
+/// Reads `len` bytes at guest `offset` into `buf`.
+///
+/// **Returns:** 0; `-EINVAL` for NULL arguments or a range past the virtual size; `-EIO` for
+/// corrupt metadata on the way; other `-errno` from the storage.
+///
+/// **Ownership:** `buf` is borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `buf` may be NULL only when `len` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_read(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
+    const F: &str = "qed_read";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        // SAFETY: buf points to len writable bytes.
+        let buf = unsafe { buf_mut(F, buf.cast(), len) }?;
+        img.read_at(offset, buf).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Writes `len` bytes from `buf` at guest `offset`.
+///
+/// **Returns:** 0; `-EINVAL` for NULL arguments or a range past the virtual size; `-EROFS` on a
+/// read-only image; `-EIO` for corrupt metadata; other `-errno` from the storage.
+///
+/// **Ownership:** `buf` is borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `buf` may be NULL only when `len` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_write(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+) -> c_int {
+    const F: &str = "qed_write";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        // SAFETY: buf points to len readable bytes.
+        let buf = unsafe { buf_ref(F, buf.cast(), len) }?;
+        img.write_at(offset, buf).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Reads consecutive guest bytes at `offset` into the `iovcnt` buffers of `iov`.
+///
+/// **Returns:** as `qed_read`; `-EINVAL` also for a negative `iovcnt`.
+///
+/// **Ownership:** `iov` and its buffers are borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `iov` may be NULL only when `iovcnt` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_readv(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+) -> c_int {
+    const F: &str = "qed_readv";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(v.len());
+        for e in v {
+            // SAFETY: each iovec names len writable bytes (checked non-NULL when len > 0).
+            bufs.push(unsafe { buf_mut(F, e.iov_base.cast(), e.iov_len) }?);
+        }
+        img.read_sg(offset, &mut bufs).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Writes the `iovcnt` buffers of `iov` to consecutive guest bytes at `offset`.
+///
+/// **Returns:** as `qed_write`; `-EINVAL` also for a negative `iovcnt`.
+///
+/// **Ownership:** `iov` and its buffers are borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `iov` may be NULL only when `iovcnt` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_writev(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+) -> c_int {
+    const F: &str = "qed_writev";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
+        for e in v {
+            // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
+            bufs.push(unsafe { buf_ref(F, e.iov_base as *const u8, e.iov_len) }?);
+        }
+        img.write_sg(offset, &bufs).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Makes every write completed before this call durable.
+///
+/// **Returns:** 0 or `-errno` from the storage.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_flush(img: *mut qed_image) -> c_int {
+    const F: &str = "qed_flush";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.flush().in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Makes `len` guest bytes at `offset` read as zeros: whole unallocated clusters become zero
+/// clusters without data writes; the rest is written with zeros.
+///
+/// **Returns:** as `qed_write`.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_write_zeroes(img: *mut qed_image, offset: u64, len: u64) -> c_int {
+    const F: &str = "qed_write_zeroes";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.write_zeroes(offset, len).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Grows the virtual size to `new_size` bytes (a multiple of 512).
+///
+/// **Returns:** 0; `-ENOTSUP` for a smaller size (QED cannot shrink); `-EINVAL` for a size that
+/// is not a multiple of 512 or too large for the geometry; `-EROFS` on a read-only image.
+///
+/// **Thread-safety:** may be called from any thread; waits for requests in progress.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_truncate(img: *mut qed_image, new_size: u64) -> c_int {
+    const F: &str = "qed_truncate";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.truncate(new_size).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Fills `*info` with the image's geometry, sizes and header bits.
+///
+/// **Returns:** 0, or `-EINVAL` for NULL arguments. `*info` is written only on success.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_get_info(img: *mut qed_image, info: *mut qed_info) -> c_int {
+    const F: &str = "qed_get_info";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        if info.is_null() {
+            return Err(CError::arg(F, "info is NULL"));
+        }
+        let i = img.info().in_fn(F)?;
+        let out = qed_info {
+            virtual_size: i.virtual_size,
+            cluster_size: i.cluster_size,
+            table_size: i.table_size,
+            header_size: i.header_size,
+            writable: i.writable as u32,
+            features: i.features,
+            compat_features: i.compat_features,
+            autoclear_features: i.autoclear_features,
+            file_size: i.file_size,
+            needs_check: i.needs_check as u32,
+            has_backing_file: i.backing_file.is_some() as u32,
+            l1_table_offset: i.l1_table_offset,
+        };
+        // SAFETY: info is non-NULL and points to writable memory for a qed_info.
+        unsafe { info.write(out) };
+        Ok(0)
+    })
+}
+
+/// Copies the backing file name stored in the header into `buf` (NUL-terminated) and its
+/// format (`"raw"`, `"qed"`, or `""` when unknown) into `fmt_buf`.
+///
+/// **Returns:** the length of the name (0 when the image has no backing file), or `-ERANGE` when
+/// a buffer is too small (nothing is written then), `-EINVAL` for NULL arguments.
+///
+/// **Ownership:** both buffers are borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `buf` and `fmt_buf` may be NULL when their sizes are 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_get_backing_file(
+    img: *mut qed_image,
+    buf: *mut c_char,
+    size: usize,
+    fmt_buf: *mut c_char,
+    fmt_size: usize,
+) -> c_int {
+    const F: &str = "qed_get_backing_file";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        let i = img.info().in_fn(F)?;
+        let name = i.backing_file.unwrap_or_default();
+        let fmt = i.backing_format.map(BackingFormat::name).unwrap_or("");
+        // SAFETY: buffers point to size/fmt_size writable bytes (or are NULL with 0).
+        let b = unsafe { buf_mut(F, buf.cast(), size) }?;
+        // SAFETY: as above.
+        let fb = unsafe { buf_mut(F, fmt_buf.cast(), fmt_size) }?;
+        if (!b.is_empty() || !name.is_empty()) && b.len() <= name.len() {
+            return Err(CError {
+                errno: libc::ERANGE,
+                msg: format!("{F}: name needs {} bytes", name.len() + 1),
+            });
+        }
+        if !fb.is_empty() && fb.len() <= fmt.len() {
+            return Err(CError {
+                errno: libc::ERANGE,
+                msg: format!("{F}: format needs {} bytes", fmt.len() + 1),
+            });
+        }
+        if !b.is_empty() {
+            b[..name.len()].copy_from_slice(name.as_bytes());
+            b[name.len()] = 0;
+        }
+        if !fb.is_empty() {
+            fb[..fmt.len()].copy_from_slice(fmt.as_bytes());
+            fb[fmt.len()] = 0;
+        }
+        Ok(name.len() as c_int)
+    })
+}
+
+/// Reports where the guest range starting at `offset` lives: the first extent of at most `len`
+/// bytes whose bytes are all data (with a host offset), all zero clusters, or all unallocated.
+/// Call again at `offset + extent.length` to walk a range.
+///
+/// **Returns:** 0 with `*extent` filled; `-EINVAL` for NULL arguments, `len` 0 or a range past
+/// the virtual size; `-EIO` for corrupt metadata.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_block_status(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    extent: *mut qed_extent,
+) -> c_int {
+    const F: &str = "qed_block_status";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        if extent.is_null() {
+            return Err(CError::arg(F, "extent is NULL"));
+        }
+        let e = img.block_status(offset, len).in_fn(F)?;
+        let (status, host_offset) = match e.kind {
+            ExtentKind::Data { host_offset } => (QED_BLOCK_DATA, host_offset),
+            ExtentKind::Zero => (QED_BLOCK_ZERO, 0),
+            ExtentKind::Unallocated => (QED_BLOCK_UNALLOCATED, 0),
+        };
+        // SAFETY: extent is non-NULL and writable.
+        unsafe {
+            extent.write(qed_extent {
+                offset: e.offset,
+                length: e.length,
+                status,
+                host_offset,
+            })
+        };
+        Ok(0)
+    })
+}
+
+/// Changes the backing file named in the header, as `qemu-img rebase -u` does (no data is
+/// copied). `backing_file` NULL removes the backing file. `backing_format` is `"raw"`, `"qed"`
+/// or NULL (probe at open).
+///
+/// **Returns:** 0; `-EINVAL` for a name that does not fit in the header; `-ENOTSUP` for another
+/// format; `-EROFS` on a read-only image; `-errno` when the new backing file cannot be opened
+/// (nothing is changed then).
+///
+/// **Ownership:** strings are borrowed for the call.
+///
+/// **Thread-safety:** may be called from any thread; waits for requests in progress.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_change_backing_file(
+    img: *mut qed_image,
+    backing_file: *const c_char,
+    backing_format: *const c_char,
+) -> c_int {
+    const F: &str = "qed_change_backing_file";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        // SAFETY: NUL-terminated or NULL.
+        let name = unsafe { opt_c_str(F, "backing_file", backing_file) }?;
+        // SAFETY: NUL-terminated or NULL.
+        let fmt = unsafe { opt_c_str(F, "backing_format", backing_format) }?;
+        let fmt = fmt.map(BackingFormat::from_name).transpose().in_fn(F)?;
+        img.change_backing_file(name, fmt).in_fn(F)?;
+        Ok(0)
+    })
+}
