@@ -173,6 +173,10 @@ pub(crate) unsafe fn opt_c_str<'a>(
     }
 }
 
+/// Completion callback of the asynchronous entry points: `ret` is 0 or a negative errno.
+pub type qed_completion_fn =
+    Option<unsafe extern "C" fn(opaque: *mut std::ffi::c_void, ret: c_int)>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +267,3 @@ mod tests {
         assert!(msg.contains("internal error (panic): boom"), "{msg}");
     }
 }
-
-/// Completion callback of the asynchronous entry points: `ret` is 0 or a negative errno.
-pub type qed_completion_fn =
-    Option<unsafe extern "C" fn(opaque: *mut std::ffi::c_void, ret: c_int)>;
