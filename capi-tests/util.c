@@ -1,7 +1,9 @@
 #include "util.h"
 
 #include <stdarg.h>
+#include <fcntl.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 static char tmpdir[256];
 
@@ -55,4 +57,98 @@ void test_fill(uint8_t *buf, size_t len, uint32_t seed)
         x ^= x << 5;
         buf[i] = (uint8_t)x;
     }
+}
+
+int test_sh_out(char *out, size_t outsz, const char *fmt, ...)
+{
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    FILE *f = popen(cmd, "r");
+    if (!f) {
+        return -1;
+    }
+    size_t n = 0;
+    if (outsz > 0) {
+        n = fread(out, 1, outsz - 1, f);
+        out[n] = 0;
+    }
+    /* Drain what did not fit so the command does not die of SIGPIPE. */
+    char sink[4096];
+    while (fread(sink, 1, sizeof sink, f) > 0) {
+    }
+    int st = pclose(f);
+    if (st == -1 || !WIFEXITED(st)) {
+        return -1;
+    }
+    return WEXITSTATUS(st);
+}
+
+uint8_t *test_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    uint8_t *buf = malloc(cap + 1);
+    CHECK(buf != NULL);
+    for (;;) {
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (n < cap) {
+            break;
+        }
+        cap *= 2;
+        buf = realloc(buf, cap + 1);
+        CHECK(buf != NULL);
+    }
+    CHECK(!ferror(f));
+    fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+void test_write_file(const char *path, const void *buf, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    CHECK(len == 0 || fwrite(buf, 1, len, f) == len);
+    CHECK(fclose(f) == 0);
+}
+
+void test_pwrite_file(const char *path, const void *buf, size_t len, uint64_t offset)
+{
+    int fd = open(path, O_WRONLY | O_CREAT, 0644);
+    CHECK(fd >= 0);
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pwrite(fd, (const uint8_t *)buf + done, len - done, (off_t)(offset + done));
+        CHECK(r > 0);
+        done += (size_t)r;
+    }
+    CHECK(close(fd) == 0);
+}
+
+long test_first_diff(const uint8_t *a, const uint8_t *b, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (a[i] != b[i]) {
+            return (long)i;
+        }
+    }
+    return -1;
+}
+
+int test_all(const uint8_t *buf, size_t len, uint8_t v)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] != v) {
+            return 0;
+        }
+    }
+    return 1;
 }

@@ -42,4 +42,28 @@ void test_cleanup(void);
 /* Fills buf with a pattern derived from seed. */
 void test_fill(uint8_t *buf, size_t len, uint32_t seed);
 
+/* Expects call == want and qed_last_error() to contain the substring `needle`. */
+#define CHECK_ERR(call, want, needle)                                                    \
+    do {                                                                                 \
+        CHECK_RET(call, want);                                                           \
+        if (strstr(qed_last_error(), (needle)) == NULL) {                                \
+            fprintf(stderr, "%s:%d: %s: last error \"%s\" does not mention \"%s\"\n",     \
+                    __FILE__, __LINE__, #call, qed_last_error(), (needle));              \
+            exit(1);                                                                     \
+        }                                                                                \
+    } while (0)
+
+/* Like test_sh, but captures up to outsz-1 bytes of the command's stdout in out (NUL-terminated). */
+int test_sh_out(char *out, size_t outsz, const char *fmt, ...);
+/* Reads a whole file into a malloc'd buffer (NUL-terminated past *len); NULL if it cannot. */
+uint8_t *test_read_file(const char *path, size_t *len);
+/* Replaces the file at path with len bytes of buf; aborts the test on failure. */
+void test_write_file(const char *path, const void *buf, size_t len);
+/* Writes len bytes at offset of an existing file (which may grow); aborts on failure. */
+void test_pwrite_file(const char *path, const void *buf, size_t len, uint64_t offset);
+/* Index of the first differing byte of a and b, or -1 if the len bytes are equal. */
+long test_first_diff(const uint8_t *a, const uint8_t *b, size_t len);
+/* Whether len bytes of buf all equal v. */
+int test_all(const uint8_t *buf, size_t len, uint8_t v);
+
 #endif

@@ -735,6 +735,18 @@ impl Image {
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
         if fix.any() {
             self.load_metadata()?;
+            // A repaired image with nothing left to fix is clean again, as after QEMU's
+            // `qemu-img check -r`. Everything is flushed and no request is in flight.
+            if r.corruptions == 0 && r.check_errors == 0 && header.needs_check() {
+                let _d = lock(&self.dirty_lock);
+                let mut hs = lock(&self.hs);
+                let mut h = hs.header.clone();
+                h.features &= !FEATURE_NEED_CHECK;
+                self.write_header(&h)?;
+                self.storage.flush().ctx(|| "flushing header".into())?;
+                hs.header = h;
+                self.dirty.store(false, Ordering::Release);
+            }
         }
         Ok(r)
     }

@@ -40,13 +40,14 @@ impl FileStorage {
         })
     }
 
-    /// Creates (or truncates) `path` for writing.
+    /// Creates `path` for writing, or opens it as it is if it exists: callers lock it before
+    /// truncating, so a file another process has open is never cut under it.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
         Ok(FileStorage {
             file,

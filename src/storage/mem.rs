@@ -168,6 +168,11 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        // One operation in the log, as one pwritev is one request to a disk.
+        self.write_at(&bufs.concat(), offset)
+    }
+
     fn flush(&self) -> io::Result<()> {
         if let Some(log) = self.lock().log.as_mut() {
             log.push(MemOp::Flush);
