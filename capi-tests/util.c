@@ -135,6 +135,9 @@ void test_pwrite_file(const char *path, const void *buf, size_t len, uint64_t of
 
 long test_first_diff(const uint8_t *a, const uint8_t *b, size_t len)
 {
+    if (len == 0 || memcmp(a, b, len) == 0) {
+        return -1;
+    }
     for (size_t i = 0; i < len; i++) {
         if (a[i] != b[i]) {
             return (long)i;

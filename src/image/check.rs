@@ -12,7 +12,7 @@
 use crate::error::{IoContext, Result};
 use crate::format::{table, Geometry, Header};
 use crate::storage::Storage;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What to repair.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,14 +110,46 @@ impl Bitmap {
         }
         c
     }
-    fn last(&self) -> Option<u64> {
-        let (&pi, p) = self
-            .pages
-            .iter()
-            .rev()
-            .find(|(_, p)| p.iter().any(|&w| w != 0))?;
-        let (wi, &w) = p.iter().enumerate().rev().find(|(_, &w)| w != 0)?;
-        Some(pi * PAGE_BITS + wi as u64 * 64 + 63 - w.leading_zeros() as u64)
+    fn clear(&mut self, i: u64) {
+        if let Some(p) = self.pages.get_mut(&(i / PAGE_BITS)) {
+            p[((i % PAGE_BITS) / 64) as usize] &= !(1 << (i % 64));
+        }
+    }
+    /// The highest set bit below `before`.
+    fn prev_set(&self, before: u64) -> Option<u64> {
+        let before = before.checked_sub(1)?;
+        for (&pi, p) in self.pages.range(..=before / PAGE_BITS).rev() {
+            let top = if pi == before / PAGE_BITS {
+                before % PAGE_BITS
+            } else {
+                PAGE_BITS - 1
+            };
+            for wi in (0..=(top / 64) as usize).rev() {
+                let mut w = p[wi];
+                if wi as u64 == top / 64 && top % 64 != 63 {
+                    w &= (1u64 << (top % 64 + 1)) - 1;
+                }
+                if w != 0 {
+                    return Some(pi * PAGE_BITS + wi as u64 * 64 + 63 - w.leading_zeros() as u64);
+                }
+            }
+        }
+        None
+    }
+    /// The lowest clear bit at or after `from`.
+    fn next_clear(&self, mut from: u64) -> u64 {
+        loop {
+            match self.pages.get(&(from / PAGE_BITS)) {
+                None => return from,
+                Some(p) => {
+                    let w = p[((from % PAGE_BITS) / 64) as usize] | ((1u64 << (from % 64)) - 1);
+                    if w != u64::MAX {
+                        return from - from % 64 + w.trailing_ones() as u64;
+                    }
+                    from = from - from % 64 + 64;
+                }
+            }
+        }
     }
 }
 
@@ -153,7 +185,7 @@ pub(crate) fn run(
 
     // Pass 1: the L1 table; mark every table so that data entries pointing at one are caught
     // whatever order they come in.
-    let mut tables: Vec<u64> = Vec::new();
+    let mut tables: Vec<(u64, u64)> = Vec::new(); // (L1 index, table offset)
     let n = g.table_entries();
     let mut bytes = Vec::new();
     let mut entries = Vec::new();
@@ -168,7 +200,7 @@ pub(crate) fn run(
         entries.clear();
         table::decode_entries(&bytes, &mut entries);
         let mut modified = false;
-        for e in entries.iter_mut() {
+        for (i, e) in entries.iter_mut().enumerate() {
             if *e == 0 {
                 continue;
             }
@@ -179,7 +211,7 @@ pub(crate) fn run(
             if valid {
                 used.set_range(*e >> cb, ts);
                 meta.set_range(*e >> cb, ts);
-                tables.push(*e);
+                tables.push((start + i as u64, *e));
             } else if fix.errors {
                 *e = 0;
                 modified = true;
@@ -200,7 +232,7 @@ pub(crate) fn run(
     }
 
     // Pass 2: each L2 table's data entries.
-    for &t in &tables {
+    for &(_, t) in &tables {
         let mut last = 0u64;
         let mut start = 0;
         while start < n {
@@ -268,33 +300,178 @@ pub(crate) fn run(
         }
     }
 
-    let file_len = storage.len().ctx(|| "reading image length".into())?;
-    let file_clusters = file_len.div_ceil(cs);
-    let first = header.header_size as u64;
-    let mut leaks = file_clusters.saturating_sub(first) - used.count_in(first, file_clusters);
-    let mut end = file_len;
-    if fix.leaks && leaks > 0 {
-        let keep = used.last().map_or(first, |l| l + 1).max(first);
-        if keep < file_clusters {
-            let trailing = file_clusters - keep;
-            if wrote {
-                storage.flush().ctx(|| "flushing repairs".into())?;
-            }
-            end = keep << cb;
-            storage
-                .set_len(end)
-                .ctx(|| "truncating leaked clusters".into())?;
-            wrote = true;
-            leaks -= trailing;
-            res.leaks_fixed += trailing;
-        }
-    }
-    res.leaks = leaks;
-    res.image_end_offset = end;
     if wrote {
         storage.flush().ctx(|| "flushing repairs".into())?;
     }
+    let file_len = storage.len().ctx(|| "reading image length".into())?;
+    let file_clusters = file_len.div_ceil(cs);
+    let first = header.header_size as u64;
+    let leaks_in = |used: &Bitmap, end: u64| end.saturating_sub(first) - used.count_in(first, end);
+    let leaks = leaks_in(&used, file_clusters);
+    res.leaks = leaks;
+    res.image_end_offset = file_len;
+    if fix.leaks && leaks > 0 {
+        let keep = compact(
+            storage,
+            g,
+            l1_off,
+            &mut used,
+            &meta,
+            &tables,
+            first,
+            file_clusters,
+        )?;
+        let end = (keep << cb).min(file_len);
+        if end < file_len {
+            storage
+                .set_len(end)
+                .ctx(|| "truncating leaked clusters".into())?;
+            storage.flush().ctx(|| "flushing truncation".into())?;
+        }
+        res.leaks = leaks_in(&used, keep);
+        res.leaks_fixed = leaks - res.leaks;
+        res.image_end_offset = end;
+    }
     Ok(res)
+}
+
+/// Largest number of cluster moves planned in one compaction round.
+const MAX_MOVES: usize = 1 << 20;
+
+/// Moves clusters from the end of the file into leaked holes: data clusters one by one, L2
+/// tables whole, so that the file can be truncated. Crash-safe order: copy everything, flush,
+/// repoint the entries, flush; the caller then truncates. A crash before the repoint leaves the
+/// copies as leaks; after it, the old places are leaks. Returns the clusters still in use from
+/// the start of the file (the new length in clusters).
+#[allow(clippy::too_many_arguments)]
+fn compact(
+    storage: &dyn Storage,
+    g: &Geometry,
+    l1_off: u64,
+    used: &mut Bitmap,
+    meta: &Bitmap,
+    tables: &[(u64, u64)],
+    first: u64,
+    file_clusters: u64,
+) -> Result<u64> {
+    let cb = g.cluster_bits();
+    let ts = g.table_size as u64;
+    let table_start: BTreeMap<u64, u64> = tables.iter().map(|&(i, o)| (o >> cb, i)).collect();
+    let mut data_moves: HashMap<u64, u64> = HashMap::new(); // src cluster -> dst cluster
+    let mut table_moves: Vec<(u64, u64, u64)> = Vec::new(); // (L1 index, src, dst)
+    let mut top = file_clusters;
+    let mut hole = first;
+    while data_moves.len() + table_moves.len() < MAX_MOVES {
+        let Some(c) = used.prev_set(top) else { break };
+        let table = table_start
+            .range(..=c)
+            .next_back()
+            .filter(|&(&t, _)| c < t + ts);
+        let (start, len) = match table {
+            Some((&t, _)) => (t, ts),
+            None if meta.get(c) => break, // header or L1 table: never moved
+            None => (c, 1),
+        };
+        // The lowest run of `len` free clusters.
+        let mut dst = used.next_clear(hole);
+        while len > 1 && dst + len <= start && (dst..dst + len).any(|i| used.get(i)) {
+            dst = used.next_clear(dst + 1);
+        }
+        if dst + len > start {
+            break;
+        }
+        for i in 0..len {
+            used.clear(start + i);
+            used.set(dst + i);
+        }
+        match table {
+            Some((_, &l1i)) => table_moves.push((l1i, start, dst)),
+            None => {
+                data_moves.insert(start, dst);
+                hole = dst + 1;
+            }
+        }
+        top = start;
+    }
+    if data_moves.is_empty() && table_moves.is_empty() {
+        return Ok(used
+            .prev_set(file_clusters)
+            .map_or(first, |c| c + 1)
+            .max(first));
+    }
+    // Where each moved data cluster is referenced from.
+    let mut repoint: Vec<(u64, u64)> = Vec::with_capacity(data_moves.len());
+    let n = g.table_entries();
+    let mut bytes = Vec::new();
+    let mut entries = Vec::new();
+    for &(_, t) in tables {
+        let mut start = 0;
+        while start < n && repoint.len() < data_moves.len() {
+            let count = (n - start).min(PIECE_ENTRIES);
+            bytes.resize((count * 8) as usize, 0);
+            storage
+                .read_at(&mut bytes, t + start * 8)
+                .ctx(|| format!("reading L2 table at {t:#x}"))?;
+            entries.clear();
+            table::decode_entries(&bytes, &mut entries);
+            for (i, &e) in entries.iter().enumerate() {
+                if e > crate::format::L2_ZERO_CLUSTER && g.is_cluster_aligned(e) {
+                    if let Some(&dst) = data_moves.get(&(e >> cb)) {
+                        repoint.push((t + (start + i as u64) * 8, dst << cb));
+                    }
+                }
+            }
+            start += count;
+        }
+    }
+    for (&src, &dst) in &data_moves {
+        copy(storage, src << cb, dst << cb, g.cluster_bytes())?;
+    }
+    storage.flush().ctx(|| "flushing moved clusters".into())?;
+    for &(at, v) in &repoint {
+        storage
+            .write_at(&v.to_le_bytes(), at)
+            .ctx(|| format!("repointing L2 entry at {at:#x}"))?;
+    }
+    storage
+        .flush()
+        .ctx(|| "flushing repointed entries".into())?;
+    if !table_moves.is_empty() {
+        for &(_, src, dst) in &table_moves {
+            copy(storage, src << cb, dst << cb, g.table_bytes())?;
+        }
+        storage.flush().ctx(|| "flushing moved tables".into())?;
+        for &(l1i, _, dst) in &table_moves {
+            let at = l1_off + l1i * 8;
+            storage
+                .write_at(&(dst << cb).to_le_bytes(), at)
+                .ctx(|| format!("repointing L1 entry at {at:#x}"))?;
+        }
+        storage
+            .flush()
+            .ctx(|| "flushing repointed L1 entries".into())?;
+    }
+    Ok(used
+        .prev_set(file_clusters)
+        .map_or(first, |c| c + 1)
+        .max(first))
+}
+
+/// Copies `len` bytes inside the storage, 1 MiB at a time.
+fn copy(storage: &dyn Storage, src: u64, dst: u64, len: u64) -> Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        storage
+            .read_at(&mut buf[..n], src + done)
+            .ctx(|| format!("reading cluster at {:#x}", src + done))?;
+        storage
+            .write_at(&buf[..n], dst + done)
+            .ctx(|| format!("moving cluster to {:#x}", dst + done))?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -309,8 +486,16 @@ mod tests {
         assert!(b.get(4) && !b.get(8));
         assert_eq!(b.count_in(0, PAGE_BITS * 4), 6);
         assert_eq!(b.count_in(4, 6), 2);
-        assert_eq!(b.last(), Some(PAGE_BITS * 3 + 7));
         assert!(b.any_in(0, 4));
         assert!(!b.any_in(8, 100));
+        assert_eq!(b.prev_set(PAGE_BITS * 3 + 7), Some(7));
+        assert_eq!(b.prev_set(PAGE_BITS * 3 + 8), Some(PAGE_BITS * 3 + 7));
+        assert_eq!(b.prev_set(3), None);
+        assert_eq!(b.next_clear(0), 0);
+        assert_eq!(b.next_clear(3), 8);
+        b.set_range(8, 120);
+        assert_eq!(b.next_clear(3), 128);
+        b.clear(100);
+        assert_eq!(b.next_clear(3), 100);
     }
 }

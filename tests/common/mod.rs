@@ -307,7 +307,10 @@ impl JsonParser<'_> {
             _ => {
                 let start = self.i;
                 while self.i < self.s.len()
-                    && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                    && matches!(
+                        self.s[self.i],
+                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                    )
                 {
                     self.i += 1;
                 }
@@ -440,7 +443,10 @@ pub fn qemu_map(image: &Path, start: u64, len: u64) -> Vec<Extent> {
     let json = Json::parse(&out.stdout);
     let entries = json.as_arr().expect("qemu-img map prints an array");
     normalize(entries.iter().map(|e| {
-        let f = |k: &str| e.get(k).unwrap_or_else(|| panic!("map entry without {k}: {e:?}"));
+        let f = |k: &str| {
+            e.get(k)
+                .unwrap_or_else(|| panic!("map entry without {k}: {e:?}"))
+        };
         let offset = f("start").as_u64().unwrap();
         let length = f("length").as_u64().unwrap();
         let depth = f("depth").as_u64().unwrap();
