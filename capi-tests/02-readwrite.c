@@ -1,5 +1,6 @@
 /* Reads and writes of every shape (sub-sector, unaligned, cluster-, chunk- and L2-table-crossing,
- * large, vectored with odd and empty iovecs, write_zeroes aligned and not), checked against a
+ * large, vectored with odd and empty iovecs and more than IOV_MAX of them, write_zeroes aligned
+ * and not, writes past the old end after qed_truncate grows the disk), checked against a
  * shadow copy through the library, then with qemu-img check / compare / map and qemu-io. Three
  * geometries: 4 KiB clusters with 1-cluster tables (an L2 table maps 2 MiB; QEMU cannot open
  * this geometry, so only the library checks it), 4 KiB clusters with 2-cluster tables (4 MiB per
@@ -461,8 +462,21 @@ static void run(const char *name, uint32_t cs, uint32_t ts, uint64_t size, int q
     do_writev(&m, E, v3, 3); /* nothing at the very end: allowed */
     CHECK_RET(qed_writev(m.img, 0, NULL, 0), 0);
     CHECK_RET(qed_write(m.img, E, NULL, 0), 0);
+    /* More iovecs than IOV_MAX (1024), of 0 to 7 bytes, across clusters. */
+    enum { NIOV = 3000 };
+    size_t *many = xmalloc(NIOV * sizeof *many);
+    for (int i = 0; i < NIOV; i++) {
+        many[i] = (size_t)(i * 5 % 8);
+    }
+    do_writev(&m, CH + 3 * C + 77, many, NIOV);
 
-    /* Write zeroes. */
+    /* Write zeroes. (The model's states before each call make sure each case is the one named.) */
+    for (int c = 20; c < 29; c++) {
+        CHECK(c == 24 || c == 25 || m.state[c] == QED_BLOCK_UNALLOCATED);
+    }
+    for (int c = 3; c < 7; c++) {
+        CHECK(m.state[c] == QED_BLOCK_DATA);
+    }
     do_zero(&m, 20 * C, 4 * C);            /* aligned, unallocated: zero clusters */
     do_zero(&m, 3 * C, 4 * C);             /* aligned, over data: stays data, reads zeros */
     do_zero(&m, 26 * C + 100, 3 * C + 100); /* unaligned: partial ends written, middle zero clusters */
@@ -496,6 +510,9 @@ static void run(const char *name, uint32_t cs, uint32_t ts, uint64_t size, int q
     verify_readv(&m, L2 - 40000, r1, (int)(sizeof r1 / sizeof r1[0]));
     verify_readv(&m, CH - 1, r1, (int)(sizeof r1 / sizeof r1[0]));
     verify_readv(&m, 19 * C + 77, r1, (int)(sizeof r1 / sizeof r1[0]));
+    verify_readv(&m, CH + 3 * C + 1, many, NIOV);
+    verify_readv(&m, 11, many, NIOV);
+    free(many);
     static const size_t r2[] = {0, 0};
     verify_readv(&m, E, r2, 2);
     CHECK_RET(qed_readv(m.img, 5, NULL, 0), 0);
@@ -533,11 +550,69 @@ static void run(const char *name, uint32_t cs, uint32_t ts, uint64_t size, int q
     free((void *)m.path);
 }
 
+static void check_pattern(qed_image *img, uint64_t off, size_t len, uint8_t v)
+{
+    uint8_t *b = xmalloc(len);
+    CHECK_RET(qed_read(img, off, b, len), 0);
+    CHECK(test_all(b, len, v));
+    free(b);
+}
+
+/* Writes after qed_truncate grew the disk past the L1 entries in use at open, up to the last
+ * cluster the geometry can address. */
+static void run_grow(void)
+{
+    const char *p = test_path("grow.qed");
+    qed_create_options o;
+    memset(&o, 0, sizeof o);
+    o.size = 16 * MiB;
+    o.cluster_size = 4096;
+    o.table_size = 2; /* at most 4096 * 1024 * 1024 = 4 GiB */
+    CHECK_RET(qed_create(p, &o), 0);
+    qed_image *img;
+    CHECK_RET(qed_open(p, QED_OPEN_RDWR, &img), 0);
+    uint8_t b[4096];
+    memset(b, 0x5a, sizeof b);
+    CHECK_RET(qed_write(img, MiB, b, sizeof b), 0);
+    CHECK_RET(qed_truncate(img, 4 * GiB + 512), -EINVAL);
+    CHECK_RET(qed_truncate(img, 4 * GiB), 0);
+    memset(b, 0x6b, sizeof b);
+    CHECK_RET(qed_write(img, 4 * GiB - 4096, b, sizeof b), 0);
+    memset(b, 0x7c, sizeof b);
+    CHECK_RET(qed_write(img, 600 * MiB + 100, b, sizeof b), 0);
+    for (int pass = 0; pass < 2; pass++) {
+        qed_info info;
+        CHECK_RET(qed_get_info(img, &info), 0);
+        CHECK(info.virtual_size == 4 * GiB);
+        check_pattern(img, MiB, 4096, 0x5a);
+        check_pattern(img, 4 * GiB - 4096, 4096, 0x6b);
+        check_pattern(img, 600 * MiB + 100, 4096, 0x7c);
+        check_pattern(img, 3 * GiB, 65536, 0);
+        qed_extent e;
+        CHECK_RET(qed_block_status(img, 4 * GiB - 4096, 4096, &e), 0);
+        CHECK(e.status == QED_BLOCK_DATA);
+        CHECK_RET(qed_block_status(img, 2 * GiB, GiB, &e), 0);
+        CHECK(e.status == QED_BLOCK_UNALLOCATED && e.length == GiB);
+        CHECK_RET(qed_close(img), 0);
+        if (pass == 0) {
+            CHECK_RET(qed_open(p, 0, &img), 0);
+        }
+    }
+    CHECK(test_sh("qemu-img check -q -f qed '%s'", p) == 0);
+    CHECK(test_sh("qemu-io -r -f qed -c 'read -P 0x5a %llu 4096' -c 'read -P 0x6b %llu 4096' "
+                  "-c 'read -P 0x7c %llu 4096' -c 'read -P 0 %llu 65536' '%s' >/dev/null",
+                  MiB, 4 * GiB - 4096, 600 * MiB + 100, 3 * GiB, p) == 0);
+    char out[64];
+    CHECK(test_sh_out(out, sizeof out, "qemu-img info --output=json '%s' | jq '.\"virtual-size\"'", p) == 0);
+    CHECK(strtoull(out, NULL, 10) == 4 * GiB);
+}
+
 int main(void)
 {
     run("c4k-t1.qed", 4096, 1, 8 * MiB, 0);
     run("c4k-t2.qed", 4096, 2, 12 * MiB, 1);
     run("default.qed", 0, 0, 2 * GiB + 4 * MiB, 1);
+    run_grow();
     test_cleanup();
     return 0;
 }

@@ -5,6 +5,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+int test_failures;
+
 static char tmpdir[256];
 
 const char *test_tmpdir(void)

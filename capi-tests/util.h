@@ -53,6 +53,34 @@ void test_fill(uint8_t *buf, size_t len, uint32_t seed);
         }                                                                                \
     } while (0)
 
+/* Soft checks: report and count the failure, and carry on (for tables of independent cases,
+ * so one failure does not hide the others). main returns test_failures != 0. */
+extern int test_failures;
+#define EXPECT(cond)                                                                     \
+    do {                                                                                 \
+        if (!(cond)) {                                                                   \
+            fprintf(stderr, "%s:%d: EXPECT failed: %s (last error: %s)\n", __FILE__,     \
+                    __LINE__, #cond, qed_last_error());                                  \
+            test_failures++;                                                             \
+        }                                                                                \
+    } while (0)
+/* Expects call == want and, if needle is not NULL, qed_last_error() to contain it. */
+#define EXPECT_ERR(call, want, needle)                                                   \
+    do {                                                                                 \
+        int r_ = (call);                                                                 \
+        const char *n_ = (needle);                                                       \
+        if (r_ != (want)) {                                                              \
+            fprintf(stderr, "%s:%d: %s returned %d (%s), expected %d; last error: %s\n", \
+                    __FILE__, __LINE__, #call, r_, qed_strerror(r_), (want),             \
+                    qed_last_error());                                                   \
+            test_failures++;                                                             \
+        } else if (n_ != NULL && strstr(qed_last_error(), n_) == NULL) {                 \
+            fprintf(stderr, "%s:%d: %s: last error \"%s\" does not mention \"%s\"\n",     \
+                    __FILE__, __LINE__, #call, qed_last_error(), n_);                    \
+            test_failures++;                                                             \
+        }                                                                                \
+    } while (0)
+
 /* Like test_sh, but captures up to outsz-1 bytes of the command's stdout in out (NUL-terminated). */
 int test_sh_out(char *out, size_t outsz, const char *fmt, ...);
 /* Reads a whole file into a malloc'd buffer (NUL-terminated past *len); NULL if it cannot. */

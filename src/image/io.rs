@@ -229,6 +229,7 @@ impl Image {
         let c1 = (pos + len - 1) >> cb;
         let n = c1 - c0 + 1;
         self.mark_dirty()?;
+        let has_backing = rlock(&self.backing).is_some();
         let backing = match ext.kind {
             ExtentKind::Unallocated => rlock(&self.backing).clone(),
             _ => None,
@@ -269,8 +270,10 @@ impl Image {
         self.storage
             .write_vectored_at(&iov, start)
             .ctx(|| format!("writing new clusters at {host:#x}"))?;
-        if backing.is_some() {
-            // A lost data write would otherwise expose zeros where the backing file had data.
+        if has_backing {
+            // Without this flush, an L2 entry could reach the disk before its data; repair then
+            // drops the entry, and the cluster would read the backing file's bytes instead of
+            // its old contents (backing data, or zeros for a zero cluster) or the new ones.
             self.storage
                 .flush()
                 .ctx(|| "flushing copied clusters".into())?;
@@ -528,6 +531,12 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let _g = rlock(&self.gate);
+        self.zero_locked(offset, len)
+    }
+
+    /// [`Image::write_zeroes`] without argument checks; the caller holds the gate. The range may
+    /// lie past the virtual size as long as its L1 entries are loaded (truncate uses that).
+    pub(super) fn zero_locked(&self, offset: u64, len: u64) -> Result<()> {
         let g = self.geometry;
         let end = offset + len;
         let a = g.cluster_ceil(offset).min(end);

@@ -660,6 +660,16 @@ impl Image {
                 l1.bad = bad;
             }
         }
+        // The new area must read as zeros, not as whatever a longer backing file holds there
+        // (QEMU refuses to grow such an image; we zero the area first, then publish the size).
+        if let Some(b) = self.backing() {
+            let reach = b.size()?.min(new_size);
+            if reach > old {
+                let end = g.cluster_ceil(reach);
+                self.zero_locked(old, end - old)?;
+                self.storage.flush().ctx(|| "flushing zeroed area".into())?;
+            }
+        }
         let mut hs = lock(&self.hs);
         let mut h = hs.header.clone();
         h.image_size = new_size;
@@ -711,6 +721,11 @@ impl Image {
         };
         let mut h = hs_header;
         apply_backing(&mut h, name, format);
+        if name.is_none() {
+            // QEMU leaves the (empty) name at offset 64 when it removes a backing file; match
+            // its header byte for byte.
+            h.backing_filename_offset = HEADER_LEN as u32;
+        }
         let area = header_area(&h, name);
         self.storage
             .write_at(&area, 0)
@@ -731,6 +746,10 @@ impl Image {
             return Err(Error::ReadOnly);
         }
         let _g = wlock(&self.gate);
+        if fix.any() {
+            // A crash in the middle of a repair is repaired at the next open.
+            self.mark_dirty()?;
+        }
         let header = lock(&self.hs).header.clone();
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
         if fix.any() {
