@@ -21,9 +21,13 @@
  *   "internal error" message.
  *
  * Backing files and security: a backing file name is taken from the image header and opened
- * read-only, relative to the image's folder unless absolute. Names with a protocol prefix
- * (json:, nbd:, file:, ...) are refused, chains deeper than 16 images and loops are refused.
- * Open untrusted images with QED_OPEN_NO_BACKING and inspect qed_get_backing_file() first.
+ * read-only, relative to the image's folder unless absolute. It is always a plain path: names
+ * with a protocol prefix (json:, nbd:, file:, ...) are refused with -ENOTSUP, as are chains
+ * deeper than 16 images and loops. By default any path is followed, as QEMU does, so that
+ * images whose base lives in another folder keep working. An image from a stranger can name
+ * any host file (/etc/passwd, a disk device) and expose it to the guest: open such images with
+ * QED_OPEN_CONFINE_BACKING (the chain must stay inside the image's folder; -EACCES otherwise)
+ * or QED_OPEN_NO_BACKING, and inspect qed_get_backing_file() first.
  */
 
 #ifndef QED_H
@@ -75,6 +79,13 @@
  * Do not take QEMU-compatible advisory locks on the image file.
  */
 #define QED_OPEN_NO_LOCK 32
+
+/**
+ * Confine the backing chain to regular files inside the folder of the image being opened (and
+ * its subfolders); anything else is refused with -EACCES. Use it, or `QED_OPEN_NO_BACKING`,
+ * for images from untrusted sources (see "Backing files and security" at the top).
+ */
+#define QED_OPEN_CONFINE_BACKING 64
 
 /**
  * The range is not allocated in this image: it reads from the backing file, or as zeros.
@@ -508,7 +519,9 @@ int qed_get_info(struct qed_image *img, struct qed_info *info);
  * format (`"raw"`, `"qed"`, or `""` when unknown) into `fmt_buf`.
  *
  * **Returns:** the length of the name (0 when the image has no backing file), or `-ERANGE` when
- * a buffer is too small (nothing is written then), `-EINVAL` for NULL arguments.
+ * a buffer is too small (nothing is written then), `-EINVAL` for NULL arguments. A `(NULL, 0)`
+ * buffer is skipped, so `qed_get_backing_file(img, NULL, 0, NULL, 0)` returns the length
+ * (the buffer then needs one more byte for the NUL).
  *
  * **Ownership:** both buffers are borrowed for the call.
  *
@@ -584,8 +597,9 @@ int qed_open_with_io(const struct qed_io_ops *ops, void *opaque, unsigned int fl
  *
  * **Returns:** as `qed_create`.
  *
- * **Ownership:** `ops` and `opts` are borrowed for the call; `release` (if set) is called once
- * before this returns.
+ * **Ownership:** `ops` and `opts` are borrowed for the call; once `ops` is accepted (all
+ * required callbacks set), `release` (if set) is called exactly once before this returns,
+ * whether it succeeds or fails.
  *
  * **Thread-safety:** may be called from any thread.
  *

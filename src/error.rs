@@ -78,6 +78,14 @@ pub enum Error {
         /// The underlying error.
         source: Box<Error>,
     },
+    /// The image names a backing file that the open options do not allow (EACCES).
+    #[error("backing file {name:?} refused: {reason}")]
+    BackingRefused {
+        /// The backing file name as stored in the header.
+        name: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// An I/O error from the storage, with what we were doing.
     #[error("{context}: {source}")]
     Io {

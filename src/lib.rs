@@ -26,7 +26,7 @@ pub mod capi;
 
 pub use error::{Error, Result};
 pub use image::{
-    Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Extent, ExtentKind, Image,
-    ImageInfo, OpenOptions,
+    Backing, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions, Extent,
+    ExtentKind, Image, ImageInfo, OpenOptions,
 };
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -412,3 +412,39 @@ fn interior_leaks_are_compacted_and_data_survives() {
     img.write_at(5 << 20, &[0xeeu8; 10000]).unwrap();
     assert_eq!(img.check(CheckFix::NONE).unwrap().leaks, 0);
 }
+
+#[test]
+fn confined_backing_policy_refuses_files_outside_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("img")).unwrap();
+    std::fs::write(dir.path().join("outside.raw"), vec![0x5au8; 65536]).unwrap();
+    std::fs::write(dir.path().join("img/inside.raw"), vec![0x6bu8; 65536]).unwrap();
+    for (name, allowed) in [("../outside.raw", false), ("inside.raw", true)] {
+        let p = dir.path().join("img/top.qed");
+        let opts = CreateOptions {
+            size: 65536,
+            backing_file: Some(name.into()),
+            backing_format: Some(qed::BackingFormat::Raw),
+            ..Default::default()
+        };
+        Image::create(&p, &opts).unwrap();
+        let confined = OpenOptions {
+            backing_policy: qed::BackingPolicy::SameDirectory,
+            ..OpenOptions::read_only()
+        };
+        match Image::open(&p, &confined) {
+            Ok(img) => {
+                assert!(allowed, "{name} was followed");
+                let mut b = [0u8; 4];
+                img.read_at(0, &mut b).unwrap();
+                assert_eq!(b, [0x6b; 4]);
+            }
+            Err(e) => {
+                assert!(!allowed, "{name}: {e}");
+                assert!(matches!(e.root(), Error::BackingRefused { .. }), "{e}");
+            }
+        }
+        // The default follows any path, as QEMU does.
+        Image::open(&p, &OpenOptions::read_only()).unwrap();
+    }
+}

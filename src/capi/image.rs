@@ -2,7 +2,7 @@
 //! changes.
 
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
-use crate::image::{BackingFormat, ExtentKind, Image, OpenOptions};
+use crate::image::{BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
 
@@ -18,12 +18,17 @@ pub const QED_OPEN_DIRECT: c_uint = 8;
 pub const QED_OPEN_FORCE_SHARE: c_uint = 16;
 /// Do not take QEMU-compatible advisory locks on the image file.
 pub const QED_OPEN_NO_LOCK: c_uint = 32;
+/// Confine the backing chain to regular files inside the folder of the image being opened (and
+/// its subfolders); anything else is refused with -EACCES. Use it, or `QED_OPEN_NO_BACKING`,
+/// for images from untrusted sources (see "Backing files and security" at the top).
+pub const QED_OPEN_CONFINE_BACKING: c_uint = 64;
 const OPEN_FLAGS: c_uint = QED_OPEN_RDWR
     | QED_OPEN_NO_BACKING
     | QED_OPEN_CHECK
     | QED_OPEN_DIRECT
     | QED_OPEN_FORCE_SHARE
-    | QED_OPEN_NO_LOCK;
+    | QED_OPEN_NO_LOCK
+    | QED_OPEN_CONFINE_BACKING;
 
 /// An open image. Opaque to C.
 pub struct qed_image {
@@ -95,6 +100,11 @@ pub(crate) fn open_options(func: &str, flags: c_uint) -> CResult<OpenOptions> {
         direct: flags & QED_OPEN_DIRECT != 0,
         force_share: flags & QED_OPEN_FORCE_SHARE != 0,
         lock: flags & QED_OPEN_NO_LOCK == 0,
+        backing_policy: if flags & QED_OPEN_CONFINE_BACKING != 0 {
+            BackingPolicy::SameDirectory
+        } else {
+            BackingPolicy::Any
+        },
         ..OpenOptions::default()
     })
 }
@@ -126,16 +136,24 @@ pub(crate) unsafe fn give(out: *mut *mut qed_image, img: Image) -> c_int {
 ///
 /// # Safety
 /// `buf` is NULL with `len` 0, or points to `len` readable bytes.
-pub(crate) unsafe fn buf_ref<'a>(func: &str, buf: *const u8, len: usize) -> CResult<&'a [u8]> {
+pub(crate) unsafe fn buf_ref<'a>(
+    func: &str,
+    name: &str,
+    buf: *const u8,
+    len: usize,
+) -> CResult<&'a [u8]> {
     if buf.is_null() {
         return if len == 0 {
             Ok(&[])
         } else {
-            Err(CError::arg(func, "buf is NULL"))
+            Err(CError::arg(func, format_args!("{name} is NULL")))
         };
     }
     if len > isize::MAX as usize {
-        return Err(CError::arg(func, format_args!("len={len} is too large")));
+        return Err(CError::arg(
+            func,
+            format_args!("{name} length {len} is too large"),
+        ));
     }
     // SAFETY: per the contract, buf points to len readable bytes.
     Ok(unsafe { std::slice::from_raw_parts(buf, len) })
@@ -145,16 +163,24 @@ pub(crate) unsafe fn buf_ref<'a>(func: &str, buf: *const u8, len: usize) -> CRes
 ///
 /// # Safety
 /// `buf` is NULL with `len` 0, or points to `len` writable bytes not aliased during the call.
-pub(crate) unsafe fn buf_mut<'a>(func: &str, buf: *mut u8, len: usize) -> CResult<&'a mut [u8]> {
+pub(crate) unsafe fn buf_mut<'a>(
+    func: &str,
+    name: &str,
+    buf: *mut u8,
+    len: usize,
+) -> CResult<&'a mut [u8]> {
     if buf.is_null() {
         return if len == 0 {
             Ok(&mut [])
         } else {
-            Err(CError::arg(func, "buf is NULL"))
+            Err(CError::arg(func, format_args!("{name} is NULL")))
         };
     }
     if len > isize::MAX as usize {
-        return Err(CError::arg(func, format_args!("len={len} is too large")));
+        return Err(CError::arg(
+            func,
+            format_args!("{name} length {len} is too large"),
+        ));
     }
     // SAFETY: per the contract, buf points to len writable bytes.
     Ok(unsafe { std::slice::from_raw_parts_mut(buf, len) })
@@ -290,7 +316,7 @@ pub unsafe extern "C" fn qed_read(
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
         // SAFETY: buf points to len writable bytes.
-        let buf = unsafe { buf_mut(F, buf.cast(), len) }?;
+        let buf = unsafe { buf_mut(F, "buf", buf.cast(), len) }?;
         img.read_at(offset, buf).in_fn(F)?;
         Ok(0)
     })
@@ -322,7 +348,7 @@ pub unsafe extern "C" fn qed_write(
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
         // SAFETY: buf points to len readable bytes.
-        let buf = unsafe { buf_ref(F, buf.cast(), len) }?;
+        let buf = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
         img.write_at(offset, buf).in_fn(F)?;
         Ok(0)
     })
@@ -357,7 +383,7 @@ pub unsafe extern "C" fn qed_readv(
         let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(v.len());
         for e in v {
             // SAFETY: each iovec names len writable bytes (checked non-NULL when len > 0).
-            bufs.push(unsafe { buf_mut(F, e.iov_base.cast(), e.iov_len) }?);
+            bufs.push(unsafe { buf_mut(F, "iov_base", e.iov_base.cast(), e.iov_len) }?);
         }
         img.read_sg(offset, &mut bufs).in_fn(F)?;
         Ok(0)
@@ -393,7 +419,7 @@ pub unsafe extern "C" fn qed_writev(
         let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
         for e in v {
             // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
-            bufs.push(unsafe { buf_ref(F, e.iov_base as *const u8, e.iov_len) }?);
+            bufs.push(unsafe { buf_ref(F, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
         }
         img.write_sg(offset, &bufs).in_fn(F)?;
         Ok(0)
@@ -505,7 +531,9 @@ pub unsafe extern "C" fn qed_get_info(img: *mut qed_image, info: *mut qed_info) 
 /// format (`"raw"`, `"qed"`, or `""` when unknown) into `fmt_buf`.
 ///
 /// **Returns:** the length of the name (0 when the image has no backing file), or `-ERANGE` when
-/// a buffer is too small (nothing is written then), `-EINVAL` for NULL arguments.
+/// a buffer is too small (nothing is written then), `-EINVAL` for NULL arguments. A `(NULL, 0)`
+/// buffer is skipped, so `qed_get_backing_file(img, NULL, 0, NULL, 0)` returns the length
+/// (the buffer then needs one more byte for the NUL).
 ///
 /// **Ownership:** both buffers are borrowed for the call.
 ///
@@ -532,10 +560,11 @@ pub unsafe extern "C" fn qed_get_backing_file(
         let name = i.backing_file.unwrap_or_default();
         let fmt = i.backing_format.map(BackingFormat::name).unwrap_or("");
         // SAFETY: buffers point to size/fmt_size writable bytes (or are NULL with 0).
-        let b = unsafe { buf_mut(F, buf.cast(), size) }?;
+        let b = unsafe { buf_mut(F, "buf", buf.cast(), size) }?;
         // SAFETY: as above.
-        let fb = unsafe { buf_mut(F, fmt_buf.cast(), fmt_size) }?;
-        if (!b.is_empty() || !name.is_empty()) && b.len() <= name.len() {
+        let fb = unsafe { buf_mut(F, "fmt_buf", fmt_buf.cast(), fmt_size) }?;
+        // (NULL, 0) asks only for the length, like snprintf.
+        if !b.is_empty() && b.len() <= name.len() {
             return Err(CError {
                 errno: libc::ERANGE,
                 msg: format!("{F}: name needs {} bytes", name.len() + 1),

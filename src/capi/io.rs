@@ -170,9 +170,10 @@ pub unsafe extern "C" fn qed_open_with_io(
         if out.is_null() {
             return Err(CError::arg(F, "out is NULL"));
         }
-        let mut opts = open_options(F, flags)?;
-        // SAFETY: valid table per the contract.
+        // SAFETY: valid table per the contract. Built first, so that `release` runs once on
+        // every failure after `ops` is accepted.
         let st = unsafe { storage(F, ops, opaque) }?;
+        let mut opts = open_options(F, flags)?;
         opts.lock = false;
         let img = Image::open_storage(Arc::new(st), &opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
@@ -185,8 +186,9 @@ pub unsafe extern "C" fn qed_open_with_io(
 ///
 /// **Returns:** as `qed_create`.
 ///
-/// **Ownership:** `ops` and `opts` are borrowed for the call; `release` (if set) is called once
-/// before this returns.
+/// **Ownership:** `ops` and `opts` are borrowed for the call; once `ops` is accepted (all
+/// required callbacks set), `release` (if set) is called exactly once before this returns,
+/// whether it succeeds or fails.
 ///
 /// **Thread-safety:** may be called from any thread.
 ///
@@ -201,10 +203,11 @@ pub unsafe extern "C" fn qed_create_with_io(
 ) -> c_int {
     const F: &str = "qed_create_with_io";
     qed_boundary!(F, {
+        // SAFETY: valid table per the contract. Built first, so that `release` runs once on
+        // every path after `ops` is accepted, including bad options.
+        let st = unsafe { storage(F, ops, opaque) }?;
         // SAFETY: valid options per the contract.
         let o = unsafe { create_options(F, opts) }?;
-        // SAFETY: valid table per the contract.
-        let st = unsafe { storage(F, ops, opaque) }?;
         Image::create_on(&st, &o).in_fn(F)?;
         Ok(0)
     })

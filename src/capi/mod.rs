@@ -33,6 +33,7 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
         Error::Corrupt { .. } | Error::Failed(_) => libc::EIO,
         Error::ReadOnly => libc::EROFS,
         Error::Locked { .. } => libc::EAGAIN,
+        Error::BackingRefused { .. } => libc::EACCES,
         Error::Backing { source, .. } => errno_of(source),
         Error::Io { source, .. } => match source.raw_os_error() {
             Some(n) if n > 0 => n,
@@ -242,6 +243,13 @@ mod tests {
                 libc::ENOENT,
             ),
             (Error::Failed(String::new()), libc::EIO),
+            (
+                Error::BackingRefused {
+                    name: String::new(),
+                    reason: String::new(),
+                },
+                libc::EACCES,
+            ),
         ];
         for (e, n) in cases {
             assert_eq!(errno_of(&e), n, "{e}");

@@ -59,7 +59,10 @@ errno_texts! {
 /// unknown values (`"unknown error"`).
 #[unsafe(no_mangle)]
 pub extern "C" fn qed_strerror(err: c_int) -> *const c_char {
-    errno_text(err.checked_abs().unwrap_or(0)).as_ptr().cast()
+    // i32::MIN has no positive counterpart: it is simply unknown.
+    errno_text(err.checked_abs().unwrap_or(i32::MAX))
+        .as_ptr()
+        .cast()
 }
 
 /// This thread's message for its last failed `qed_` call, naming the function and what was

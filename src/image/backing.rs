@@ -1,7 +1,7 @@
 //! Backing files: what unallocated clusters read through to. A backing file is a raw file or
 //! another QED image (whose own backing file is opened the same way, up to a depth limit).
 
-use super::options::{BackingFormat, OpenOptions};
+use super::options::{BackingFormat, BackingPolicy, OpenOptions};
 use super::Image;
 use crate::error::{Error, IoContext, Result};
 use crate::storage::Storage;
@@ -153,6 +153,34 @@ pub(crate) fn open_by_path(
             field: "backing_filename",
             value: chain.len() as u64,
             reason: "backing chain loops back to an image already in the chain",
+        });
+    }
+    if opts.backing_policy == BackingPolicy::SameDirectory {
+        // The folder of the image at the top of the chain bounds the whole chain.
+        let root = chain
+            .first()
+            .map(|p| p.as_path())
+            .unwrap_or(image_path)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if !canon.starts_with(&root) {
+            return Err(Error::BackingRefused {
+                name: name.to_owned(),
+                reason: format!(
+                    "{} lies outside the image's folder {}; open with the any-backing policy to follow it",
+                    canon.display(),
+                    root.display()
+                ),
+            });
+        }
+    }
+    let meta =
+        std::fs::metadata(&canon).ctx(|| format!("opening backing file {}", canon.display()))?;
+    if !meta.is_file() {
+        return Err(Error::BackingRefused {
+            name: name.to_owned(),
+            reason: format!("{} is not a regular file", canon.display()),
         });
     }
     let storage = crate::storage::FileStorage::open(&canon, false, false)

@@ -29,8 +29,8 @@ pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
 pub use io::{Extent, ExtentKind};
 pub use options::{
-    BackingFormat, BackingResolver, CreateOptions, OpenOptions, DEFAULT_L2_CACHE_BYTES,
-    DEFAULT_MAX_BACKING_DEPTH,
+    BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
+    DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH,
 };
 
 use crate::error::{Error, IoContext, Result};
@@ -97,6 +97,8 @@ pub struct Image {
     header_bytes: u64,
     l1_offset: u64,
     writable: bool,
+    /// Opened without its backing file: a backing change must not open one either.
+    no_backing: bool,
     path: Option<PathBuf>,
     hs: Mutex<HeaderState>,
     size: AtomicU64,
@@ -218,8 +220,10 @@ impl Image {
         let mut opts = opts.clone();
         if opts.size == 0 {
             if let Some(name) = &opts.backing_file {
+                // The caller names this file explicitly: no confinement.
                 let ro = OpenOptions {
                     lock: false,
+                    backing_policy: BackingPolicy::Any,
                     ..OpenOptions::read_only()
                 };
                 let b = backing::open_by_path(path, name, opts.backing_format, &ro, &[])?;
@@ -381,6 +385,7 @@ impl Image {
             header_bytes: header.header_bytes(),
             l1_offset: header.l1_table_offset,
             writable,
+            no_backing: opts.no_backing,
             path: path.map(Path::to_path_buf),
             size: AtomicU64::new(header.image_size),
             hs: Mutex::new(HeaderState {
@@ -707,10 +712,22 @@ impl Image {
                 });
             }
         }
+        if name.is_none() && format.is_some() {
+            return Err(Error::InvalidArgument {
+                what: "backing_format",
+                value: 0,
+                reason: "a backing format was given without a backing file".into(),
+            });
+        }
         let new_backing = match name {
+            Some(_) if self.no_backing => None,
             Some(n) => {
                 if let Some(p) = &self.path {
-                    let opts = OpenOptions::read_only();
+                    // The caller names this file explicitly: no confinement.
+                    let opts = OpenOptions {
+                        backing_policy: BackingPolicy::Any,
+                        ..OpenOptions::read_only()
+                    };
                     let canon = p.clone();
                     Some(backing::open_by_path(p, n, format, &opts, &[canon])?)
                 } else {

@@ -37,6 +37,24 @@ impl BackingFormat {
     }
 }
 
+/// Which backing files an image may name. A backing file name comes from the image header, so an
+/// image from a stranger could name any file on the host (`/etc/passwd`, a disk device) and
+/// expose it to the guest; QEMU follows any path.
+///
+/// The default follows QEMU, so that images made by qemu-img with backing files in other folders
+/// (template pools, `../base/x.qed`) keep working; names are still only ever plain paths (never
+/// `json:` or protocol prefixes), loops are refused and chains are at most 16 deep. Open images
+/// you did not make with [`BackingPolicy::SameDirectory`], or with `no_backing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Follow any plain path, as QEMU does. For images you trust.
+    #[default]
+    Any,
+    /// Backing files (the whole chain) must be regular files inside the folder of the image
+    /// being opened, or its subfolders, after symbolic links are resolved.
+    SameDirectory,
+}
+
 /// How to create an image. `Default` gives QEMU's defaults (64 KiB clusters, 4-cluster tables).
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
@@ -101,6 +119,8 @@ pub struct OpenOptions {
     pub l2_cache_bytes: usize,
     /// Opens backing files; the default opens them by path relative to the image's folder.
     pub backing_resolver: Option<BackingResolver>,
+    /// Which backing files an image may name (default: any plain path, as QEMU).
+    pub backing_policy: BackingPolicy,
     /// Longest backing chain accepted (default 16).
     pub max_backing_depth: u32,
 }
@@ -121,6 +141,7 @@ impl Default for OpenOptions {
             force_share: false,
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             backing_resolver: None,
+            backing_policy: BackingPolicy::Any,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
         }
     }
@@ -137,6 +158,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("force_share", &self.force_share)
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("backing_resolver", &self.backing_resolver.is_some())
+            .field("backing_policy", &self.backing_policy)
             .field("max_backing_depth", &self.max_backing_depth)
             .finish()
     }
