@@ -41,6 +41,18 @@
 #include <sys/uio.h>
 
 /**
+ * `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
+ * `qed_aio_poll`) instead of on library threads.
+ */
+#define QED_AIO_EVENT_LOOP 1
+
+/**
+ * `qed_aio_options.flags`: when the queue is full, a submit waits for room instead of returning
+ * `-EAGAIN`. (Never inside a completion callback of the same image: there it returns -EAGAIN.)
+ */
+#define QED_AIO_BLOCK_WHEN_FULL 2
+
+/**
  * Reclaim leaked clusters (truncating leaked clusters at the end of the file).
  */
 #define QED_FIX_LEAKS 1
@@ -121,6 +133,29 @@
  * An open image. Opaque to C.
  */
 typedef struct qed_image qed_image;
+
+/**
+ * Settings of an image's asynchronous queue. Zero-initialised fields take the defaults.
+ */
+typedef struct qed_aio_options {
+  /**
+   * Worker threads (0: twice the CPUs, between 2 and 16).
+   */
+  uint32_t workers;
+  /**
+   * Requests queued or in flight at most (0: 1024).
+   */
+  uint32_t queue_depth;
+  /**
+   * `QED_AIO_EVENT_LOOP`, `QED_AIO_BLOCK_WHEN_FULL`.
+   */
+  unsigned int flags;
+} qed_aio_options;
+
+/**
+ * Completion callback of the asynchronous entry points: `ret` is 0 or a negative errno.
+ */
+typedef void (*qed_completion_fn)(void *opaque, int ret);
 
 /**
  * What `qed_check` found and repaired, with QEMU's fields.
@@ -300,11 +335,6 @@ typedef struct qed_io_ops {
   void (*release)(void *opaque);
 } qed_io_ops;
 
-/**
- * Completion callback of the asynchronous entry points: `ret` is 0 or a negative errno.
- */
-typedef void (*qed_completion_fn)(void *opaque, int ret);
-
 
 
 
@@ -314,6 +344,162 @@ typedef void (*qed_completion_fn)(void *opaque, int ret);
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Sets up the image's asynchronous queue (optional: the first `qed_aio_*` submit starts one
+ * with the defaults). Replaces an existing queue after draining it.
+ *
+ * **Returns:** 0; `-EINVAL` for NULL arguments or unknown flags; `-EDEADLK` inside a
+ * completion callback of this image.
+ *
+ * **Ownership:** `opts` is copied.
+ *
+ * **Thread-safety:** must not run concurrently with submits on the same image.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid; `img` a live handle.
+ */
+int qed_aio_setup(struct qed_image *img, const struct qed_aio_options *opts);
+
+/**
+ * Reads `len` bytes at guest `offset` into `buf`; `cb(opaque, ret)` runs once when done.
+ *
+ * **Returns:** 0 when accepted: then `cb` runs exactly once, later, never inside this call,
+ * with `ret` 0 or a negative errno. A negative errno when refused: then `cb` never runs
+ * (`-EINVAL` for bad arguments or a range past the virtual size, `-EAGAIN` when the queue is
+ * full).
+ *
+ * **Ownership:** `buf` must stay valid, and untouched by the caller, until `cb` starts.
+ * `opaque` is passed to `cb` and never touched by the library.
+ *
+ * **Thread-safety:** may be called concurrently from any thread, including from inside a
+ * callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_read(struct qed_image *img, uint64_t offset, void *buf, size_t len, qed_completion_fn cb, void *opaque);
+
+/**
+ * Writes `len` bytes from `buf` at guest `offset`; `cb(opaque, ret)` runs once when done.
+ *
+ * **Returns:** as `qed_aio_read`; also `-EROFS` for a read-only image.
+ *
+ * **Ownership:** `buf` must stay valid and unchanged until `cb` starts.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_write(struct qed_image *img, uint64_t offset, const void *buf, size_t len, qed_completion_fn cb, void *opaque);
+
+/**
+ * Reads consecutive guest bytes at `offset` into the buffers of `iov`.
+ *
+ * **Returns:** as `qed_aio_read`.
+ *
+ * **Ownership:** the `iov` array is copied during the call and may be freed afterwards; the
+ * buffers it names must stay valid until `cb` starts.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_readv(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt, qed_completion_fn cb, void *opaque);
+
+/**
+ * Writes the buffers of `iov` to consecutive guest bytes at `offset`.
+ *
+ * **Returns:** as `qed_aio_write`.
+ *
+ * **Ownership:** as `qed_aio_readv`.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_writev(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt, qed_completion_fn cb, void *opaque);
+
+/**
+ * Makes `len` guest bytes at `offset` read as zeros, asynchronously.
+ *
+ * **Returns:** as `qed_aio_write`.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_write_zeroes(struct qed_image *img, uint64_t offset, uint64_t len, qed_completion_fn cb, void *opaque);
+
+/**
+ * Flushes: `cb` runs after every write submitted before this call has completed and the
+ * image file has been flushed, so those writes survive a crash.
+ *
+ * **Returns:** as `qed_aio_read`.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_flush(struct qed_image *img, qed_completion_fn cb, void *opaque);
+
+/**
+ * Waits until every submitted request has completed and its callback has returned. With
+ * `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread.
+ *
+ * **Returns:** 0; `-EDEADLK` when called from inside a callback of this image.
+ *
+ * **Thread-safety:** may be called from any thread except from this image's callbacks.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_drain(struct qed_image *img);
+
+/**
+ * With `QED_AIO_EVENT_LOOP`: the eventfd that becomes readable while completions are pending.
+ * Add it to your poll set and call `qed_aio_poll` when it is readable.
+ *
+ * **Returns:** the file descriptor (owned by the library: do not close it; valid until
+ * `qed_close`), or `-EINVAL` when the queue does not use `QED_AIO_EVENT_LOOP`.
+ *
+ * **Thread-safety:** any thread.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_get_fd(struct qed_image *img);
+
+/**
+ * With `QED_AIO_EVENT_LOOP`: runs the pending completion callbacks on this thread.
+ *
+ * **Returns:** how many callbacks ran (0 without `QED_AIO_EVENT_LOOP`); `-EDEADLK` from inside
+ * a callback of this image.
+ *
+ * **Thread-safety:** any thread; callbacks run on the calling thread.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_poll(struct qed_image *img);
+
+/**
+ * Cancels the requests submitted with this `opaque` that have not started yet. Each still gets
+ * its one callback, with `-ECANCELED`. Requests already running complete normally.
+ *
+ * **Returns:** how many requests were cancelled.
+ *
+ * **Thread-safety:** any thread, including inside callbacks.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_cancel(struct qed_image *img, void *opaque);
 
 /**
  * Checks the image and, with `fix` (`QED_FIX_LEAKS | QED_FIX_ERRORS`), repairs it.
@@ -374,8 +560,12 @@ int qed_open(const char *path, unsigned int flags, struct qed_image **out);
 /**
  * Flushes, clears the need-check bit, releases the locks and frees the handle.
  *
+ * Outstanding asynchronous requests are drained first: their callbacks run during this call
+ * (on library threads, or on this thread in event-loop mode).
+ *
  * **Returns:** 0, or `-errno` if the final flush or header write failed; the handle is freed
- * even then, like `fclose`.
+ * even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
+ * and frees nothing.
  *
  * **Ownership:** consumes `img`; it must not be used afterwards.
  *

@@ -17,6 +17,7 @@
 //! # Ok::<(), qed::Error>(())
 //! ```
 
+pub mod aio;
 pub mod error;
 pub mod format;
 pub mod image;

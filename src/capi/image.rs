@@ -33,6 +33,8 @@ const OPEN_FLAGS: c_uint = QED_OPEN_RDWR
 /// An open image. Opaque to C.
 pub struct qed_image {
     pub(crate) img: Arc<Image>,
+    /// The asynchronous queue, started on first use (see `qed_aio_setup`).
+    pub(crate) aio: std::sync::Mutex<Option<Arc<crate::aio::AioQueue>>>,
 }
 
 /// Information about an open image (filled by `qed_get_info`).
@@ -126,7 +128,10 @@ pub(crate) unsafe fn image<'a>(func: &str, img: *const qed_image) -> CResult<&'a
 /// # Safety
 /// `out` is a valid pointer to write to.
 pub(crate) unsafe fn give(out: *mut *mut qed_image, img: Image) -> c_int {
-    let h = Box::into_raw(Box::new(qed_image { img: Arc::new(img) }));
+    let h = Box::into_raw(Box::new(qed_image {
+        img: Arc::new(img),
+        aio: std::sync::Mutex::new(None),
+    }));
     // SAFETY: out was checked non-NULL by the caller and points to writable memory.
     unsafe { *out = h };
     0
@@ -262,8 +267,12 @@ pub unsafe extern "C" fn qed_open(
 
 /// Flushes, clears the need-check bit, releases the locks and frees the handle.
 ///
+/// Outstanding asynchronous requests are drained first: their callbacks run during this call
+/// (on library threads, or on this thread in event-loop mode).
+///
 /// **Returns:** 0, or `-errno` if the final flush or header write failed; the handle is freed
-/// even then, like `fclose`.
+/// even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
+/// and frees nothing.
 ///
 /// **Ownership:** consumes `img`; it must not be used afterwards.
 ///
@@ -283,6 +292,22 @@ pub unsafe extern "C" fn qed_close(img: *mut qed_image) -> c_int {
         }
         // SAFETY: img came from Box::into_raw in qed_open* and is not used after this call.
         let h = unsafe { Box::from_raw(img) };
+        let q = h
+            .aio
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(q) = q {
+            // Outstanding callbacks run now (on workers, or here in event-loop mode).
+            if let Err(e) = q.shutdown() {
+                // Called from inside one of this image's callbacks: refuse and keep the handle.
+                *h.aio
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(q);
+                let _ = Box::into_raw(h);
+                return Err(super::CError::core("qed_close", e));
+            }
+        }
         let r = h.img.close();
         drop(h);
         r.in_fn("qed_close")?;

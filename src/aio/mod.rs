@@ -1,0 +1,558 @@
+//! Asynchronous requests on top of the engine: a bounded queue per image, worker threads that
+//! run the engine's synchronous calls in parallel, and completion delivery either on the
+//! workers (the default) or on the caller's event loop through an eventfd.
+//!
+//! The engine does the ordering that matters for correctness (two writers never allocate one
+//! cluster; L2 updates are serialised per piece of table), so workers need no extra locking:
+//! requests on different clusters run in parallel, and reads of allocated data never wait for
+//! an unrelated allocating write. The queue adds only the flush rule: a flush completes after
+//! every write submitted before it.
+//!
+//! Every accepted request completes exactly once: the completion is an `Option` taken in one
+//! place, a request dropped without completing completes with `ECANCELED`, and a panic in the
+//! engine completes with `EIO`.
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+use std::collections::{BTreeSet, VecDeque};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+/// A raw buffer segment owned by the submitter, valid until its completion runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RawBuf {
+    /// Start of the buffer.
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+// SAFETY: the submitter promises the buffer stays valid and unaliased until completion, from
+// whichever thread the worker runs on.
+unsafe impl Send for RawBuf {}
+
+/// What a request does.
+#[derive(Debug)]
+pub enum Op {
+    /// Read into the buffers.
+    Read {
+        /// Guest offset.
+        offset: u64,
+        /// Destination segments.
+        bufs: Vec<RawBuf>,
+    },
+    /// Write the buffers.
+    Write {
+        /// Guest offset.
+        offset: u64,
+        /// Source segments.
+        bufs: Vec<RawBuf>,
+    },
+    /// Write zeroes.
+    WriteZeroes {
+        /// Guest offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Flush after every write submitted before it has completed.
+    Flush,
+}
+
+/// Called once with the request's result.
+pub type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Where completions run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// On the library's worker threads, as soon as a request finishes.
+    #[default]
+    Workers,
+    /// On the thread that calls [`AioQueue::poll`]; an eventfd becomes readable when
+    /// completions are pending.
+    EventLoop,
+}
+
+/// Queue settings.
+#[derive(Clone, Copy, Debug)]
+pub struct AioOptions {
+    /// Worker threads (default: twice the CPUs, at least 2, at most 16).
+    pub workers: usize,
+    /// Requests queued or in flight at most (default 1024).
+    pub queue_depth: usize,
+    /// Where completions run.
+    pub delivery: Delivery,
+    /// When the queue is full: wait for room (true) or refuse the submit (false, the default).
+    pub block_when_full: bool,
+}
+
+impl Default for AioOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        AioOptions {
+            workers: (cpus * 2).clamp(2, 16),
+            queue_depth: 1024,
+            delivery: Delivery::Workers,
+            block_when_full: false,
+        }
+    }
+}
+
+/// Why a submit was refused (no completion will run).
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum SubmitError {
+    /// The queue is full (and `block_when_full` is off).
+    Full,
+    /// The queue is shutting down.
+    Closed,
+}
+
+struct Request {
+    seq: u64,
+    tag: u64,
+    op: Op,
+    done: Option<Completion>,
+}
+
+impl Request {
+    fn complete(&mut self, r: Result<()>, shared: &Shared) {
+        if let Some(done) = self.done.take() {
+            shared.deliver(done, r);
+        }
+    }
+}
+
+struct State {
+    queue: VecDeque<Request>,
+    /// Requests accepted and not yet completed (callback returned).
+    outstanding: usize,
+    /// Sequence numbers of writes accepted and not yet finished.
+    writes: BTreeSet<u64>,
+    /// Flushes waiting for earlier writes.
+    parked_flushes: Vec<Request>,
+    shutdown: bool,
+}
+
+struct Shared {
+    img: Arc<Image>,
+    opts: AioOptions,
+    state: Mutex<State>,
+    /// Signals workers (work queued) and submitters (room freed).
+    work: Condvar,
+    room: Condvar,
+    /// Signals drain (outstanding reached zero).
+    idle: Condvar,
+    next_seq: AtomicU64,
+    ready: Mutex<VecDeque<(Completion, Result<()>)>>,
+    event_fd: RawFd,
+    id: u64,
+}
+
+static NEXT_QUEUE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The queue whose completion this thread is running, to refuse re-entrant drain/poll.
+    static IN_COMPLETION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Runs or queues a completion, then accounts for it.
+    fn deliver(&self, done: Completion, r: Result<()>) {
+        match self.opts.delivery {
+            Delivery::Workers => {
+                self.run_completion(done, r);
+                self.finished_one();
+            }
+            Delivery::EventLoop => {
+                lock(&self.ready).push_back((done, r));
+                let one: u64 = 1;
+                // SAFETY: event_fd is a valid eventfd owned by this queue; writing 8 bytes from
+                // a live u64 is the eventfd protocol.
+                let _ = unsafe { libc::write(self.event_fd, (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
+
+    fn run_completion(&self, done: Completion, r: Result<()>) {
+        let prev = IN_COMPLETION.with(|c| c.replace(self.id));
+        // A panicking callback must not take the worker (or the accounting) down with it.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r)));
+        IN_COMPLETION.with(|c| c.set(prev));
+    }
+
+    fn finished_one(&self) {
+        let mut st = lock(&self.state);
+        st.outstanding -= 1;
+        if st.outstanding == 0 {
+            self.idle.notify_all();
+        }
+        self.room.notify_one();
+    }
+
+    fn execute(&self, req: &mut Request) -> Result<()> {
+        let img = &*self.img;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &req.op {
+            Op::Read { offset, bufs } => {
+                // SAFETY: the submitter keeps each buffer valid, exclusively ours, until the
+                // completion runs (the contract of `AioQueue::submit`).
+                let mut v: Vec<&mut [u8]> = bufs
+                    .iter()
+                    .map(|b| unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) })
+                    .collect();
+                img.read_sg(*offset, &mut v)
+            }
+            Op::Write { offset, bufs } => {
+                // SAFETY: as above; the buffers are only read.
+                let v: Vec<&[u8]> = bufs
+                    .iter()
+                    .map(|b| unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) })
+                    .collect();
+                img.write_sg(*offset, &v)
+            }
+            Op::WriteZeroes { offset, len } => img.write_zeroes(*offset, *len),
+            Op::Flush => img.flush(),
+        }));
+        r.unwrap_or_else(|p| {
+            Err(Error::Failed(format!(
+                "internal error (panic): {}",
+                panic_text(&*p)
+            )))
+        })
+    }
+
+    fn worker(self: Arc<Self>) {
+        loop {
+            let mut req = {
+                let mut st = lock(&self.state);
+                loop {
+                    if let Some(r) = st.queue.pop_front() {
+                        break r;
+                    }
+                    if st.shutdown {
+                        return;
+                    }
+                    st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            let r = self.execute(&mut req);
+            let is_write = matches!(req.op, Op::Write { .. } | Op::WriteZeroes { .. });
+            req.complete(r, &self);
+            if is_write {
+                self.write_done(req.seq);
+            }
+        }
+    }
+
+    /// Releases flushes that were waiting only for writes up to now.
+    fn write_done(&self, seq: u64) {
+        let mut st = lock(&self.state);
+        st.writes.remove(&seq);
+        let oldest = st.writes.first().copied().unwrap_or(u64::MAX);
+        let (ready, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut st.parked_flushes)
+            .into_iter()
+            .partition(|f| f.seq < oldest);
+        st.parked_flushes = parked;
+        if !ready.is_empty() {
+            st.queue.extend(ready);
+            self.work.notify_all();
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The asynchronous face of one image.
+pub struct AioQueue {
+    shared: Arc<Shared>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+impl AioQueue {
+    /// Starts the workers for `img`.
+    pub fn new(img: Arc<Image>, opts: AioOptions) -> Result<AioQueue> {
+        if opts.workers == 0 || opts.queue_depth == 0 {
+            return Err(Error::InvalidArgument {
+                what: if opts.workers == 0 {
+                    "workers"
+                } else {
+                    "queue_depth"
+                },
+                value: 0,
+                reason: "must be at least 1".into(),
+            });
+        }
+        let event_fd = if opts.delivery == Delivery::EventLoop {
+            // SAFETY: plain syscall with constant flags.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(Error::io(
+                    "creating eventfd",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            fd
+        } else {
+            -1
+        };
+        let shared = Arc::new(Shared {
+            img,
+            opts,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                outstanding: 0,
+                writes: BTreeSet::new(),
+                parked_flushes: Vec::new(),
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            idle: Condvar::new(),
+            next_seq: AtomicU64::new(1),
+            ready: Mutex::new(VecDeque::new()),
+            event_fd,
+            id: NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed),
+        });
+        let mut workers = Vec::with_capacity(opts.workers);
+        for i in 0..opts.workers {
+            let s = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("qed-aio-{i}"))
+                .spawn(move || s.worker())
+                .map_err(|e| Error::io("starting worker thread", e))?;
+            workers.push(h);
+        }
+        Ok(AioQueue {
+            shared,
+            workers: Mutex::new(workers),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.shared.img
+    }
+
+    /// The settings.
+    pub fn options(&self) -> AioOptions {
+        self.shared.opts
+    }
+
+    /// Queues a request; `done` runs exactly once, later, never inside this call. `tag` is for
+    /// [`AioQueue::cancel`].
+    ///
+    /// # Safety
+    /// Every buffer in `op` must stay valid (and, for reads, not be accessed by anyone else)
+    /// until `done` runs.
+    pub unsafe fn submit(
+        &self,
+        op: Op,
+        tag: u64,
+        done: Completion,
+    ) -> std::result::Result<(), SubmitError> {
+        let sh = &*self.shared;
+        let mut st = lock(&sh.state);
+        loop {
+            if st.shutdown {
+                return Err(SubmitError::Closed);
+            }
+            if st.outstanding < sh.opts.queue_depth {
+                break;
+            }
+            if !sh.opts.block_when_full || IN_COMPLETION.with(|c| c.get()) == sh.id {
+                return Err(SubmitError::Full);
+            }
+            st = sh.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        let seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
+        st.outstanding += 1;
+        let is_write = matches!(op, Op::Write { .. } | Op::WriteZeroes { .. });
+        let is_flush = matches!(op, Op::Flush);
+        let req = Request {
+            seq,
+            tag,
+            op,
+            done: Some(done),
+        };
+        if is_write {
+            st.writes.insert(seq);
+        }
+        if is_flush && st.writes.first().is_some_and(|&w| w < seq) {
+            st.parked_flushes.push(req);
+        } else {
+            st.queue.push_back(req);
+            sh.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Cancels queued requests with `tag` that have not started; each completes with
+    /// `ECANCELED` (through the normal delivery). Returns how many were cancelled.
+    pub fn cancel(&self, tag: u64) -> usize {
+        let sh = &*self.shared;
+        let mut cancelled = Vec::new();
+        {
+            let mut st = lock(&sh.state);
+            let q = std::mem::take(&mut st.queue);
+            for r in q {
+                if r.tag == tag {
+                    cancelled.push(r);
+                } else {
+                    st.queue.push_back(r);
+                }
+            }
+            let parked = std::mem::take(&mut st.parked_flushes);
+            for r in parked {
+                if r.tag == tag {
+                    cancelled.push(r);
+                } else {
+                    st.parked_flushes.push(r);
+                }
+            }
+        }
+        let n = cancelled.len();
+        for mut r in cancelled {
+            let is_write = matches!(r.op, Op::Write { .. } | Op::WriteZeroes { .. });
+            r.complete(Err(cancelled_error()), sh);
+            if is_write {
+                sh.write_done(r.seq);
+            }
+        }
+        n
+    }
+
+    /// Whether the calling thread is inside one of this queue's completions.
+    fn in_own_completion(&self) -> bool {
+        IN_COMPLETION.with(|c| c.get()) == self.shared.id
+    }
+
+    /// The eventfd that becomes readable while completions are pending (event-loop delivery).
+    pub fn event_fd(&self) -> Option<RawFd> {
+        (self.shared.opts.delivery == Delivery::EventLoop).then_some(self.shared.event_fd)
+    }
+
+    /// Runs pending completions on this thread (event-loop delivery); returns how many ran.
+    pub fn poll(&self) -> Result<usize> {
+        if self.in_own_completion() {
+            return Err(deadlock("poll"));
+        }
+        let sh = &*self.shared;
+        if sh.opts.delivery != Delivery::EventLoop {
+            return Ok(0);
+        }
+        let mut buf = 0u64;
+        // SAFETY: reading 8 bytes into a live u64 from our eventfd (non-blocking) resets it.
+        let _ = unsafe { libc::read(sh.event_fd, (&mut buf as *mut u64).cast(), 8) };
+        let mut n = 0;
+        loop {
+            let next = lock(&sh.ready).pop_front();
+            let Some((done, r)) = next else { break };
+            sh.run_completion(done, r);
+            sh.finished_one();
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Waits until every accepted request has completed and its completion has returned. In
+    /// event-loop delivery it runs the completions itself.
+    pub fn drain(&self) -> Result<()> {
+        if self.in_own_completion() {
+            return Err(deadlock("drain"));
+        }
+        let sh = &*self.shared;
+        loop {
+            if sh.opts.delivery == Delivery::EventLoop {
+                self.poll()?;
+            }
+            let st = lock(&sh.state);
+            if st.outstanding == 0 {
+                return Ok(());
+            }
+            let timeout =
+                std::time::Duration::from_millis(if sh.opts.delivery == Delivery::EventLoop {
+                    1
+                } else {
+                    100
+                });
+            drop(
+                sh.idle
+                    .wait_timeout(st, timeout)
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+    }
+
+    /// Drains, then stops the workers. Later submits are refused.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.in_own_completion() {
+            return Err(deadlock("shutdown"));
+        }
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.drain()?;
+        {
+            let mut st = lock(&self.shared.state);
+            st.shutdown = true;
+            self.shared.work.notify_all();
+            self.shared.room.notify_all();
+        }
+        for h in lock(&self.workers).drain(..) {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// Requests accepted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        lock(&self.shared.state).outstanding
+    }
+}
+
+fn cancelled_error() -> Error {
+    Error::io(
+        "request cancelled",
+        std::io::Error::from_raw_os_error(libc::ECANCELED),
+    )
+}
+
+fn deadlock(what: &str) -> Error {
+    Error::io(
+        format!("{what} called from inside one of this image's completions"),
+        std::io::Error::from_raw_os_error(libc::EDEADLK),
+    )
+}
+
+impl Drop for AioQueue {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+        if self.shared.event_fd >= 0 {
+            // SAFETY: the fd is ours and no worker uses it after shutdown.
+            unsafe { libc::close(self.shared.event_fd) };
+        }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        // Structural exactly-once: a request that never completed still gets its one call.
+        if let Some(done) = self.done.take() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                done(Err(cancelled_error()))
+            }));
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The asynchronous entry points: `qed_aio_*`, callbacks `cb(opaque, ret)` called exactly once.
+
+use super::image::{buf_mut, buf_ref, image, iovecs, qed_image};
+use super::{errno_of, qed_boundary, qed_completion_fn, CError, CResult, InFn};
+use crate::aio::{AioOptions, AioQueue, Completion, Delivery, Op, RawBuf, SubmitError};
+use std::ffi::{c_int, c_uint, c_void};
+use std::sync::{Arc, PoisonError};
+
+/// `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
+/// `qed_aio_poll`) instead of on library threads.
+pub const QED_AIO_EVENT_LOOP: c_uint = 1;
+/// `qed_aio_options.flags`: when the queue is full, a submit waits for room instead of returning
+/// `-EAGAIN`. (Never inside a completion callback of the same image: there it returns -EAGAIN.)
+pub const QED_AIO_BLOCK_WHEN_FULL: c_uint = 2;
+
+/// Settings of an image's asynchronous queue. Zero-initialised fields take the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct qed_aio_options {
+    /// Worker threads (0: twice the CPUs, between 2 and 16).
+    pub workers: u32,
+    /// Requests queued or in flight at most (0: 1024).
+    pub queue_depth: u32,
+    /// `QED_AIO_EVENT_LOOP`, `QED_AIO_BLOCK_WHEN_FULL`.
+    pub flags: c_uint,
+}
+
+fn options(o: &qed_aio_options) -> AioOptions {
+    let d = AioOptions::default();
+    AioOptions {
+        workers: if o.workers == 0 {
+            d.workers
+        } else {
+            o.workers as usize
+        },
+        queue_depth: if o.queue_depth == 0 {
+            d.queue_depth
+        } else {
+            o.queue_depth as usize
+        },
+        delivery: if o.flags & QED_AIO_EVENT_LOOP != 0 {
+            Delivery::EventLoop
+        } else {
+            Delivery::Workers
+        },
+        block_when_full: o.flags & QED_AIO_BLOCK_WHEN_FULL != 0,
+    }
+}
+
+/// The queue of a handle, started with defaults on first use.
+fn queue(func: &str, h: &qed_image) -> CResult<Arc<AioQueue>> {
+    let mut q = h.aio.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(q) = &*q {
+        return Ok(q.clone());
+    }
+    let new = Arc::new(AioQueue::new(h.img.clone(), AioOptions::default()).in_fn(func)?);
+    *q = Some(new.clone());
+    Ok(new)
+}
+
+/// The handle behind the pointer.
+///
+/// # Safety
+/// `img` is NULL or a live handle.
+unsafe fn handle<'a>(func: &str, img: *mut qed_image) -> CResult<&'a qed_image> {
+    // SAFETY: forwarded contract; image() checks NULL.
+    unsafe { image(func, img) }?;
+    // SAFETY: non-NULL live handle.
+    Ok(unsafe { &*img })
+}
+
+struct SendPtr(*mut c_void);
+// SAFETY: the caller promises `opaque` may be used from the library's threads (header).
+unsafe impl Send for SendPtr {}
+
+fn completion(cb: qed_completion_fn, opaque: *mut c_void) -> CResult<(Completion, u64)> {
+    let Some(f) = cb else {
+        return Err(CError::arg("qed_aio", "cb is NULL"));
+    };
+    let p = SendPtr(opaque);
+    let tag = opaque as usize as u64;
+    let done: Completion = Box::new(move |r| {
+        let p = p;
+        let ret = match r {
+            Ok(()) => 0,
+            Err(e) => -errno_of(&e),
+        };
+        // SAFETY: calling the caller's callback with its own opaque pointer, once.
+        unsafe { f(p.0, ret) }
+    });
+    Ok((done, tag))
+}
+
+/// Submits `op` on the handle's queue.
+///
+/// # Safety
+/// Buffers in `op` stay valid until the callback (the caller's contract).
+unsafe fn submit(
+    func: &str,
+    h: &qed_image,
+    op: Op,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> CResult<c_int> {
+    let (done, tag) = completion(cb, opaque).map_err(|e| CError {
+        msg: format!("{func}: cb is NULL"),
+        ..e
+    })?;
+    let q = queue(func, h)?;
+    // SAFETY: forwarded buffer contract.
+    match unsafe { q.submit(op, tag, done) } {
+        Ok(()) => Ok(0),
+        Err(SubmitError::Full) => Err(CError {
+            errno: libc::EAGAIN,
+            msg: format!(
+                "{func}: queue full ({} requests outstanding)",
+                q.options().queue_depth
+            ),
+        }),
+        Err(SubmitError::Closed) => Err(CError {
+            errno: libc::EINVAL,
+            msg: format!("{func}: image is closing"),
+        }),
+    }
+}
+
+fn check_range(func: &str, h: &qed_image, offset: u64, len: u64) -> CResult<()> {
+    let size = h.img.size();
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(CError::core(
+            func,
+            crate::Error::OutOfRange { offset, len, size },
+        )),
+    }
+}
+
+fn check_writable(func: &str, h: &qed_image) -> CResult<()> {
+    if h.img.is_writable() {
+        Ok(())
+    } else {
+        Err(CError::core(func, crate::Error::ReadOnly))
+    }
+}
+
+/// Sets up the image's asynchronous queue (optional: the first `qed_aio_*` submit starts one
+/// with the defaults). Replaces an existing queue after draining it.
+///
+/// **Returns:** 0; `-EINVAL` for NULL arguments or unknown flags; `-EDEADLK` inside a
+/// completion callback of this image.
+///
+/// **Ownership:** `opts` is copied.
+///
+/// **Thread-safety:** must not run concurrently with submits on the same image.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_setup(img: *mut qed_image, opts: *const qed_aio_options) -> c_int {
+    const F: &str = "qed_aio_setup";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        if opts.is_null() {
+            return Err(CError::arg(F, "opts is NULL"));
+        }
+        // SAFETY: non-NULL, valid per the contract.
+        let o = unsafe { *opts };
+        if o.flags & !(QED_AIO_EVENT_LOOP | QED_AIO_BLOCK_WHEN_FULL) != 0 {
+            return Err(CError::arg(F, format_args!("unknown flags {:#x}", o.flags)));
+        }
+        let mut slot = h.aio.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = slot.take() {
+            if let Err(e) = old.shutdown() {
+                *slot = Some(old);
+                return Err(CError::core(F, e));
+            }
+        }
+        *slot = Some(Arc::new(
+            AioQueue::new(h.img.clone(), options(&o)).in_fn(F)?,
+        ));
+        Ok(0)
+    })
+}
+
+/// Reads `len` bytes at guest `offset` into `buf`; `cb(opaque, ret)` runs once when done.
+///
+/// **Returns:** 0 when accepted: then `cb` runs exactly once, later, never inside this call,
+/// with `ret` 0 or a negative errno. A negative errno when refused: then `cb` never runs
+/// (`-EINVAL` for bad arguments or a range past the virtual size, `-EAGAIN` when the queue is
+/// full).
+///
+/// **Ownership:** `buf` must stay valid, and untouched by the caller, until `cb` starts.
+/// `opaque` is passed to `cb` and never touched by the library.
+///
+/// **Thread-safety:** may be called concurrently from any thread, including from inside a
+/// callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_read(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *mut c_void,
+    len: usize,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_read";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        // SAFETY: buf points to len writable bytes.
+        let b = unsafe { buf_mut(F, "buf", buf.cast(), len) }?;
+        check_range(F, h, offset, len as u64)?;
+        let op = Op::Read {
+            offset,
+            bufs: vec![RawBuf {
+                ptr: b.as_mut_ptr(),
+                len,
+            }],
+        };
+        // SAFETY: the caller keeps buf valid until cb.
+        unsafe { submit(F, h, op, cb, opaque) }
+    })
+}
+
+/// Writes `len` bytes from `buf` at guest `offset`; `cb(opaque, ret)` runs once when done.
+///
+/// **Returns:** as `qed_aio_read`; also `-EROFS` for a read-only image.
+///
+/// **Ownership:** `buf` must stay valid and unchanged until `cb` starts.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_write(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_write";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        // SAFETY: buf points to len readable bytes.
+        let b = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
+        check_writable(F, h)?;
+        check_range(F, h, offset, len as u64)?;
+        let op = Op::Write {
+            offset,
+            bufs: vec![RawBuf {
+                ptr: b.as_ptr() as *mut u8,
+                len,
+            }],
+        };
+        // SAFETY: the caller keeps buf valid until cb.
+        unsafe { submit(F, h, op, cb, opaque) }
+    })
+}
+
+fn raw_bufs(v: &[libc::iovec]) -> (Vec<RawBuf>, u64) {
+    let bufs: Vec<RawBuf> = v
+        .iter()
+        .map(|e| RawBuf {
+            ptr: e.iov_base.cast(),
+            len: e.iov_len,
+        })
+        .collect();
+    let total = v.iter().map(|e| e.iov_len as u64).sum();
+    (bufs, total)
+}
+
+/// Reads consecutive guest bytes at `offset` into the buffers of `iov`.
+///
+/// **Returns:** as `qed_aio_read`.
+///
+/// **Ownership:** the `iov` array is copied during the call and may be freed afterwards; the
+/// buffers it names must stay valid until `cb` starts.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_readv(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_readv";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        let (bufs, total) = raw_bufs(v);
+        check_range(F, h, offset, total)?;
+        // SAFETY: the caller keeps the buffers valid until cb.
+        unsafe { submit(F, h, Op::Read { offset, bufs }, cb, opaque) }
+    })
+}
+
+/// Writes the buffers of `iov` to consecutive guest bytes at `offset`.
+///
+/// **Returns:** as `qed_aio_write`.
+///
+/// **Ownership:** as `qed_aio_readv`.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_writev(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_writev";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        check_writable(F, h)?;
+        let (bufs, total) = raw_bufs(v);
+        check_range(F, h, offset, total)?;
+        // SAFETY: the caller keeps the buffers valid until cb.
+        unsafe { submit(F, h, Op::Write { offset, bufs }, cb, opaque) }
+    })
+}
+
+/// Makes `len` guest bytes at `offset` read as zeros, asynchronously.
+///
+/// **Returns:** as `qed_aio_write`.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_write_zeroes(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_write_zeroes";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        check_writable(F, h)?;
+        check_range(F, h, offset, len)?;
+        // SAFETY: no buffers.
+        unsafe { submit(F, h, Op::WriteZeroes { offset, len }, cb, opaque) }
+    })
+}
+
+/// Flushes: `cb` runs after every write submitted before this call has completed and the
+/// image file has been flushed, so those writes survive a crash.
+///
+/// **Returns:** as `qed_aio_read`.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_flush(
+    img: *mut qed_image,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_flush";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        // SAFETY: no buffers.
+        unsafe { submit(F, h, Op::Flush, cb, opaque) }
+    })
+}
+
+/// Waits until every submitted request has completed and its callback has returned. With
+/// `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread.
+///
+/// **Returns:** 0; `-EDEADLK` when called from inside a callback of this image.
+///
+/// **Thread-safety:** may be called from any thread except from this image's callbacks.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_drain(img: *mut qed_image) -> c_int {
+    const F: &str = "qed_aio_drain";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let q = h.aio.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(q) = q {
+            q.drain().in_fn(F)?;
+        }
+        Ok(0)
+    })
+}
+
+/// With `QED_AIO_EVENT_LOOP`: the eventfd that becomes readable while completions are pending.
+/// Add it to your poll set and call `qed_aio_poll` when it is readable.
+///
+/// **Returns:** the file descriptor (owned by the library: do not close it; valid until
+/// `qed_close`), or `-EINVAL` when the queue does not use `QED_AIO_EVENT_LOOP`.
+///
+/// **Thread-safety:** any thread.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_get_fd(img: *mut qed_image) -> c_int {
+    const F: &str = "qed_aio_get_fd";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let q = queue(F, h)?;
+        q.event_fd().ok_or_else(|| {
+            CError::arg(
+                F,
+                "the queue does not use QED_AIO_EVENT_LOOP (see qed_aio_setup)",
+            )
+        })
+    })
+}
+
+/// With `QED_AIO_EVENT_LOOP`: runs the pending completion callbacks on this thread.
+///
+/// **Returns:** how many callbacks ran (0 without `QED_AIO_EVENT_LOOP`); `-EDEADLK` from inside
+/// a callback of this image.
+///
+/// **Thread-safety:** any thread; callbacks run on the calling thread.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_poll(img: *mut qed_image) -> c_int {
+    const F: &str = "qed_aio_poll";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let q = h.aio.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match q {
+            Some(q) => Ok(q.poll().in_fn(F)?.min(c_int::MAX as usize) as c_int),
+            None => Ok(0),
+        }
+    })
+}
+
+/// Cancels the requests submitted with this `opaque` that have not started yet. Each still gets
+/// its one callback, with `-ECANCELED`. Requests already running complete normally.
+///
+/// **Returns:** how many requests were cancelled.
+///
+/// **Thread-safety:** any thread, including inside callbacks.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_cancel(img: *mut qed_image, opaque: *mut c_void) -> c_int {
+    const F: &str = "qed_aio_cancel";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let q = h.aio.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        Ok(q.map_or(0, |q| q.cancel(opaque as usize as u64))
+            .min(c_int::MAX as usize) as c_int)
+    })
+}
