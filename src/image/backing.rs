@@ -248,6 +248,12 @@ impl Storage for LockedStorage {
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
     }
+    fn grows_on_write(&self) -> bool {
+        self.inner.grows_on_write()
+    }
+    fn data_from(&self, offset: u64) -> std::io::Result<Option<u64>> {
+        self.inner.data_from(offset)
+    }
 }
 
 #[cfg(test)]

@@ -153,6 +153,15 @@ impl Bitmap {
     }
 }
 
+/// Whether `len` bytes at `at` are a hole (read as zeros) and need not be read.
+fn is_hole(storage: &dyn Storage, at: u64, len: u64) -> bool {
+    match storage.data_from(at) {
+        Ok(None) => true,
+        Ok(Some(d)) => d >= at.saturating_add(len),
+        Err(_) => false,
+    }
+}
+
 /// Entries read per piece of table.
 const PIECE_ENTRIES: u64 = 64 * 1024;
 
@@ -192,8 +201,12 @@ pub(crate) fn run(
     let mut start = 0;
     while start < n {
         let count = (n - start).min(PIECE_ENTRIES);
-        bytes.resize((count * 8) as usize, 0);
         let at = l1_off + start * 8;
+        if is_hole(storage, at, count * 8) {
+            start += count;
+            continue;
+        }
+        bytes.resize((count * 8) as usize, 0);
         storage
             .read_at(&mut bytes, at)
             .ctx(|| format!("reading L1 table at {at:#x}"))?;
@@ -237,8 +250,12 @@ pub(crate) fn run(
         let mut start = 0;
         while start < n {
             let count = (n - start).min(PIECE_ENTRIES);
-            bytes.resize((count * 8) as usize, 0);
             let at = t + start * 8;
+            if is_hole(storage, at, count * 8) {
+                start += count;
+                continue;
+            }
+            bytes.resize((count * 8) as usize, 0);
             if storage.read_at(&mut bytes, at).is_err() {
                 res.check_errors += 1;
                 start += count;
@@ -253,7 +270,7 @@ pub(crate) fn run(
                     continue;
                 }
                 res.allocated_clusters += 1;
-                if last != 0 && last + cs != *e {
+                if last != 0 && last.checked_add(cs) != Some(*e) {
                     res.fragmented_clusters += 1;
                 }
                 last = *e;
@@ -321,15 +338,17 @@ pub(crate) fn run(
             first,
             file_clusters,
         )?;
-        let end = (keep << cb).min(file_len);
-        if end < file_len {
+        // Moves may have grown the file (data moved out of a table's way lands past the end).
+        let cur = storage.len().ctx(|| "reading image length".into())?;
+        let end = (keep << cb).min(cur);
+        if end < cur {
             storage
                 .set_len(end)
                 .ctx(|| "truncating leaked clusters".into())?;
             storage.flush().ctx(|| "flushing truncation".into())?;
         }
         res.leaks = leaks_in(&used, keep);
-        res.leaks_fixed = leaks - res.leaks;
+        res.leaks_fixed = leaks.saturating_sub(res.leaks);
         res.image_end_offset = end;
     }
     Ok(res)
@@ -337,12 +356,17 @@ pub(crate) fn run(
 
 /// Largest number of cluster moves planned in one compaction round.
 const MAX_MOVES: usize = 1 << 20;
+/// Compaction rounds at most (each one executes its moves crash-safely before the next plans).
+const MAX_ROUNDS: usize = 16;
 
 /// Moves clusters from the end of the file into leaked holes: data clusters one by one, L2
-/// tables whole, so that the file can be truncated. Crash-safe order: copy everything, flush,
-/// repoint the entries, flush; the caller then truncates. A crash before the repoint leaves the
-/// copies as leaks; after it, the old places are leaks. Returns the clusters still in use from
-/// the start of the file (the new length in clusters).
+/// tables whole, so that the file can be truncated. Each round is crash-safe: copy everything,
+/// flush, repoint the entries, flush (data clusters first, then tables). A crash before a
+/// repoint leaves the copies as leaks; after it, the old places are leaks. When a table at the
+/// top finds no free run of `table_size` clusters below it, the data clusters in the lowest
+/// window of holes and data are moved out of the way (to single holes, or past the end of the
+/// file) and the table moves into the window; the next round packs what moved. Returns the
+/// clusters in use from the start of the file (the new length in clusters).
 #[allow(clippy::too_many_arguments)]
 fn compact(
     storage: &dyn Storage,
@@ -355,59 +379,162 @@ fn compact(
     file_clusters: u64,
 ) -> Result<u64> {
     let cb = g.cluster_bits();
+    // Current table positions: start cluster -> L1 index (updated as tables move).
+    let mut table_start: BTreeMap<u64, u64> = tables.iter().map(|&(i, o)| (o >> cb, i)).collect();
+    let mut end = file_clusters;
+    for _ in 0..MAX_ROUNDS {
+        let moved = compact_round(storage, g, l1_off, used, meta, &mut table_start, first, end)?;
+        end = end.max(used.prev_set(u64::MAX).map_or(first, |c| c + 1));
+        if !moved {
+            break;
+        }
+    }
+    Ok(used.prev_set(end).map_or(first, |c| c + 1).max(first))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compact_round(
+    storage: &dyn Storage,
+    g: &Geometry,
+    l1_off: u64,
+    used: &mut Bitmap,
+    meta: &Bitmap,
+    table_start: &mut BTreeMap<u64, u64>,
+    first: u64,
+    end: u64,
+) -> Result<bool> {
+    let cb = g.cluster_bits();
     let ts = g.table_size as u64;
-    let table_start: BTreeMap<u64, u64> = tables.iter().map(|&(i, o)| (o >> cb, i)).collect();
     let mut data_moves: HashMap<u64, u64> = HashMap::new(); // src cluster -> dst cluster
     let mut table_moves: Vec<(u64, u64, u64)> = Vec::new(); // (L1 index, src, dst)
-    let mut top = file_clusters;
+    let mut busy = Bitmap::default(); // clusters a move of this round writes or vacates
+    let mut append = end; // past the end of the file: room for data moved out of a window
+    let mut top = end;
     let mut hole = first;
-    while data_moves.len() + table_moves.len() < MAX_MOVES {
-        let Some(c) = used.prev_set(top) else { break };
-        let table = table_start
+    let is_table_cluster = |ts_map: &BTreeMap<u64, u64>, c: u64| {
+        ts_map
             .range(..=c)
             .next_back()
-            .filter(|&(&t, _)| c < t + ts);
+            .filter(|&(&t, _)| c < t + ts)
+            .map(|(&t, &i)| (t, i))
+    };
+    while data_moves.len() + table_moves.len() < MAX_MOVES {
+        let Some(c) = used.prev_set(top) else { break };
+        if busy.get(c) {
+            break;
+        }
+        let table = is_table_cluster(table_start, c);
         let (start, len) = match table {
-            Some((&t, _)) => (t, ts),
+            Some((t, _)) => (t, ts),
             None if meta.get(c) => break, // header or L1 table: never moved
             None => (c, 1),
         };
-        // The lowest run of `len` free clusters.
+        // The lowest run of `len` free clusters below the unit.
         let mut dst = used.next_clear(hole);
         while len > 1 && dst + len <= start && (dst..dst + len).any(|i| used.get(i)) {
             dst = used.next_clear(dst + 1);
         }
-        if dst + len > start {
-            break;
-        }
-        for i in 0..len {
-            used.clear(start + i);
-            used.set(dst + i);
-        }
-        match table {
-            Some((_, &l1i)) => table_moves.push((l1i, start, dst)),
-            None => {
-                data_moves.insert(start, dst);
-                hole = dst + 1;
+        if dst + len <= start {
+            for i in 0..len {
+                used.clear(start + i);
+                used.set(dst + i);
+                busy.set(start + i);
+                busy.set(dst + i);
             }
+            match table {
+                Some((_, l1i)) => {
+                    table_start.remove(&start);
+                    table_start.insert(dst, l1i);
+                    table_moves.push((l1i, start, dst));
+                }
+                None => {
+                    data_moves.insert(start, dst);
+                    hole = dst + 1;
+                }
+            }
+            top = start;
+            continue;
         }
+        let Some((_, l1i)) = table else { break };
+        // A table with no free run below: clear the lowest window made only of holes and data
+        // clusters that this round has not touched, moving its data past the end of the file.
+        let mut w = used.next_clear(first);
+        let window = loop {
+            if w + ts > start {
+                break None;
+            }
+            let ok = (w..w + ts).all(|i| {
+                !busy.get(i) && !meta.get(i) && is_table_cluster(table_start, i).is_none()
+            });
+            if ok {
+                break Some(w);
+            }
+            w = used.next_clear(w + 1);
+        };
+        let Some(w) = window else {
+            if used.next_clear(first) < start {
+                // Holes below, but none can take the table (e.g. a single hole right under it):
+                // move it past the end, which frees its clusters next to the hole; the next
+                // round brings it back down into that run. Never an overlapping copy.
+                for i in 0..ts {
+                    used.clear(start + i);
+                    busy.set(start + i);
+                    used.set(append + i);
+                    busy.set(append + i);
+                }
+                table_start.remove(&start);
+                table_start.insert(append, l1i);
+                table_moves.push((l1i, start, append));
+                append += ts;
+            }
+            top = start;
+            continue;
+        };
+        for i in w..w + ts {
+            if used.get(i) {
+                data_moves.insert(i, append);
+                used.set(append);
+                busy.set(append);
+                append += 1;
+            }
+            used.set(i);
+            busy.set(i);
+        }
+        for i in 0..ts {
+            used.clear(start + i);
+            busy.set(start + i);
+        }
+        table_start.remove(&start);
+        table_start.insert(w, l1i);
+        table_moves.push((l1i, start, w));
         top = start;
     }
     if data_moves.is_empty() && table_moves.is_empty() {
-        return Ok(used
-            .prev_set(file_clusters)
-            .map_or(first, |c| c + 1)
-            .max(first));
+        return Ok(false);
     }
-    // Where each moved data cluster is referenced from.
+    // Where each moved data cluster is referenced from (tables at their current places: data
+    // moves are repointed before any table of this round moves).
     let mut repoint: Vec<(u64, u64)> = Vec::with_capacity(data_moves.len());
     let n = g.table_entries();
     let mut bytes = Vec::new();
     let mut entries = Vec::new();
-    for &(_, t) in tables {
+    let current: Vec<u64> = {
+        let mut v: Vec<u64> = table_start.keys().map(|&c| c << cb).collect();
+        for &(_, src, dst) in &table_moves {
+            if let Some(p) = v.iter_mut().find(|p| **p == dst << cb) {
+                *p = src << cb;
+            }
+        }
+        v
+    };
+    for &t in &current {
         let mut start = 0;
         while start < n && repoint.len() < data_moves.len() {
             let count = (n - start).min(PIECE_ENTRIES);
+            if is_hole(storage, t + start * 8, count * 8) {
+                start += count;
+                continue;
+            }
             bytes.resize((count * 8) as usize, 0);
             storage
                 .read_at(&mut bytes, t + start * 8)
@@ -451,10 +578,7 @@ fn compact(
             .flush()
             .ctx(|| "flushing repointed L1 entries".into())?;
     }
-    Ok(used
-        .prev_set(file_clusters)
-        .map_or(first, |c| c + 1)
-        .max(first))
+    Ok(true)
 }
 
 /// Copies `len` bytes inside the storage, 1 MiB at a time.

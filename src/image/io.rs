@@ -234,7 +234,7 @@ impl Image {
             ExtentKind::Unallocated => rlock(&self.backing).clone(),
             _ => None,
         };
-        let host = self.allocate_clusters(n)?;
+        let host = self.allocate_clusters(n, false)?;
         let cstart = c0 << cb;
         let head = pos - cstart;
         let end = pos + len;
@@ -274,17 +274,17 @@ impl Image {
             // Without this flush, an L2 entry could reach the disk before its data; repair then
             // drops the entry, and the cluster would read the backing file's bytes instead of
             // its old contents (backing data, or zeros for a zero cluster) or the new ones.
-            self.storage
-                .flush()
-                .ctx(|| "flushing copied clusters".into())?;
+            self.sync()?;
         }
         let values: Vec<u64> = (0..n).map(|i| host + (i << cb)).collect();
         self.install_entries(pos, &values)?;
         Ok(len)
     }
 
-    /// Takes `n` clusters from the end of the file, extending the file to cover them.
-    pub(super) fn allocate_clusters(&self, n: u64) -> Result<u64> {
+    /// Takes `n` clusters from the end of the file. With `extend` (or on storage that cannot
+    /// grow safely by concurrent writes) the file is extended to cover them now; data clusters
+    /// skip that syscall: their own write grows the file, and close squares the length up.
+    pub(super) fn allocate_clusters(&self, n: u64, extend: bool) -> Result<u64> {
         let bytes = n << self.geometry.cluster_bits();
         let mut next = lock(&self.alloc);
         let start = *next;
@@ -297,9 +297,11 @@ impl Image {
                     std::io::Error::from_raw_os_error(libc::EFBIG),
                 )
             })?;
-        self.storage
-            .set_len(end)
-            .ctx(|| format!("extending image file to {end:#x}"))?;
+        if extend || !self.grows_on_write {
+            self.storage
+                .set_len(end)
+                .ctx(|| format!("extending image file to {end:#x}"))?;
+        }
         *next = end;
         self.alloc_end.store(end, Ordering::Release);
         Ok(start)
@@ -323,22 +325,12 @@ impl Image {
                 continue;
             }
             let chunk = self.chunk(table, ci)?;
-            let _w = chunk.lock();
-            let old: Vec<u64> = (0..values.len()).map(|i| chunk.get(first + i)).collect();
-            for (i, &v) in values.iter().enumerate() {
-                chunk.set(first + i, v);
-            }
-            let s0 = first / 64 * 64;
-            let s1 = (first + values.len()).next_multiple_of(64);
-            let bytes = chunk.encode(s0..s1);
-            let at = table + ci * CHUNK_BYTES + s0 as u64 * 8;
-            if let Err(e) = self.storage.write_at(&bytes, at) {
-                for (i, &v) in old.iter().enumerate() {
-                    chunk.set(first + i, v);
-                }
-                return Err(Error::io(format!("writing L2 table at {at:#x}"), e));
-            }
-            return Ok(());
+            let at = table + ci * CHUNK_BYTES;
+            return chunk
+                .update(first, values, |bytes, off| {
+                    self.storage.write_at(bytes, at + off)
+                })
+                .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
         }
     }
 
@@ -350,8 +342,12 @@ impl Image {
         if rlock(&self.l1).entries[l1i] != 0 {
             return Ok(false);
         }
-        let t = self.allocate_clusters(g.table_size as u64)?;
-        wlock(&self.l2_tables).insert(t);
+        let t = self.allocate_clusters(g.table_size as u64, true)?;
+        {
+            let mut tables = wlock(&self.l2_tables);
+            let i = tables.partition_point(|&v| v < t);
+            tables.insert(i, t);
+        }
         wlock(&self.session_tables).insert(t);
         let mut raw = vec![0u64; CHUNK_ENTRIES as usize];
         raw[first..first + values.len()].copy_from_slice(values);
@@ -363,9 +359,7 @@ impl Image {
         self.storage
             .write_at(&chunk.encode(s0..s1), at)
             .ctx(|| format!("writing new L2 table at {t:#x}"))?;
-        self.storage
-            .flush()
-            .ctx(|| "flushing new L2 table".into())?;
+        self.sync()?;
         self.l2.insert_new((t, ci), chunk);
         let sector = l1i / 64 * 64;
         let bytes = {
@@ -427,7 +421,8 @@ impl Image {
             return false;
         }
         let tables = rlock(&self.l2_tables);
-        !tables.range(..=e).next_back().is_some_and(|&t| e < t + tb)
+        let i = tables.partition_point(|&t| t <= e);
+        !(i > 0 && e < tables[i - 1] + tb)
     }
 
     /// The extent at guest `pos` (inside the image), at most `max_len` bytes, within one L2

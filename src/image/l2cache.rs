@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// Entries per chunk.
 pub const CHUNK_ENTRIES: u64 = 512;
@@ -24,8 +24,23 @@ pub struct Chunk {
     entries: Box<[AtomicU64]>,
     /// Entries that failed validation when loaded (bitmap); requests through them fail.
     bad: Box<[u64]>,
-    /// Held while entries are changed and written back, so sector writes never interleave.
-    pub(crate) write_lock: Mutex<()>,
+    /// Write-back state: updates are group-committed, one writer at a time per chunk.
+    wb: Mutex<WriteBack>,
+    written: Condvar,
+}
+
+/// Pending and completed write-backs of a chunk's 512-byte sectors.
+#[derive(Default)]
+struct WriteBack {
+    /// Sectors changed in memory and not yet handed to a writer (bit i = sector i).
+    dirty: u8,
+    /// Generation of the latest change, and of the latest change known on disk.
+    changed: u64,
+    stored: u64,
+    /// Whether a thread is writing sectors now.
+    writing: bool,
+    /// Generations up to this one failed to reach the disk.
+    failed_upto: u64,
 }
 
 impl Chunk {
@@ -38,16 +53,13 @@ impl Chunk {
         Chunk {
             entries: raw.iter().map(|&e| AtomicU64::new(e)).collect(),
             bad: bits,
-            write_lock: Mutex::new(()),
+            wb: Mutex::new(WriteBack::default()),
+            written: Condvar::new(),
         }
     }
     /// The raw entry at `i`.
     pub fn get(&self, i: usize) -> u64 {
         self.entries[i].load(Ordering::Acquire)
-    }
-    /// Sets the raw entry at `i` (callers hold `write_lock`).
-    pub fn set(&self, i: usize, v: u64) {
-        self.entries[i].store(v, Ordering::Release)
     }
     /// Whether entry `i` failed validation.
     pub fn is_bad(&self, i: usize) -> bool {
@@ -63,11 +75,58 @@ impl Chunk {
         crate::format::table::encode_entries(range.map(|i| self.get(i)), &mut out);
         out
     }
-    /// Locks the chunk for an update.
-    pub fn lock(&self) -> MutexGuard<'_, ()> {
-        self.write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Sets entries `first..first + values.len()` and returns once the 512-byte sectors holding
+    /// them are on the storage. Concurrent updates of one chunk are group-committed: whoever
+    /// finds no write in progress writes every dirty sector (as one span) for everyone, so N
+    /// allocations into one table cost far fewer than N metadata writes. `write(bytes, offset)`
+    /// writes bytes at an offset inside the chunk.
+    pub fn update(
+        &self,
+        first: usize,
+        values: &[u64],
+        write: impl Fn(&[u8], u64) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut wb = self.wb.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, &v) in values.iter().enumerate() {
+            self.entries[first + i].store(v, Ordering::Release);
+        }
+        for sector in first / 64..=(first + values.len() - 1) / 64 {
+            wb.dirty |= 1 << sector;
+        }
+        wb.changed += 1;
+        let mine = wb.changed;
+        loop {
+            if wb.failed_upto >= mine {
+                return Err(std::io::Error::other("an earlier L2 table write failed"));
+            }
+            if wb.stored >= mine {
+                return Ok(());
+            }
+            if wb.writing {
+                wb = self
+                    .written
+                    .wait(wb)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Become the writer for everything changed so far.
+            wb.writing = true;
+            let dirty = std::mem::take(&mut wb.dirty);
+            let upto = wb.changed;
+            let lo = dirty.trailing_zeros() as usize;
+            let hi = 8 - dirty.leading_zeros() as usize;
+            let bytes = self.encode(lo * 64..hi * 64);
+            drop(wb);
+            let r = write(&bytes, lo as u64 * 512);
+            wb = self.wb.lock().unwrap_or_else(PoisonError::into_inner);
+            wb.writing = false;
+            match &r {
+                Ok(()) => wb.stored = wb.stored.max(upto),
+                Err(_) => wb.failed_upto = wb.failed_upto.max(upto),
+            }
+            self.written.notify_all();
+            r?;
+        }
     }
 }
 

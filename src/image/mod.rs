@@ -40,7 +40,7 @@ use crate::storage::lock::{lock_image, ImageLock, LockMode};
 use crate::storage::{FileStorage, Storage};
 use l2cache::L2Cache;
 use rangelock::RangeLock;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -104,7 +104,7 @@ pub struct Image {
     size: AtomicU64,
     l1: RwLock<L1>,
     /// Offsets of every valid L2 table, for overlap checks of data entries.
-    l2_tables: RwLock<BTreeSet<u64>>,
+    l2_tables: RwLock<Vec<u64>>,
     /// L2 tables created in this session: their entries are ours.
     session_tables: RwLock<HashSet<u64>>,
     /// Chunks validated once against the file as opened; later loads may trust our allocations.
@@ -125,6 +125,23 @@ pub struct Image {
     gate: RwLock<()>,
     closed: AtomicBool,
     lock: Mutex<Option<ImageLock>>,
+    /// Whether the storage grows safely under concurrent writes past its end.
+    grows_on_write: bool,
+    /// Set when a metadata write failed after memory was updated: the image must be reopened
+    /// (and is repaired then, the need-check bit being set).
+    failed: Mutex<Option<String>>,
+    is_failed: AtomicBool,
+    /// Combines concurrent flushes into as few storage flushes as possible.
+    flusher: Mutex<FlushState>,
+    flushed: std::sync::Condvar,
+}
+
+/// Flush combining: a caller needs a flush that starts after it asked.
+#[derive(Default)]
+struct FlushState {
+    started: u64,
+    completed: u64,
+    running: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -330,6 +347,30 @@ impl Image {
             None => None,
         };
 
+        // Open the backing chain before anything is written: a refused open changes nothing.
+        let backing = if header.has_backing_file() && !opts.no_backing {
+            let name = backing_name.as_deref().unwrap_or_default();
+            let fmt = (header.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0)
+                .then_some(BackingFormat::Raw);
+            let b = if let Some(resolver) = &opts.backing_resolver {
+                resolver(name, fmt)
+            } else if let Some(p) = path {
+                backing::open_by_path(p, name, fmt, opts, chain)
+            } else {
+                Err(Error::InvalidArgument {
+                    what: "backing_resolver",
+                    value: 0,
+                    reason: "the image has a backing file but was opened on caller storage without a resolver; pass one or open with no_backing".into(),
+                })
+            };
+            Some(b.map_err(|e| Error::Backing {
+                name: name.to_owned(),
+                source: Box::new(e),
+            })?)
+        } else {
+            None
+        };
+
         if opts.writable && header.needs_check() && !opts.no_repair {
             let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
             if r.corruptions > 0 || r.check_errors > 0 {
@@ -355,30 +396,8 @@ impl Image {
                 .ctx(|| "clearing autoclear bits".into())?;
         }
 
-        let backing = if header.has_backing_file() && !opts.no_backing {
-            let name = backing_name.as_deref().unwrap_or_default();
-            let fmt = (header.features & FEATURE_BACKING_FORMAT_NO_PROBE != 0)
-                .then_some(BackingFormat::Raw);
-            let b = if let Some(resolver) = &opts.backing_resolver {
-                resolver(name, fmt)
-            } else if let Some(p) = path {
-                backing::open_by_path(p, name, fmt, opts, chain)
-            } else {
-                Err(Error::InvalidArgument {
-                    what: "backing_resolver",
-                    value: 0,
-                    reason: "the image has a backing file but was opened on caller storage without a resolver; pass one or open with no_backing".into(),
-                })
-            };
-            Some(b.map_err(|e| Error::Backing {
-                name: name.to_owned(),
-                source: Box::new(e),
-            })?)
-        } else {
-            None
-        };
-
         let writable = opts.writable;
+        let grows_on_write = storage.grows_on_write();
         let img = Image {
             storage,
             geometry,
@@ -396,7 +415,7 @@ impl Image {
                 entries: Vec::new(),
                 bad: Vec::new(),
             }),
-            l2_tables: RwLock::new(BTreeSet::new()),
+            l2_tables: RwLock::new(Vec::new()),
             session_tables: RwLock::new(HashSet::new()),
             validated: Mutex::new(HashSet::new()),
             l2: L2Cache::new(opts.l2_cache_bytes),
@@ -411,6 +430,11 @@ impl Image {
             gate: RwLock::new(()),
             closed: AtomicBool::new(false),
             lock: Mutex::new(lock),
+            grows_on_write,
+            failed: Mutex::new(None),
+            is_failed: AtomicBool::new(false),
+            flusher: Mutex::new(FlushState::default()),
+            flushed: std::sync::Condvar::new(),
         };
         img.load_metadata()?;
         Ok(img)
@@ -429,12 +453,25 @@ impl Image {
             )
         };
         let n = Self::l1_loaded_len(&g, size);
-        let mut bytes = vec![0u8; n as usize * 8];
-        self.storage
-            .read_at(&mut bytes, l1_off)
-            .ctx(|| "reading L1 table".into())?;
+        // Free the old table first and read in pieces: peak memory stays one table plus 512 KiB.
+        *wlock(&self.l1) = L1 {
+            entries: Vec::new(),
+            bad: Vec::new(),
+        };
+        wlock(&self.l2_tables).clear();
         let mut entries = Vec::with_capacity(n as usize);
-        table::decode_entries(&bytes, &mut entries);
+        let mut bytes = Vec::new();
+        let mut done = 0;
+        while done < n {
+            let count = (n - done).min(64 * 1024);
+            bytes.resize(count as usize * 8, 0);
+            let at = l1_off + done * 8;
+            self.storage
+                .read_at(&mut bytes, at)
+                .ctx(|| format!("reading L1 table at {at:#x}"))?;
+            table::decode_entries(&bytes, &mut entries);
+            done += count;
+        }
         drop(bytes);
         let (bad, tables) = Self::validate_l1(&g, &entries, header_bytes, l1_off, file_len);
         *wlock(&self.l1) = L1 { entries, bad };
@@ -466,10 +503,12 @@ impl Image {
         header_bytes: u64,
         l1_off: u64,
         file_len: u64,
-    ) -> (Vec<bool>, BTreeSet<u64>) {
+    ) -> (Vec<bool>, Vec<u64>) {
         let tb = g.table_bytes();
         let mut bad = vec![false; entries.len()];
-        let mut valid: Vec<(u64, usize)> = Vec::new();
+        // Sorted offsets of the entries that pass the single-entry rules (8 bytes each: the
+        // number of tables is bounded by the L1 entries kept, at most 2^21).
+        let mut valid: Vec<u64> = Vec::new();
         for (i, &e) in entries.iter().enumerate() {
             if e == 0 {
                 continue;
@@ -479,23 +518,23 @@ impl Image {
                 && e.checked_add(tb).is_some_and(|end| end <= file_len)
                 && (e + tb <= l1_off || e >= l1_off + tb);
             if ok {
-                valid.push((e, i));
+                valid.push(e);
             } else {
                 bad[i] = true;
             }
         }
         valid.sort_unstable();
-        for w in valid.windows(2) {
-            if w[1].0 < w[0].0 + tb {
-                bad[w[0].1] = true;
-                bad[w[1].1] = true;
+        // Tables that overlap another (or are named twice) are all refused.
+        let overlaps = |e: u64| {
+            let i = valid.partition_point(|&v| v < e);
+            (i > 0 && valid[i - 1] + tb > e) || valid.get(i + 1).is_some_and(|&n| n < e + tb)
+        };
+        for (i, &e) in entries.iter().enumerate() {
+            if e != 0 && !bad[i] && overlaps(e) {
+                bad[i] = true;
             }
         }
-        let tables = valid
-            .iter()
-            .filter(|(_, i)| !bad[*i])
-            .map(|(e, _)| *e)
-            .collect();
+        let tables: Vec<u64> = valid.iter().copied().filter(|&e| !overlaps(e)).collect();
         (bad, tables)
     }
 
@@ -549,7 +588,54 @@ impl Image {
         })
     }
 
+    /// Records a failed metadata write: the image refuses further requests until reopened.
+    pub(super) fn fail(&self, e: Error) -> Error {
+        let mut f = lock(&self.failed);
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+        self.is_failed.store(true, Ordering::Release);
+        e
+    }
+
+    /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
+    /// that started after this call has completed.
+    pub(super) fn sync(&self) -> Result<()> {
+        let mut st = lock(&self.flusher);
+        let target = st.started + 1;
+        loop {
+            if st.completed >= target {
+                return Ok(());
+            }
+            if st.running {
+                st = self
+                    .flushed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            st.running = true;
+            st.started += 1;
+            let mine = st.started;
+            drop(st);
+            let r = self.storage.flush();
+            st = lock(&self.flusher);
+            st.running = false;
+            if r.is_ok() {
+                st.completed = mine;
+            }
+            self.flushed.notify_all();
+            r.ctx(|| "flushing image".into())?;
+        }
+    }
+
     fn check_usable(&self) -> Result<()> {
+        if self.is_failed.load(Ordering::Acquire) {
+            let why = lock(&self.failed).clone().unwrap_or_default();
+            return Err(Error::Failed(format!(
+                "{why}; reopen the image to repair it"
+            )));
+        }
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::InvalidArgument {
                 what: "image",
@@ -603,7 +689,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
-        self.storage.flush().ctx(|| "flushing image".into())
+        self.sync()
     }
 
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
@@ -660,7 +746,12 @@ impl Image {
                     }
                 }
                 let mut set = wlock(&self.l2_tables);
+                let tables: Vec<u64> = tables
+                    .into_iter()
+                    .filter(|t| set.binary_search(t).is_err())
+                    .collect();
                 set.extend(tables);
+                set.sort_unstable();
                 l1.entries = all;
                 l1.bad = bad;
             }
@@ -755,6 +846,20 @@ impl Image {
         Ok(())
     }
 
+    /// Data clusters are allocated without extending the file; their writes grow it, possibly
+    /// not to the end of the last cluster. Make the file end on the allocation end again (for
+    /// QEMU, which allocates at the file's end, and for check).
+    fn square_file_length(&self) -> Result<()> {
+        let next = *lock(&self.alloc);
+        let len = self.storage.len().ctx(|| "reading image length".into())?;
+        if len < next {
+            self.storage
+                .set_len(next)
+                .ctx(|| "extending image file".into())?;
+        }
+        Ok(())
+    }
+
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
@@ -766,6 +871,9 @@ impl Image {
         if fix.any() {
             // A crash in the middle of a repair is repaired at the next open.
             self.mark_dirty()?;
+        }
+        if self.writable {
+            self.square_file_length()?;
         }
         let header = lock(&self.hs).header.clone();
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
@@ -803,6 +911,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
+        self.square_file_length()?;
         self.storage.flush().ctx(|| "flushing image".into())?;
         if self.dirty.load(Ordering::Acquire) {
             let mut hs = lock(&self.hs);

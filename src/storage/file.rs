@@ -313,6 +313,25 @@ impl Storage for FileStorage {
         Ok(self.file.metadata()?.len())
     }
 
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        // SAFETY: plain lseek on our own descriptor.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), to_off(offset)?, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // File systems without SEEK_DATA: assume data everywhere.
+            _ => Ok(Some(offset)),
+        }
+    }
+
+    fn grows_on_write(&self) -> bool {
+        // An O_DIRECT bounce write past the end trims its padding with set_len, which could cut
+        // a concurrent write that grew the file; the engine extends the file first instead.
+        !self.direct
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
         let _g = self

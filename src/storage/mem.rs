@@ -184,6 +184,17 @@ impl Storage for MemStorage {
         Ok(self.lock().len)
     }
 
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        let g = self.lock();
+        if offset >= g.len {
+            return Ok(None);
+        }
+        Ok(g.pages
+            .range(offset / PAGE..)
+            .next()
+            .map(|(&p, _)| (p * PAGE).max(offset)))
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         check_range(len, 0)?;
         let mut g = self.lock();

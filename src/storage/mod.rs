@@ -51,6 +51,16 @@ pub trait Storage: Send + Sync {
     }
     /// Sets the length; growing fills with zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether concurrent writes past the end grow the storage safely (no write is ever cut by
+    /// another). When false, the engine extends the storage with `set_len` before writing there.
+    fn grows_on_write(&self) -> bool {
+        true
+    }
+    /// The first offset at or after `offset` that may hold data (not a hole), or `None` when
+    /// only zeros follow. Lets scans of sparse files skip holes; the default knows no holes.
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -74,5 +84,11 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn grows_on_write(&self) -> bool {
+        (**self).grows_on_write()
+    }
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).data_from(offset)
     }
 }

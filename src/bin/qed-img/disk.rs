@@ -1,0 +1,483 @@
+//! An opened image (QED or raw) and its backing chain, with reads, writes and block status the
+//! way QEMU's block layer reports it, so that `map`, `convert` and `compare` walk an image as
+//! qemu-img does.
+
+use crate::common::{format_of, io_msg, path_combine, CliError, CliResult, Context, Fmt};
+use qed::storage::lock::{lock_image, ImageLock, LockMode};
+use qed::{Backing, ExtentKind, FileStorage, Image, OpenOptions, Storage};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct OpenMode {
+    pub(crate) writable: bool,
+    pub(crate) force_share: bool,
+    pub(crate) direct: bool,
+    pub(crate) no_backing: bool,
+    pub(crate) no_repair: bool,
+}
+
+/// A raw file with its lock (when we took one).
+pub(crate) struct RawFile {
+    pub(crate) storage: FileStorage,
+    _lock: Option<ImageLock>,
+}
+
+impl RawFile {
+    pub(crate) fn open(path: &str, mode: &OpenMode, lock: bool) -> CliResult<RawFile> {
+        let storage = FileStorage::open(Path::new(path), mode.writable, mode.direct)
+            .map_err(|e| CliError::new(format!("Could not open '{path}': {}", io_msg(&e))))?;
+        let lock = if lock {
+            let m = if mode.writable {
+                LockMode::ReadWrite
+            } else if mode.force_share {
+                LockMode::ForceShare
+            } else {
+                LockMode::ReadOnly
+            };
+            Some(lock_image(storage.file(), m).map_err(|e| {
+                CliError::new(format!(
+                    "Could not open '{path}': Failed to get \"{}\" lock: {}",
+                    if mode.writable {
+                        "write"
+                    } else {
+                        "consistent read"
+                    },
+                    io_msg(&e)
+                ))
+            })?)
+        } else {
+            None
+        };
+        Ok(RawFile {
+            storage,
+            _lock: lock,
+        })
+    }
+
+    /// Length of the file.
+    pub(crate) fn len(&self) -> CliResult<u64> {
+        self.storage.len().ctx(|| "reading file length".into())
+    }
+}
+
+/// One layer of a chain.
+pub(crate) enum Layer {
+    Qed { img: Arc<Image>, path: String },
+    Raw { file: RawFile, path: String },
+}
+
+impl Layer {
+    pub(crate) fn path(&self) -> &str {
+        match self {
+            Layer::Qed { path, .. } | Layer::Raw { path, .. } => path,
+        }
+    }
+    /// Size as the block layer sees it (raw files round up to whole sectors).
+    pub(crate) fn size(&self) -> CliResult<u64> {
+        match self {
+            Layer::Qed { img, .. } => Ok(img.size()),
+            Layer::Raw { file, path } => Ok(file
+                .len()
+                .map_err(|e| CliError::new(format!("{path}: {e}")))?
+                .next_multiple_of(512)),
+        }
+    }
+}
+
+/// What one layer says about a range (QEMU's BDRV_BLOCK_* flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LayerStatus {
+    pub(crate) data: bool,
+    pub(crate) zero: bool,
+    pub(crate) allocated: bool,
+    /// Host offset in the layer's file (BDRV_BLOCK_OFFSET_VALID).
+    pub(crate) offset: Option<u64>,
+    pub(crate) len: u64,
+}
+
+/// `qemu-img map`'s view of a range: the first layer that decides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Status {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+    pub(crate) depth: usize,
+    pub(crate) present: bool,
+    pub(crate) zero: bool,
+    pub(crate) data: bool,
+    pub(crate) offset: Option<u64>,
+    /// The layer whose file `offset` points into.
+    pub(crate) layer: Option<usize>,
+}
+
+/// An open image with its chain: `layers[0]` is the image itself.
+pub(crate) struct Disk {
+    pub(crate) path: String,
+    pub(crate) fmt: Fmt,
+    pub(crate) layers: Vec<Layer>,
+}
+
+/// `qed::Error`s as one line, naming the file.
+pub(crate) fn open_err(path: &str, e: impl std::fmt::Display) -> CliError {
+    CliError::new(format!("Could not open '{path}': {e}"))
+}
+
+impl Disk {
+    /// Opens `path` as `fmt` (probed when `None`).
+    pub(crate) fn open(path: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        let fmt = format_of(path, fmt)?;
+        let mut layers = Vec::new();
+        match fmt {
+            Fmt::Raw => layers.push(Layer::Raw {
+                file: RawFile::open(path, mode, true)?,
+                path: path.to_string(),
+            }),
+            Fmt::Qed => {
+                if Path::new(path).is_dir() {
+                    return Err(open_err(path, "Is a directory"));
+                }
+                let opts = OpenOptions {
+                    writable: mode.writable,
+                    force_share: mode.force_share && !mode.writable,
+                    direct: mode.direct,
+                    no_backing: mode.no_backing,
+                    no_repair: mode.no_repair,
+                    ..OpenOptions::read_only()
+                };
+                let img = Image::open(path, &opts).map_err(|e| open_err(path, e))?;
+                let mut cur = Arc::new(img);
+                let mut cur_path = path.to_string();
+                layers.push(Layer::Qed {
+                    img: cur.clone(),
+                    path: cur_path.clone(),
+                });
+                loop {
+                    let Some(b) = cur.backing() else { break };
+                    let name = cur
+                        .info()
+                        .map_err(|e| open_err(&cur_path, e))?
+                        .backing_file
+                        .unwrap_or_default();
+                    let bpath = path_combine(&cur_path, &name);
+                    match b {
+                        Backing::Qed(bimg) => {
+                            layers.push(Layer::Qed {
+                                img: bimg.clone(),
+                                path: bpath.clone(),
+                            });
+                            cur = bimg;
+                            cur_path = bpath;
+                        }
+                        Backing::Raw(_) => {
+                            // Our own descriptor, for SEEK_DATA/SEEK_HOLE; the library holds
+                            // the lock.
+                            let ro = OpenMode::default();
+                            layers.push(Layer::Raw {
+                                file: RawFile::open(&bpath, &ro, false)?,
+                                path: bpath,
+                            });
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Disk {
+            path: path.to_string(),
+            fmt,
+            layers,
+        })
+    }
+
+    pub(crate) fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    /// The QED image on top, if the image is QED.
+    pub(crate) fn image(&self) -> Option<&Arc<Image>> {
+        match &self.layers[0] {
+            Layer::Qed { img, .. } => Some(img),
+            Layer::Raw { .. } => None,
+        }
+    }
+
+    /// Virtual size.
+    pub(crate) fn size(&self) -> CliResult<u64> {
+        self.layers[0].size()
+    }
+
+    /// Reads guest bytes; past the end they read as zeros.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> CliResult<()> {
+        let r = match &self.layers[0] {
+            Layer::Qed { img, .. } => {
+                let size = img.size();
+                let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+                buf[inside..].fill(0);
+                if inside > 0 {
+                    img.read_at(offset, &mut buf[..inside])
+                        .map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            }
+            Layer::Raw { file, .. } => file.storage.read_at(buf, offset).map_err(|e| io_msg(&e)),
+        };
+        r.map_err(|e| {
+            CliError::new(format!(
+                "error while reading {} at offset {offset}: {e}",
+                self.path
+            ))
+        })
+    }
+
+    /// Writes guest bytes.
+    pub(crate) fn write_at(&self, offset: u64, buf: &[u8]) -> CliResult<()> {
+        let r = match &self.layers[0] {
+            Layer::Qed { img, .. } => img.write_at(offset, buf).map_err(|e| e.to_string()),
+            Layer::Raw { file, .. } => file.storage.write_at(buf, offset).map_err(|e| io_msg(&e)),
+        };
+        r.map_err(|e| {
+            CliError::new(format!(
+                "error while writing {} at offset {offset}: {e}",
+                self.path
+            ))
+        })
+    }
+
+    /// Makes a range read as zeros (QED: zero clusters where whole clusters are covered).
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> CliResult<()> {
+        let r = match &self.layers[0] {
+            Layer::Qed { img, .. } => img.write_zeroes(offset, len).map_err(|e| e.to_string()),
+            Layer::Raw { file, .. } => punch_or_write_zeroes(&file.storage, offset, len),
+        };
+        r.map_err(|e| {
+            CliError::new(format!(
+                "error while writing zeroes to {} at offset {offset}: {e}",
+                self.path
+            ))
+        })
+    }
+
+    pub(crate) fn flush(&self) -> CliResult<()> {
+        let r = match &self.layers[0] {
+            Layer::Qed { img, .. } => img.flush().map_err(|e| e.to_string()),
+            Layer::Raw { file, .. } => file.storage.flush().map_err(|e| io_msg(&e)),
+        };
+        r.map_err(|e| CliError::new(format!("error while flushing {}: {e}", self.path)))
+    }
+
+    /// Flushes and closes; a QED image clears its need-check bit.
+    pub(crate) fn close(self) -> CliResult<()> {
+        let path = self.path.clone();
+        for l in self.layers {
+            match l {
+                Layer::Qed { img, path: p } => {
+                    // Backing images stay referenced by the image above until it is dropped.
+                    if let Ok(img) = Arc::try_unwrap(img) {
+                        img.close()
+                            .map_err(|e| CliError::new(format!("error while closing {p}: {e}")))?;
+                    }
+                }
+                Layer::Raw { file, .. } => {
+                    if file.storage.is_writable() {
+                        file.storage
+                            .flush()
+                            .map_err(|e| CliError::new(format!("{path}: {}", io_msg(&e))))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What layer `i` alone says about `[offset, offset + bytes)` (QEMU's `bdrv_block_status`
+    /// with want_zero). `offset` lies inside the layer.
+    pub(crate) fn layer_status(&self, i: usize, offset: u64, bytes: u64) -> CliResult<LayerStatus> {
+        let layer = &self.layers[i];
+        let size = layer.size()?;
+        if offset >= size {
+            return Ok(LayerStatus {
+                zero: true,
+                len: 0,
+                ..Default::default()
+            });
+        }
+        let bytes = bytes.min(size - offset);
+        match layer {
+            Layer::Qed { img, path } => {
+                // QED reports at most one L2 table's range at a time.
+                let g = img.geometry();
+                let bits = g.l2_coverage_bits();
+                let bytes = if bits < 64 {
+                    let cov = 1u64 << bits;
+                    bytes.min((offset & !(cov - 1)).saturating_add(cov) - offset)
+                } else {
+                    bytes
+                };
+                let ext = img
+                    .block_status(offset, bytes)
+                    .map_err(|e| CliError::new(format!("{path}: {e}")))?;
+                let mut st = LayerStatus {
+                    len: ext.length,
+                    ..Default::default()
+                };
+                match ext.kind {
+                    ExtentKind::Data { host_offset } => {
+                        st.data = true;
+                        st.allocated = true;
+                        st.offset = Some(host_offset);
+                    }
+                    ExtentKind::Zero => {
+                        st.zero = true;
+                        st.allocated = true;
+                    }
+                    ExtentKind::Unallocated => match self.layers.get(i + 1) {
+                        None => st.zero = true,
+                        Some(b) => {
+                            if offset >= b.size()? {
+                                st.zero = true;
+                            }
+                        }
+                    },
+                }
+                Ok(st)
+            }
+            Layer::Raw { file, path } => {
+                let fd = file.storage.file().as_raw_fd();
+                let file_len = file.len()?;
+                let (data, len) = seek_status(fd, offset, bytes, file_len)
+                    .map_err(|e| CliError::new(format!("{path}: {}", io_msg(&e))))?;
+                Ok(LayerStatus {
+                    data,
+                    zero: !data,
+                    allocated: true,
+                    offset: Some(offset),
+                    len,
+                })
+            }
+        }
+    }
+
+    /// qemu-img map's `get_block_status`: walk down the chain until a layer decides the range.
+    pub(crate) fn status(&self, offset: u64, bytes: u64) -> CliResult<Status> {
+        let mut bytes = bytes;
+        let mut depth = 0;
+        loop {
+            let st = self.layer_status(depth, offset, bytes)?;
+            if st.len == 0 {
+                // Past the end of this layer (cannot happen below a layer that checked it).
+                return Ok(Status {
+                    start: offset,
+                    len: bytes,
+                    depth,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    offset: None,
+                    layer: None,
+                });
+            }
+            if st.zero || st.data || depth + 1 == self.layers.len() {
+                return Ok(Status {
+                    start: offset,
+                    len: st.len,
+                    depth,
+                    present: st.allocated,
+                    zero: st.zero,
+                    data: st.data,
+                    offset: st.offset,
+                    layer: st.offset.map(|_| depth),
+                });
+            }
+            bytes = st.len;
+            depth += 1;
+        }
+    }
+}
+
+/// file-posix's block status: data or hole at `offset` (via SEEK_DATA / SEEK_HOLE), and how far
+/// it reaches (at most `bytes`).
+fn seek_status(fd: i32, offset: u64, bytes: u64, file_len: u64) -> std::io::Result<(bool, u64)> {
+    // SAFETY: lseek on a descriptor we own has no memory effects.
+    let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // A trailing hole.
+            Some(libc::ENXIO) => Ok((false, bytes)),
+            // No information: everything is data.
+            _ => Ok((true, bytes)),
+        };
+    }
+    let data = data as u64;
+    if data > offset {
+        return Ok((false, (data - offset).min(bytes)));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Ok((true, bytes));
+    }
+    if hole as u64 >= file_len {
+        // Data up to the end of the file covers the partial sector at its end too.
+        return Ok((true, bytes));
+    }
+    Ok((true, (hole as u64 - offset).min(bytes)))
+}
+
+/// Zeroes a range of a raw file: punch a hole (keeping the size), or write zeros if the file
+/// system cannot.
+fn punch_or_write_zeroes(storage: &FileStorage, offset: u64, len: u64) -> Result<(), String> {
+    let fd = storage.file().as_raw_fd();
+    // SAFETY: fallocate on our own descriptor has no memory effects.
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
+        storage.write_at(&zeros[..n], pos).map_err(|e| io_msg(&e))?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) a raw file of `size` bytes, sparse, with its first block written as
+/// qemu-img does (so that O_DIRECT alignment probing works on it).
+pub(crate) fn create_raw(path: &str, size: u64) -> CliResult<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| CliError::new(format!("{path}: Could not create '{path}': {}", io_msg(&e))))?;
+    let _lock = lock_image(&f, LockMode::ReadWrite).map_err(|e| {
+        CliError::new(format!(
+            "{path}: Failed to get \"write\" lock: {}",
+            io_msg(&e)
+        ))
+    })?;
+    let err = |e: std::io::Error| CliError::new(format!("{path}: {}", io_msg(&e)));
+    f.set_len(0).map_err(err)?;
+    f.set_len(size).map_err(err)?;
+    if size > 0 {
+        use std::os::unix::fs::FileExt;
+        let first = vec![0u8; size.min(4096) as usize];
+        f.write_all_at(&first, 0).map_err(err)?;
+    }
+    f.sync_data().map_err(err)?;
+    Ok(())
+}

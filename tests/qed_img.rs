@@ -1,0 +1,925 @@
+//! `qed-img` against `qemu-img` 10.x as the oracle: every subcommand runs on images qemu-img and
+//! qemu-io made, and its results are checked with qemu-img (identical `map` and `check` output,
+//! identical `convert` files, `qemu-img compare` after our convert / commit / rebase).
+//!
+//! Needs `qemu-img` and `qemu-io` (Debian `qemu-utils`): the tests fail, never skip, without them.
+//! Commands run inside a temporary folder with relative file names, so that outputs that name
+//! files are the same for both tools. QEMU's known bugs are kept out of the way: no 4 KiB-cluster
+//! image of 16 MiB or more is checked by qemu-img, no table_size 1 image is given to it, and no
+//! run of 4 GiB or more is mapped by it.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+const QED_IMG: &str = env!("CARGO_BIN_EXE_qed-img");
+
+#[derive(Debug)]
+struct Out {
+    what: String,
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    #[track_caller]
+    fn ok(self) -> Out {
+        assert_eq!(
+            self.code, 0,
+            "{} failed\nstdout:\n{}\nstderr:\n{}",
+            self.what, self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+fn require_qemu() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        for tool in ["qemu-img", "qemu-io"] {
+            let ok = Command::new(tool)
+                .arg("--version")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(
+                ok,
+                "{tool} is needed by the qed-img tests; install qemu-utils (apt-get install qemu-utils)"
+            );
+        }
+    });
+}
+
+/// A temporary folder where commands run with relative names.
+struct Dir {
+    _tmp: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        require_qemu();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().to_path_buf();
+        Dir { _tmp: tmp, path }
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) -> Out {
+        let out = Command::new(prog)
+            .args(args)
+            .current_dir(&self.path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+        Out {
+            what: format!("{prog} {}", args.join(" ")),
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    fn qemu(&self, args: &[&str]) -> Out {
+        self.run("qemu-img", args)
+    }
+    fn ours(&self, args: &[&str]) -> Out {
+        self.run(QED_IMG, args)
+    }
+    /// qemu-io with writeback cache, commands given as `-c` strings.
+    fn qio(&self, fmt: &str, file: &str, cmds: &[&str]) {
+        let mut args = vec!["-f", fmt, "-t", "writeback"];
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(file);
+        self.run("qemu-io", &args).ok();
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+    fn bytes(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.p(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"))
+    }
+    fn copy(&self, from: &str, to: &str) {
+        std::fs::copy(self.p(from), self.p(to)).expect("copy");
+    }
+}
+
+/// Runs the same arguments through both tools and asserts identical stdout and exit code.
+#[track_caller]
+fn same(d: &Dir, args: &[&str]) -> Out {
+    let q = d.qemu(args);
+    let o = d.ours(args);
+    assert_eq!(
+        (q.code, &q.stdout),
+        (o.code, &o.stdout),
+        "`{}`: qemu-img (left) and qed-img (right) differ\nqemu stderr: {}\nour stderr: {}",
+        args.join(" "),
+        q.stderr,
+        o.stderr
+    );
+    o
+}
+
+/// Our `info` output without the QED-only `format-specific` section.
+fn strip_qed_specific(s: &str) -> String {
+    let mut s = s.replace(
+        "Format specific information:\n    header size: 1\n    table size: 4\n",
+        "",
+    );
+    let key = "    \"format-specific\": {\n        \"type\": \"qed\",";
+    if let Some(i) = s.find(key) {
+        let end = s[i..].find("\n    },\n").expect("end of format-specific") + i;
+        s.replace_range(i..end + "\n    },\n".len(), "");
+    }
+    s
+}
+
+/// A raw base with data and holes, a QED overlay with data, a zero cluster, and a size larger
+/// than the base's.
+fn raw_chain(d: &Dir) {
+    d.qemu(&["create", "-q", "-f", "raw", "base.raw", "8M"])
+        .ok();
+    d.qio(
+        "raw",
+        "base.raw",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 3M 64k",
+            "write -P 0x23 7M 512",
+        ],
+    );
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "ov.qed", "16M",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        "ov.qed",
+        &[
+            "write -P 0x33 512k 128k",
+            "write -z 2M 128k",
+            "write -P 0x44 5M 4k",
+            "write -P 0x45 9M 64k",
+        ],
+    );
+}
+
+/// A three-level QED chain: base.qed <- mid.qed <- top.qed.
+fn qed_chain(d: &Dir) {
+    d.qemu(&["create", "-q", "-f", "qed", "base.qed", "4M"])
+        .ok();
+    d.qio(
+        "qed",
+        "base.qed",
+        &["write -P 1 0 256k", "write -z 1M 64k", "write -P 2 3M 64k"],
+    );
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "base.qed", "-F", "qed", "mid.qed", "6M",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        "mid.qed",
+        &["write -P 3 128k 64k", "write -P 4 1M 128k"],
+    );
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "mid.qed", "-F", "qed", "top.qed",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        "top.qed",
+        &["write -P 5 64k 64k", "write -z 3M 64k", "write -P 6 5M 4k"],
+    );
+}
+
+/// 4 KiB clusters, two-cluster tables (4 MiB per L2 table), writes spread over several tables.
+fn small_cluster_image(d: &Dir, name: &str) {
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4k,table_size=2",
+        name,
+        "12M",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        name,
+        &[
+            "write -P 7 0 12k",
+            "write -P 8 4092k 8k",
+            "write -z 5M 16k",
+            "write -P 9 6M 4k",
+            "write -P 10 8190k 4k",
+            "write -P 11 11M 1M",
+        ],
+    );
+}
+
+#[test]
+fn info_matches_qemu() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    for file in ["ov.qed", "top.qed", "base.qed", "base.raw"] {
+        for out in ["human", "json"] {
+            let args = ["info", "--output", out, file];
+            let q = d.qemu(&args).ok();
+            let o = d.ours(&args).ok();
+            assert_eq!(
+                q.stdout,
+                strip_qed_specific(&o.stdout),
+                "info --output={out} {file}"
+            );
+        }
+    }
+    // The QED additions.
+    let o = d.ours(&["info", "--output=json", "ov.qed"]).ok();
+    assert!(o.stdout.contains("\"table-size\": 4") && o.stdout.contains("\"header-size\": 1"));
+    let o = d.ours(&["info", "ov.qed"]).ok();
+    assert!(o.stdout.contains("    table size: 4\n"));
+    // A path with a folder: "actual path" of the backing file.
+    let sub = format!("{}/ov.qed", d.path.display());
+    let q = d.qemu(&["info", &sub]).ok();
+    let o = d.ours(&["info", &sub]).ok();
+    assert_eq!(q.stdout, strip_qed_specific(&o.stdout));
+    assert!(o.stdout.contains("(actual path: "));
+    // --backing-chain lists every image.
+    let o = d.ours(&["info", "--backing-chain", "top.qed"]).ok();
+    assert_eq!(o.stdout.matches("image: ").count(), 3, "{}", o.stdout);
+}
+
+#[test]
+fn info_dirty_flag_and_table_size() {
+    let d = Dir::new();
+    d.qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-o",
+        "table_size=8",
+        "t.qed",
+        "1G",
+    ])
+    .ok();
+    // Set the need-check bit (features bit 1) by hand, as after a crash.
+    let mut b = d.bytes("t.qed");
+    b[16] |= 2;
+    std::fs::write(d.p("t.qed"), &b).unwrap();
+    let q = d.qemu(&["info", "--output=json", "t.qed"]).ok();
+    let o = d.ours(&["info", "--output=json", "t.qed"]).ok();
+    // QEMU's QED driver never reports the need-check bit as dirty; we do.
+    assert!(q.stdout.contains("\n    \"dirty-flag\": false\n"));
+    assert!(o.stdout.contains("\n    \"dirty-flag\": true\n"));
+    let ours = o
+        .stdout
+        .replace(
+            "            \"table-size\": 8\n",
+            "            \"table-size\": 4\n",
+        )
+        .replace(
+            "\n    \"dirty-flag\": true\n",
+            "\n    \"dirty-flag\": false\n",
+        );
+    assert_eq!(q.stdout, strip_qed_specific(&ours));
+    let o = d.ours(&["info", "t.qed"]).ok();
+    assert!(o.stdout.contains("cleanly shut down: no\n"));
+    assert!(o.stdout.contains("    table size: 8\n"));
+}
+
+#[test]
+fn map_matches_qemu() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    small_cluster_image(&d, "small.qed");
+    d.qemu(&["create", "-q", "-f", "qed", "empty.qed", "1G"])
+        .ok();
+    for file in [
+        "ov.qed",
+        "top.qed",
+        "mid.qed",
+        "base.qed",
+        "small.qed",
+        "empty.qed",
+        "base.raw",
+    ] {
+        same(&d, &["map", "--output=json", file]);
+        same(&d, &["map", file]);
+    }
+    same(
+        &d,
+        &[
+            "map",
+            "--output=json",
+            "--start-offset=1M",
+            "--max-length=5M",
+            "ov.qed",
+        ],
+    );
+    // The raw backing file is reported at depth 1 with offsets into it, holes as zero.
+    let o = d.ours(&["map", "--output=json", "ov.qed"]).ok();
+    assert!(o
+        .stdout
+        .contains("\"depth\": 1, \"present\": true, \"zero\": false, \"data\": true"));
+}
+
+#[test]
+fn check_matches_qemu_exit_codes_and_output() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "clean.qed", "10M"])
+        .ok();
+    d.qio(
+        "qed",
+        "clean.qed",
+        &["write -P 1 0 128k", "write -P 2 1M 64k"],
+    );
+    // Leaking: clusters nothing references at the end of the file.
+    d.copy("clean.qed", "leak.qed");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.p("leak.qed"))
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() + 128 * 1024).unwrap();
+    drop(f);
+    // Corrupted: L2 entries past the end of the file and unaligned.
+    d.copy("clean.qed", "bad.qed");
+    let mut b = d.bytes("bad.qed");
+    let l1 = u64::from_le_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(b[l1..l1 + 8].try_into().unwrap()) as usize;
+    b[l2 + 8 * 16..l2 + 8 * 17].copy_from_slice(&0x1000_0000u64.to_le_bytes());
+    b[l2 + 8 * 17..l2 + 8 * 18].copy_from_slice(&0x10001u64.to_le_bytes());
+    std::fs::write(d.p("bad.qed"), &b).unwrap();
+
+    for (file, code) in [("clean.qed", 0), ("leak.qed", 3), ("bad.qed", 2)] {
+        let o = same(&d, &["check", file]);
+        assert_eq!(o.code, code, "{file}");
+        same(&d, &["check", "--output=json", file]);
+        same(&d, &["check", "-q", file]);
+    }
+    // Raw images have no check: qemu-img's exit code 63.
+    d.qemu(&["create", "-q", "-f", "raw", "r.raw", "1M"]).ok();
+    same(&d, &["check", "r.raw"]);
+
+    // Repair: our repair leaves images qemu-img finds clean.
+    d.copy("bad.qed", "bad2.qed");
+    let o = d.ours(&["check", "-r", "all", "bad2.qed"]);
+    assert!(
+        o.stdout
+            .starts_with("The following inconsistencies were found and repaired:\n\n"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("    2 corruptions\n"), "{}", o.stdout);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(d.qemu(&["check", "bad2.qed"]).code, 0);
+    d.copy("leak.qed", "leak2.qed");
+    let o = d.ours(&["check", "-r", "leaks", "--output=json", "leak2.qed"]);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(o.stdout.contains("\"leaks-fixed\": 2"), "{}", o.stdout);
+    assert_eq!(d.qemu(&["check", "leak2.qed"]).code, 0);
+}
+
+#[test]
+fn convert_output_is_identical_to_qemu() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    small_cluster_image(&d, "small.qed");
+    // A raw source with holes, zero runs shorter and longer than 4 KiB inside data, and data
+    // across 2 MiB buffer boundaries and L2 tables.
+    d.qemu(&["create", "-q", "-f", "raw", "src.raw", "40M"])
+        .ok();
+    d.qio(
+        "raw",
+        "src.raw",
+        &[
+            "write -P 1 0 3M",
+            "write -z 4k 2k",
+            "write -z 64k 8k",
+            "write -P 2 5M 1k",
+            "write -P 3 6143k 2M",
+            "write -P 4 33M 512",
+            "write -P 5 40956k 4k",
+        ],
+    );
+    let cases: &[(&str, &[&str])] = &[
+        ("ov.qed", &["-O", "raw"]),
+        ("ov.qed", &["-O", "qed"]),
+        (
+            "top.qed",
+            &["-O", "qed", "-o", "cluster_size=4k,table_size=2"],
+        ),
+        ("small.qed", &["-O", "qed"]),
+        ("small.qed", &["-O", "raw"]),
+        ("src.raw", &["-f", "raw", "-O", "qed"]),
+        (
+            "src.raw",
+            &[
+                "-f",
+                "raw",
+                "-O",
+                "qed",
+                "-o",
+                "cluster_size=4096,table_size=2",
+            ],
+        ),
+        (
+            "src.raw",
+            &["-f", "raw", "-O", "qed", "-o", "cluster_size=1M"],
+        ),
+        ("src.raw", &["-f", "raw", "-O", "raw"]),
+        ("base.raw", &["-O", "qed", "-S", "0"]),
+    ];
+    for (i, (src, opts)) in cases.iter().enumerate() {
+        let a = format!("q{i}.out");
+        let b = format!("o{i}.out");
+        let mut qa = vec!["convert"];
+        qa.extend_from_slice(opts);
+        qa.extend_from_slice(&[src, &a]);
+        let mut oa = vec!["convert", "-p"];
+        oa.extend_from_slice(opts);
+        oa.extend_from_slice(&[src, &b]);
+        d.qemu(&qa).ok();
+        let o = d.ours(&oa).ok();
+        // -p shows nothing when not on a terminal.
+        assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("", ""));
+        assert!(
+            d.bytes(&a) == d.bytes(&b),
+            "convert {} {src}: output differs from qemu-img's",
+            opts.join(" ")
+        );
+        assert_eq!(
+            d.qemu(&["compare", src, &b]).code,
+            0,
+            "compare after convert {i}"
+        );
+        // Raw output: sparse the same way, the same data and holes in the files. (QEMU writes the
+        // zeros around data in a new QED cluster; we leave them as holes.)
+        if opts.last() != Some(&"raw") {
+            continue;
+        }
+        let qm = d
+            .qemu(&["map", "--output=json", "-f", "raw", &a])
+            .ok()
+            .stdout;
+        let om = d
+            .qemu(&["map", "--output=json", "-f", "raw", &b])
+            .ok()
+            .stdout;
+        assert_eq!(qm, om, "convert {i}: holes differ");
+    }
+    // Round trip through qed and back.
+    d.ours(&["convert", "-O", "qed", "src.raw", "rt.qed"]).ok();
+    d.ours(&["convert", "-O", "raw", "rt.qed", "rt.raw"]).ok();
+    assert!(d.bytes("rt.raw") == d.bytes("src.raw"));
+    // -n writes into an existing image and zeroes what the source has as zeros.
+    d.qemu(&["create", "-q", "-f", "qed", "n.qed", "16M"]).ok();
+    d.qio("qed", "n.qed", &["write -P 0x77 0 16M"]);
+    d.ours(&["convert", "-n", "-O", "qed", "ov.qed", "n.qed"])
+        .ok();
+    assert_eq!(d.qemu(&["compare", "ov.qed", "n.qed"]).code, 0);
+}
+
+#[test]
+fn compare_matches_qemu() {
+    let d = Dir::new();
+    raw_chain(&d);
+    d.qemu(&["convert", "-O", "raw", "ov.qed", "ov.raw"]).ok();
+    d.qemu(&["convert", "-O", "qed", "ov.qed", "flat.qed"]).ok();
+    d.copy("ov.raw", "diff.raw");
+    d.qio("raw", "diff.raw", &["write -P 0x99 9437696 10"]);
+    d.copy("ov.raw", "big.raw");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.p("big.raw"))
+        .unwrap();
+    f.set_len(20 << 20).unwrap();
+    drop(f);
+    d.copy("big.raw", "bigdiff.raw");
+    d.qio("raw", "bigdiff.raw", &["write -P 1 18M 4k"]);
+    d.qemu(&["create", "-q", "-f", "qed", "zero.qed", "16M"])
+        .ok();
+    for (a, b, code) in [
+        ("ov.qed", "ov.raw", 0),
+        ("ov.raw", "ov.qed", 0),
+        ("ov.qed", "flat.qed", 0),
+        ("ov.qed", "diff.raw", 1),
+        ("diff.raw", "flat.qed", 1),
+        ("ov.qed", "zero.qed", 1),
+        ("ov.qed", "base.raw", 1),
+        ("big.raw", "ov.qed", 0),
+        ("ov.qed", "bigdiff.raw", 1),
+    ] {
+        let o = same(&d, &["compare", a, b]);
+        assert_eq!(o.code, code, "compare {a} {b}: {}", o.stdout);
+        same(&d, &["compare", "-q", a, b]);
+    }
+    // Strict mode: sizes, and the block status of copies. (Where QEMU's block status flags
+    // differ between two images depends on its internals; we compare allocation, zero and data.)
+    d.copy("ov.qed", "ov2.qed");
+    for (a, b) in [("ov.qed", "ov2.qed"), ("big.raw", "ov.qed")] {
+        same(&d, &["compare", "-s", a, b]);
+    }
+    same(
+        &d,
+        &["compare", "-f", "qed", "-F", "raw", "ov.qed", "ov.raw"],
+    );
+    // Errors: exit 2, naming the file.
+    let o = d.ours(&["compare", "ov.qed", "missing.qed"]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("missing.qed"), "{}", o.stderr);
+    assert_eq!(d.qemu(&["compare", "ov.qed", "missing.qed"]).code, 2);
+}
+
+#[test]
+fn create_makes_what_qemu_makes() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "raw", "b.raw", "3M"]).ok();
+    d.qemu(&["create", "-q", "-f", "qed", "b.qed", "5M"]).ok();
+    let cases: &[&[&str]] = &[
+        &["-f", "qed", "X", "1G"],
+        &[
+            "-f",
+            "qed",
+            "-o",
+            "cluster_size=4k,table_size=2",
+            "X",
+            "100M",
+        ],
+        &[
+            "-f",
+            "qed",
+            "-o",
+            "cluster_size=1M",
+            "-o",
+            "table_size=16",
+            "X",
+            "1.5T",
+        ],
+        &["-f", "qed", "-b", "b.raw", "-F", "raw", "X", "16M"],
+        &["-f", "qed", "-b", "b.raw", "-F", "raw", "X"],
+        &["-f", "qed", "-b", "b.qed", "-F", "qed", "X"],
+        &[
+            "-f",
+            "qed",
+            "-o",
+            "backing_file=b.qed,backing_fmt=qed",
+            "X",
+            "7M",
+        ],
+        &["-f", "qed", "X", "1000"],
+        &["-f", "raw", "X", "1000"],
+        &["-f", "raw", "X", "5M"],
+    ];
+    for (i, args) in cases.iter().enumerate() {
+        let q = format!("q{i}.img");
+        let o = format!("o{i}.img");
+        let qa: Vec<&str> = std::iter::once("create")
+            .chain(args.iter().map(|a| if *a == "X" { q.as_str() } else { a }))
+            .collect();
+        let oa: Vec<&str> = std::iter::once("create")
+            .chain(args.iter().map(|a| if *a == "X" { o.as_str() } else { a }))
+            .collect();
+        let qo = d.qemu(&qa).ok();
+        let oo = d.ours(&oa).ok();
+        assert_eq!(
+            qo.stdout.replace(&q, "X"),
+            oo.stdout.replace(&o, "X"),
+            "create {i}"
+        );
+        // Same bytes (QEMU writes the L1 table's zeros, we leave them sparse: same content).
+        assert!(d.bytes(&q) == d.bytes(&o), "create {i}: file differs");
+        if args.contains(&"qed") {
+            assert_eq!(d.qemu(&["check", &o]).code, 0);
+        }
+        let qi = d.qemu(&["info", "--output=json", &q]).ok().stdout;
+        let oi = d.qemu(&["info", "--output=json", &o]).ok().stdout;
+        let strip = |s: &str, n: &str| {
+            s.lines()
+                .filter(|l| !l.contains("actual-size"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .replace(n, "X")
+        };
+        assert_eq!(strip(&qi, &q), strip(&oi, &o), "create {i}: info differs");
+    }
+    // Sizes and options qemu-img refuses are refused.
+    for bad in [
+        &["create", "-f", "qed", "x.qed", "12Q"][..],
+        &[
+            "create",
+            "-f",
+            "qed",
+            "-o",
+            "cluster_size=3000",
+            "x.qed",
+            "1G",
+        ],
+        &["create", "-f", "qed", "-o", "table_size=3", "x.qed", "1G"],
+        &["create", "-f", "qed", "-o", "bogus=1", "x.qed", "1G"],
+        &[
+            "create",
+            "-f",
+            "qed",
+            "-b",
+            "missing.raw",
+            "-F",
+            "raw",
+            "x.qed",
+        ],
+    ] {
+        let o = d.ours(bad);
+        assert_eq!(o.code, 1, "{bad:?}: {}", o.stderr);
+        assert!(o.stderr.starts_with("qed-img: "), "{}", o.stderr);
+    }
+    let o = d.ours(&["create", "-f", "qed", "-o", "help", "x.qed"]).ok();
+    assert!(o.stdout.contains("cluster_size"));
+}
+
+#[test]
+fn resize_grows_like_qemu() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "a.qed", "10M"]).ok();
+    d.qio("qed", "a.qed", &["write -P 1 0 1M"]);
+    d.copy("a.qed", "b.qed");
+    for size in ["+5M", "1G"] {
+        let q = d.qemu(&["resize", "a.qed", size]).ok();
+        let o = d.ours(&["resize", "b.qed", size]).ok();
+        assert_eq!(q.stdout, o.stdout);
+        assert!(
+            d.bytes("a.qed") == d.bytes("b.qed"),
+            "resize {size}: files differ"
+        );
+    }
+    assert_eq!(d.qemu(&["check", "b.qed"]).code, 0);
+    // Shrinking is refused, with and without --shrink.
+    let o = same(&d, &["resize", "b.qed", "1M"]);
+    assert_eq!(o.code, 1);
+    let o = d.ours(&["resize", "--shrink", "b.qed", "-1M"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("b.qed"), "{}", o.stderr);
+    // Raw files resize both ways.
+    d.qemu(&["create", "-q", "-f", "raw", "r.raw", "1M"]).ok();
+    d.ours(&["resize", "r.raw", "+1M"]).ok();
+    assert_eq!(std::fs::metadata(d.p("r.raw")).unwrap().len(), 2 << 20);
+    d.ours(&["resize", "--shrink", "r.raw", "512k"]).ok();
+    assert_eq!(std::fs::metadata(d.p("r.raw")).unwrap().len(), 512 << 10);
+}
+
+#[test]
+fn rebase_unsafe_and_safe() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    // -u: header only, same bytes as qemu-img's.
+    d.copy("ov.qed", "u1.qed");
+    d.copy("ov.qed", "u2.qed");
+    d.qemu(&["rebase", "-u", "-b", "base.qed", "-F", "qed", "u1.qed"])
+        .ok();
+    d.ours(&["rebase", "-u", "-b", "base.qed", "-F", "qed", "u2.qed"])
+        .ok();
+    assert!(
+        d.bytes("u1.qed") == d.bytes("u2.qed"),
+        "rebase -u: files differ"
+    );
+    d.qemu(&["rebase", "-u", "-b", "", "u1.qed"]).ok();
+    d.ours(&["rebase", "-u", "-b", "", "u2.qed"]).ok();
+    assert!(
+        d.bytes("u1.qed") == d.bytes("u2.qed"),
+        "rebase -u -b '': files differ"
+    );
+
+    // Safe rebase: the guest contents stay the same, onto another file or onto none.
+    for (img, new, fmt) in [
+        ("ov.qed", "base.qed", "qed"),
+        ("top.qed", "base.qed", "qed"),
+        ("top.qed", "base.raw", "raw"),
+        ("ov.qed", "", ""),
+        ("top.qed", "", ""),
+    ] {
+        let orig = format!("{img}.orig.raw");
+        let work = format!("w-{img}");
+        d.copy(img, &work);
+        d.qemu(&["convert", "-O", "raw", img, &orig]).ok();
+        let mut args = vec!["rebase", "-p", "-b", new];
+        if !fmt.is_empty() {
+            args.extend_from_slice(&["-F", fmt]);
+        }
+        args.push(&work);
+        d.ours(&args).ok();
+        let o = d.qemu(&["compare", &orig, &work]);
+        assert_eq!(o.code, 0, "rebase {img} onto '{new}': {}", o.stdout);
+        assert_eq!(d.qemu(&["check", &work]).code, 0);
+        let info = d.qemu(&["info", "--output=json", &work]).ok().stdout;
+        if new.is_empty() {
+            assert!(!info.contains("backing-filename"), "{info}");
+        } else {
+            assert!(
+                info.contains(&format!("\"backing-filename\": \"{new}\"")),
+                "{info}"
+            );
+        }
+    }
+}
+
+#[test]
+fn commit_into_raw_and_qed() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    for (top, base) in [("ov.qed", "base.raw"), ("top.qed", "mid.qed")] {
+        // Oracle: qemu-img commit on copies.
+        let dq = Dir::new();
+        for f in ["base.raw", "ov.qed", "base.qed", "mid.qed", "top.qed"] {
+            std::fs::copy(d.p(f), dq.p(f)).unwrap();
+        }
+        dq.qemu(&["commit", top]).ok();
+        let before = format!("{top}.raw");
+        d.qemu(&["convert", "-O", "raw", top, &before]).ok();
+        let o = d.ours(&["commit", "-p", top]).ok();
+        assert_eq!(o.stdout, "Image committed.\n");
+        // The base now reads as the overlay did.
+        let base_raw = format!("{base}.after.raw");
+        d.qemu(&["convert", "-O", "raw", base, &base_raw]).ok();
+        assert_eq!(
+            d.qemu(&["compare", &before, &base_raw]).code,
+            0,
+            "commit {top}"
+        );
+        // ... and as qemu-img's committed base.
+        let theirs = format!("{}/{base}", dq.path.display());
+        assert_eq!(d.qemu(&["compare", &theirs, base]).code, 0);
+        if base.ends_with(".qed") {
+            assert_eq!(d.qemu(&["check", base]).code, 0);
+        }
+    }
+    let o = d.ours(&["commit", "base.qed"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("base.qed"), "{}", o.stderr);
+}
+
+#[test]
+fn bench_output_and_effects() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "b.qed", "64M"]).ok();
+    let check_lines = |o: &Out, first: &str| {
+        let lines: Vec<&str> = o.stdout.lines().collect();
+        assert_eq!(lines[0], first, "{}", o.stdout);
+        let last = lines.last().unwrap();
+        assert!(
+            last.starts_with("Run completed in ") && last.ends_with(" seconds."),
+            "{}",
+            o.stdout
+        );
+        let secs = &last["Run completed in ".len()..last.len() - " seconds.".len()];
+        assert!(secs.parse::<f64>().is_ok() && secs.split('.').nth(1).unwrap().len() == 3);
+    };
+    let args = [
+        "bench",
+        "-w",
+        "-c",
+        "2000",
+        "-d",
+        "8",
+        "-s",
+        "4k",
+        "-S",
+        "64k",
+        "--pattern=165",
+        "b.qed",
+    ];
+    let o = d.ours(&args).ok();
+    check_lines(
+        &o,
+        "Sending 2000 write requests, 4096 bytes each, 8 in parallel (starting at offset 0, step size 65536)",
+    );
+    let q = d.qemu(&args).ok();
+    assert_eq!(q.stdout.lines().next(), o.stdout.lines().next());
+    assert_eq!(d.qemu(&["check", "b.qed"]).code, 0);
+    // 2000 steps of 64 KiB wrap at 64 MiB (1024 steps): every 64 KiB cluster starts with the
+    // pattern.
+    d.qio(
+        "qed",
+        "b.qed",
+        &["read -P 165 0 4k", "read -P 165 63M 4k", "read -P 0 4k 60k"],
+    );
+    let o = d
+        .ours(&[
+            "bench",
+            "-w",
+            "-c",
+            "1000",
+            "-d",
+            "4",
+            "-o",
+            "4096",
+            "--flush-interval=100",
+            "-t",
+            "none",
+            "b.qed",
+        ])
+        .ok();
+    assert!(o.stdout.contains("Sending flush every 100 requests\n"));
+    let o = d
+        .ours(&[
+            "bench",
+            "-w",
+            "-c",
+            "300",
+            "--flush-interval=7",
+            "--no-drain",
+            "-n",
+            "b.qed",
+        ])
+        .ok();
+    assert!(o
+        .stdout
+        .starts_with("Sending 300 write requests, 4096 bytes each, 64 in parallel"));
+    let o = d
+        .ours(&["bench", "-c", "5000", "-d", "16", "-s", "64k", "b.qed"])
+        .ok();
+    check_lines(
+        &o,
+        "Sending 5000 read requests, 65536 bytes each, 16 in parallel (starting at offset 0, step size 65536)",
+    );
+    assert_eq!(d.qemu(&["check", "b.qed"]).code, 0);
+    // Raw files too.
+    d.qemu(&["create", "-q", "-f", "raw", "b.raw", "8M"]).ok();
+    d.ours(&[
+        "bench",
+        "-f",
+        "raw",
+        "-w",
+        "-c",
+        "100",
+        "--pattern=7",
+        "b.raw",
+    ])
+    .ok();
+    d.qio("raw", "b.raw", &["read -P 7 0 400k"]);
+    // Invalid arguments.
+    assert_eq!(d.ours(&["bench", "-d", "0", "b.qed"]).code, 1);
+    assert_eq!(d.ours(&["bench", "--flush-interval=3", "b.qed"]).code, 1);
+}
+
+#[test]
+fn errors_name_the_file() {
+    let d = Dir::new();
+    for args in [
+        &["info", "nope.qed"][..],
+        &["check", "nope.qed"],
+        &["map", "nope.qed"],
+        &["convert", "-O", "qed", "nope.qed", "x.qed"],
+        &["resize", "nope.qed", "+1M"],
+        &["rebase", "-u", "-b", "x", "nope.qed"],
+        &["commit", "nope.qed"],
+        &["bench", "nope.qed"],
+    ] {
+        let o = d.ours(args);
+        assert_eq!(o.code, 1, "{args:?}");
+        assert!(
+            o.stderr.starts_with("qed-img: ") && o.stderr.contains("nope.qed"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+    // A file held by a writer: refused, naming it.
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", "-c", "sleep 3000", "held.raw"])
+        .current_dir(&d.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::fs::write(d.p("held.raw"), vec![0u8; 4096]).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let o = d.ours(&["resize", "-f", "raw", "held.raw", "+1M"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("held.raw"), "{}", o.stderr);
+    // Usage errors exit 1 too.
+    assert_eq!(d.ours(&["info"]).code, 1);
+    assert_eq!(d.ours(&["frobnicate"]).code, 1);
+    assert_eq!(d.ours(&["--help"]).code, 0);
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let o = Command::new(QED_IMG).arg("--help").output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout);
+    for sub in [
+        "create", "info", "check", "map", "convert", "compare", "resize", "rebase", "commit",
+        "bench",
+    ] {
+        assert!(s.contains(sub), "{sub} missing from --help:\n{s}");
+    }
+}
