@@ -211,13 +211,25 @@ impl Image {
         ((CHUNK_ENTRIES - in_chunk) << cb) - (pos - cluster_start)
     }
 
+    /// Bytes from `pos` to the end of the guest range its L2 table maps.
+    fn to_table_end(&self, pos: u64) -> u64 {
+        let bits = self.geometry.l2_coverage_bits();
+        if bits >= 64 {
+            return u64::MAX - pos;
+        }
+        let cov = 1u64 << bits;
+        cov - (pos & (cov - 1))
+    }
+
     /// Allocates clusters for the unallocated (or zero) run at `pos`, writes the caller's data
     /// with copy-on-write around it, then points the L2 entries at it. Returns the bytes written,
     /// or 0 when another writer allocated the clusters first (the caller then writes in place).
     fn allocate_write(&self, pos: u64, len: u64, cur: &mut SgRef<'_>) -> Result<u64> {
         let g = self.geometry;
         let cb = g.cluster_bits();
-        let len = len.min(self.to_chunk_end(pos));
+        // A run may span pieces of a table that does not exist yet (so the whole run is
+        // allocated before the table, as QEMU lays files out), but never two tables.
+        let len = len.min(self.to_table_end(pos));
         let c0 = pos >> cb;
         let c1 = (pos + len - 1) >> cb;
         let _range = self.ranges.lock(c0, c1 + 1);
@@ -307,36 +319,44 @@ impl Image {
         Ok(start)
     }
 
-    /// Points the L2 entries of the clusters starting at guest `pos` (all in one chunk) at
-    /// `values`, creating the L2 table if needed. The data must already be written.
+    /// Points the L2 entries of the clusters starting at guest `pos` (all in one L2 table) at
+    /// `values`, creating the table if needed. The data must already be written.
     fn install_entries(&self, pos: u64, values: &[u64]) -> Result<()> {
         let g = self.geometry;
         let l1i = g.l1_index(pos) as usize;
         let l2i = g.l2_index(pos);
-        let ci = l2i / CHUNK_ENTRIES;
-        let first = (l2i % CHUNK_ENTRIES) as usize;
-        debug_assert!(first + values.len() <= CHUNK_ENTRIES as usize);
-        loop {
-            let table = rlock(&self.l1).entries[l1i];
-            if table == 0 {
-                if self.create_table(l1i, ci, first, values)? {
-                    return Ok(());
-                }
-                continue;
-            }
+        debug_assert!(l2i + values.len() as u64 <= g.table_entries());
+        // Split into pieces of the table: (piece index, first entry in it, values).
+        let mut segs: Vec<(u64, usize, &[u64])> = Vec::new();
+        let mut k = 0usize;
+        while k < values.len() {
+            let idx = l2i + k as u64;
+            let first = (idx % CHUNK_ENTRIES) as usize;
+            let n = (CHUNK_ENTRIES as usize - first).min(values.len() - k);
+            segs.push((idx / CHUNK_ENTRIES, first, &values[k..k + n]));
+            k += n;
+        }
+        let table = rlock(&self.l1).entries[l1i];
+        if table == 0 && self.create_table(l1i, &segs)? {
+            return Ok(());
+        }
+        // The table exists (possibly created by another writer just now).
+        let table = rlock(&self.l1).entries[l1i];
+        for &(ci, first, vals) in &segs {
             let chunk = self.chunk(table, ci)?;
             let at = table + ci * CHUNK_BYTES;
-            return chunk
-                .update(first, values, |bytes, off| {
+            chunk
+                .update(first, vals, |bytes, off| {
                     self.storage.write_at(bytes, at + off)
                 })
-                .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+                .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))?;
         }
+        Ok(())
     }
 
-    /// Creates the L2 table for L1 index `l1i` holding `values` at chunk `ci`, entry `first`.
-    /// Returns false if another writer created it first.
-    fn create_table(&self, l1i: usize, ci: u64, first: usize, values: &[u64]) -> Result<bool> {
+    /// Creates the L2 table for L1 index `l1i` holding the entries of `segs`. Returns false if
+    /// another writer created it first.
+    fn create_table(&self, l1i: usize, segs: &[(u64, usize, &[u64])]) -> Result<bool> {
         let g = self.geometry;
         let _t = lock(&self.table_alloc);
         if rlock(&self.l1).entries[l1i] != 0 {
@@ -349,18 +369,25 @@ impl Image {
             tables.insert(i, t);
         }
         wlock(&self.session_tables).insert(t);
-        let mut raw = vec![0u64; CHUNK_ENTRIES as usize];
-        raw[first..first + values.len()].copy_from_slice(values);
-        let chunk = Chunk::new(&raw, &[]);
-        // The rest of the new table reads as zeros from the extended file.
-        let s0 = first / 64 * 64;
-        let s1 = (first + values.len()).next_multiple_of(64);
-        let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
-        self.storage
-            .write_at(&chunk.encode(s0..s1), at)
-            .ctx(|| format!("writing new L2 table at {t:#x}"))?;
+        // Write the sectors holding the new entries; the rest of the table reads as zeros from
+        // the extended file.
+        let mut chunks = Vec::with_capacity(segs.len());
+        for &(ci, first, vals) in segs {
+            let mut raw = vec![0u64; CHUNK_ENTRIES as usize];
+            raw[first..first + vals.len()].copy_from_slice(vals);
+            let chunk = Chunk::new(&raw, &[]);
+            let s0 = first / 64 * 64;
+            let s1 = (first + vals.len()).next_multiple_of(64);
+            let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
+            self.storage
+                .write_at(&chunk.encode(s0..s1), at)
+                .ctx(|| format!("writing new L2 table at {t:#x}"))?;
+            chunks.push((ci, chunk));
+        }
         self.sync()?;
-        self.l2.insert_new((t, ci), chunk);
+        for (ci, chunk) in chunks {
+            self.l2.insert_new((t, ci), chunk);
+        }
         let sector = l1i / 64 * 64;
         let bytes = {
             let l1 = rlock(&self.l1);
