@@ -1479,10 +1479,7 @@ fn out_of_range_and_read_only() {
     img.truncate(size + 64 * KIB + 512).unwrap();
     let mut tail = vec![0xFFu8; 64 * KIB as usize + 512];
     img.read_at(size, &mut tail).unwrap();
-    assert!(
-        tail.iter().all(|&b| b == 0),
-        "a grown area must read zeros"
-    );
+    assert!(tail.iter().all(|&b| b == 0), "a grown area must read zeros");
     img.close().unwrap();
     let img = Image::open_storage(storage.clone(), &opts).unwrap();
     assert_eq!(img.size(), size + 64 * KIB + 512, "grown size after reopen");

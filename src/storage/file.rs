@@ -164,118 +164,124 @@ fn to_off(offset: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
+/// Where a vectored transfer stands: buffer `idx`, `skip` bytes into it.
+#[derive(Default)]
+struct Cursor {
+    idx: usize,
+    skip: usize,
+}
+
+impl Cursor {
+    /// Moves past `n` transferred bytes of buffers whose lengths `len(i)` gives.
+    fn advance(&mut self, len: impl Fn(usize) -> usize, mut n: usize) {
+        while n > 0 {
+            let room = len(self.idx) - self.skip;
+            if n >= room {
+                n -= room;
+                self.idx += 1;
+                self.skip = 0;
+            } else {
+                self.skip += n;
+                n = 0;
+            }
+        }
+    }
+    /// Steps over buffers already complete (or empty); false when none are left.
+    fn more(&mut self, count: usize, len: impl Fn(usize) -> usize) -> bool {
+        while self.idx < count && len(self.idx) == self.skip {
+            self.idx += 1;
+            self.skip = 0;
+        }
+        self.idx < count
+    }
+}
+
+/// Runs a preadv/pwritev-style call, retrying when interrupted.
+fn transfer(call: impl Fn() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// preadv until every buffer is full; end of file fills the rest with zeros.
 fn preadv_full(file: &File, bufs: &mut [&mut [u8]], mut offset: u64) -> io::Result<()> {
-    let mut idx = 0;
-    let mut skip = 0usize; // bytes already filled in bufs[idx]
-    while idx < bufs.len() {
-        if bufs[idx].len() == skip {
-            idx += 1;
-            skip = 0;
-            continue;
-        }
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity((bufs.len() - idx).min(IOV_MAX));
-        for (i, b) in bufs[idx..].iter_mut().enumerate().take(IOV_MAX) {
-            let s = if i == 0 { skip } else { 0 };
-            iov.push(libc::iovec {
-                iov_base: b[s..].as_mut_ptr().cast(),
-                iov_len: b.len() - s,
-            });
-        }
+    let mut at = Cursor::default();
+    while at.more(bufs.len(), |i| bufs[i].len()) {
+        let iov: Vec<libc::iovec> = bufs[at.idx..]
+            .iter_mut()
+            .take(IOV_MAX)
+            .enumerate()
+            .map(|(i, b)| {
+                let s = if i == 0 { at.skip } else { 0 };
+                libc::iovec {
+                    iov_base: b[s..].as_mut_ptr().cast(),
+                    iov_len: b.len() - s,
+                }
+            })
+            .collect();
+        let off = to_off(offset)?;
         // SAFETY: every iovec points into a live, exclusively borrowed buffer of iov_len bytes.
-        let n = unsafe {
+        let n = transfer(|| unsafe {
             libc::preadv(
                 file.as_raw_fd(),
                 iov.as_ptr(),
                 iov.len() as libc::c_int,
-                to_off(offset)?,
+                off,
             )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if n == 0 {
             // End of file: the rest reads as zeros.
-            bufs[idx][skip..].fill(0);
-            for b in bufs[idx + 1..].iter_mut() {
-                b.fill(0);
-            }
+            bufs[at.idx][at.skip..].fill(0);
+            bufs[at.idx + 1..].iter_mut().for_each(|b| b.fill(0));
             return Ok(());
         }
-        let mut n = n as usize;
         offset += n as u64;
-        while n > 0 {
-            let room = bufs[idx].len() - skip;
-            if n >= room {
-                n -= room;
-                idx += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
+        at.advance(|i| bufs[i].len(), n);
     }
     Ok(())
 }
 
 /// pwritev until every buffer is written.
 fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
-    let mut idx = 0;
-    let mut skip = 0usize;
-    while idx < bufs.len() {
-        if bufs[idx].len() == skip {
-            idx += 1;
-            skip = 0;
-            continue;
-        }
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity((bufs.len() - idx).min(IOV_MAX));
-        for (i, b) in bufs[idx..].iter().enumerate().take(IOV_MAX) {
-            let s = if i == 0 { skip } else { 0 };
-            iov.push(libc::iovec {
-                iov_base: b[s..].as_ptr() as *mut _,
-                iov_len: b.len() - s,
-            });
-        }
+    let mut at = Cursor::default();
+    while at.more(bufs.len(), |i| bufs[i].len()) {
+        let iov: Vec<libc::iovec> = bufs[at.idx..]
+            .iter()
+            .take(IOV_MAX)
+            .enumerate()
+            .map(|(i, b)| {
+                let s = if i == 0 { at.skip } else { 0 };
+                libc::iovec {
+                    iov_base: b[s..].as_ptr() as *mut _,
+                    iov_len: b.len() - s,
+                }
+            })
+            .collect();
+        let off = to_off(offset)?;
         // SAFETY: every iovec points into a live buffer of iov_len bytes; pwritev only reads them.
-        let n = unsafe {
+        let n = transfer(|| unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
                 iov.as_ptr(),
                 iov.len() as libc::c_int,
-                to_off(offset)?,
+                off,
             )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "pwritev wrote nothing",
             ));
         }
-        let mut n = n as usize;
         offset += n as u64;
-        while n > 0 {
-            let room = bufs[idx].len() - skip;
-            if n >= room {
-                n -= room;
-                idx += 1;
-                skip = 0;
-            } else {
-                skip += n;
-                n = 0;
-            }
-        }
+        at.advance(|i| bufs[i].len(), n);
     }
     Ok(())
 }
