@@ -448,3 +448,69 @@ fn confined_backing_policy_refuses_files_outside_the_folder() {
         Image::open(&p, &OpenOptions::read_only()).unwrap();
     }
 }
+
+/// Storage whose writes at or past `fail_from` fail, to exercise metadata write errors.
+struct FailingStorage {
+    inner: MemStorage,
+    fail_at: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for FailingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset == self.fail_at.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn failed_l2_write_fails_the_image_and_keeps_it_dirty_for_repair() {
+    let s = Arc::new(FailingStorage {
+        inner: MemStorage::new(),
+        fail_at: u64::MAX.into(),
+    });
+    Image::create_on(
+        &*s,
+        &CreateOptions {
+            size: 16 << 20,
+            cluster_size: 4096,
+            table_size: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = Image::open_storage(s.clone(), &OpenOptions::read_write()).unwrap();
+    img.write_at(0, &[1u8; 4096]).unwrap();
+    let l2 = peek(&s.inner, 4096);
+    s.fail_at.store(l2, std::sync::atomic::Ordering::SeqCst); // the L2 sector of entries 0..63
+    let e = img.write_at(8192, &[2u8; 4096]).unwrap_err();
+    assert!(e.to_string().contains("writing L2 table"), "{e}");
+    // The image refuses further work and close reports the failure without clearing the bit.
+    assert!(matches!(
+        img.write_at(0, &[3u8; 512]),
+        Err(Error::Failed(_))
+    ));
+    assert!(img.close().is_err());
+    assert!(header_of(&s.inner).needs_check());
+    s.fail_at
+        .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    let img = Image::open_storage(s.clone(), &OpenOptions::read_write()).unwrap();
+    let r = img.check(CheckFix::NONE).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
+    let mut b = [0u8; 4096];
+    img.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [1u8; 4096]);
+}

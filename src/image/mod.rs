@@ -913,6 +913,11 @@ impl Image {
         }
         self.square_file_length()?;
         self.storage.flush().ctx(|| "flushing image".into())?;
+        if self.is_failed.load(Ordering::Acquire) {
+            // A metadata write failed: leave the need-check bit set so the next open repairs.
+            let why = lock(&self.failed).clone().unwrap_or_default();
+            return Err(Error::Failed(why));
+        }
         if self.dirty.load(Ordering::Acquire) {
             let mut hs = lock(&self.hs);
             let mut h = hs.header.clone();
