@@ -147,7 +147,7 @@ fn fresh_clusters_are_not_zero_filled_and_runs_are_one_write() {
 }
 
 #[test]
-fn copy_on_write_is_flushed_before_the_l2_update() {
+fn copy_on_write_data_is_flushed_before_the_l2_update() {
     let base = Arc::new(MemStorage::from_bytes(&vec![0xabu8; 1 << 20]));
     let s = Arc::new(MemStorage::new());
     Image::create_on(
@@ -172,6 +172,8 @@ fn copy_on_write_is_flushed_before_the_l2_update() {
     let table = peek(&s, 4096);
     s.start_recording();
     img.write_at(8192 + 100, &[5u8; 10]).unwrap();
+    // L2 entries are staged until the guest flushes; the write-back flushes the data first.
+    img.flush().unwrap();
     let log = s.take_log();
     let data = log
         .iter()
@@ -496,7 +498,8 @@ fn failed_l2_write_fails_the_image_and_keeps_it_dirty_for_repair() {
     img.write_at(0, &[1u8; 4096]).unwrap();
     let l2 = peek(&s.inner, 4096);
     s.fail_at.store(l2, std::sync::atomic::Ordering::SeqCst); // the L2 sector of entries 0..63
-    let e = img.write_at(8192, &[2u8; 4096]).unwrap_err();
+    img.write_at(8192, &[2u8; 4096]).unwrap(); // staged
+    let e = img.flush().unwrap_err(); // the write-back of the staged entry fails
     assert!(e.to_string().contains("writing L2 table"), "{e}");
     // The image refuses further work and close reports the failure without clearing the bit.
     assert!(matches!(

@@ -2,6 +2,9 @@
 //! allocating, with copy-on-write from the backing file), write-zeroes and block status.
 
 use super::l2cache::{Chunk, CHUNK_BYTES, CHUNK_ENTRIES};
+
+/// Pieces of L2 table with staged entries at most before a write-back is forced.
+const WRITEBACK_LIMIT: usize = 1024;
 use super::{lock, rlock, wlock, Image};
 use crate::error::{Error, IoContext, Result};
 use std::collections::VecDeque;
@@ -241,7 +244,6 @@ impl Image {
         let c1 = (pos + len - 1) >> cb;
         let n = c1 - c0 + 1;
         self.mark_dirty()?;
-        let has_backing = rlock(&self.backing).is_some();
         let backing = match ext.kind {
             ExtentKind::Unallocated => rlock(&self.backing).clone(),
             _ => None,
@@ -282,12 +284,8 @@ impl Image {
         self.storage
             .write_vectored_at(&iov, start)
             .ctx(|| format!("writing new clusters at {host:#x}"))?;
-        if has_backing {
-            // Without this flush, an L2 entry could reach the disk before its data; repair then
-            // drops the entry, and the cluster would read the backing file's bytes instead of
-            // its old contents (backing data, or zeros for a zero cluster) or the new ones.
-            self.sync()?;
-        }
+        // No flush here: the L2 entries are only staged; the write-back flushes this data before
+        // writing them (QEMU flushes before every L2 update when there is a backing file).
         let values: Vec<u64> = (0..n).map(|i| host + (i << cb)).collect();
         self.install_entries(pos, &values)?;
         Ok(len)
@@ -340,16 +338,22 @@ impl Image {
         if table == 0 && self.create_table(l1i, &segs)? {
             return Ok(());
         }
-        // The table exists (possibly created by another writer just now).
+        // The table exists (possibly created by another writer just now): stage the entries;
+        // the next flush writes them back after the data is durable.
         let table = rlock(&self.l1).entries[l1i];
-        for &(ci, first, vals) in &segs {
-            let chunk = self.chunk(table, ci)?;
-            let at = table + ci * CHUNK_BYTES;
-            chunk
-                .update(first, vals, |bytes, off| {
-                    self.storage.write_at(bytes, at + off)
-                })
-                .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))?;
+        let staged = {
+            let _s = rlock(&self.staging);
+            let mut pending = lock(&self.writeback_list);
+            for &(ci, first, vals) in &segs {
+                let chunk = self.chunk(table, ci)?;
+                chunk.stage(first, vals);
+                pending.entry((table, ci)).or_insert(chunk);
+            }
+            pending.len()
+        };
+        if staged >= WRITEBACK_LIMIT {
+            // Bound the memory pinned by staged entries: write them back now.
+            self.writeback()?;
         }
         Ok(())
     }

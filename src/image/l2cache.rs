@@ -1,5 +1,9 @@
 //! A bounded cache of L2 table pieces.
 //!
+//! Changed entries are staged in memory and written back at the next flush (see the engine's
+//! write-back); a chunk with staged changes is held by the write-back list, so it is never
+//! evicted before it is written.
+//!
 //! L2 tables can be up to 1 GiB (64 MiB clusters x 16), so the cache never holds whole tables: it
 //! holds 4 KiB chunks (512 entries), loaded on demand. Entries are atomics, updated in place by
 //! writers after the data they point to is written, so readers never wait on a lock to read a
@@ -8,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// Entries per chunk.
 pub const CHUNK_ENTRIES: u64 = 512;
@@ -24,23 +28,8 @@ pub struct Chunk {
     entries: Box<[AtomicU64]>,
     /// Entries that failed validation when loaded (bitmap); requests through them fail.
     bad: Box<[u64]>,
-    /// Write-back state: updates are group-committed, one writer at a time per chunk.
-    wb: Mutex<WriteBack>,
-    written: Condvar,
-}
-
-/// Pending and completed write-backs of a chunk's 512-byte sectors.
-#[derive(Default)]
-struct WriteBack {
-    /// Sectors changed in memory and not yet handed to a writer (bit i = sector i).
-    dirty: u8,
-    /// Generation of the latest change, and of the latest change known on disk.
-    changed: u64,
-    stored: u64,
-    /// Whether a thread is writing sectors now.
-    writing: bool,
-    /// Generations up to this one failed to reach the disk.
-    failed_upto: u64,
+    /// Sectors changed in memory and not yet written (bit i = sector i of the 8).
+    dirty: Mutex<u8>,
 }
 
 impl Chunk {
@@ -53,8 +42,7 @@ impl Chunk {
         Chunk {
             entries: raw.iter().map(|&e| AtomicU64::new(e)).collect(),
             bad: bits,
-            wb: Mutex::new(WriteBack::default()),
-            written: Condvar::new(),
+            dirty: Mutex::new(0),
         }
     }
     /// The raw entry at `i`.
@@ -75,57 +63,36 @@ impl Chunk {
         crate::format::table::encode_entries(range.map(|i| self.get(i)), &mut out);
         out
     }
-    /// Sets entries `first..first + values.len()` and returns once the 512-byte sectors holding
-    /// them are on the storage. Concurrent updates of one chunk are group-committed: whoever
-    /// finds no write in progress writes every dirty sector (as one span) for everyone, so N
-    /// allocations into one table cost far fewer than N metadata writes. `write(bytes, offset)`
-    /// writes bytes at an offset inside the chunk.
-    pub fn update(
-        &self,
-        first: usize,
-        values: &[u64],
-        write: impl Fn(&[u8], u64) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let mut wb = self.wb.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Sets entries `first..first + values.len()` in memory and marks their 512-byte sectors
+    /// dirty; [`Chunk::take_dirty`] later hands them to the write-back.
+    pub fn stage(&self, first: usize, values: &[u64]) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, &v) in values.iter().enumerate() {
             self.entries[first + i].store(v, Ordering::Release);
         }
         for sector in first / 64..=(first + values.len() - 1) / 64 {
-            wb.dirty |= 1 << sector;
+            *dirty |= 1 << sector;
         }
-        wb.changed += 1;
-        let mine = wb.changed;
-        loop {
-            if wb.failed_upto >= mine {
-                return Err(std::io::Error::other("an earlier L2 table write failed"));
-            }
-            if wb.stored >= mine {
-                return Ok(());
-            }
-            if wb.writing {
-                wb = self
-                    .written
-                    .wait(wb)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            // Become the writer for everything changed so far.
-            wb.writing = true;
-            let dirty = std::mem::take(&mut wb.dirty);
-            let upto = wb.changed;
-            let lo = dirty.trailing_zeros() as usize;
-            let hi = 8 - dirty.leading_zeros() as usize;
-            let bytes = self.encode(lo * 64..hi * 64);
-            drop(wb);
-            let r = write(&bytes, lo as u64 * 512);
-            wb = self.wb.lock().unwrap_or_else(PoisonError::into_inner);
-            wb.writing = false;
-            match &r {
-                Ok(()) => wb.stored = wb.stored.max(upto),
-                Err(_) => wb.failed_upto = wb.failed_upto.max(upto),
-            }
-            self.written.notify_all();
-            r?;
+    }
+
+    /// Takes the dirty sectors: the offset in the chunk and the bytes of the span covering them
+    /// (encoded now, so the snapshot is consistent), or `None` when nothing is dirty.
+    pub fn take_dirty(&self) -> Option<(u64, Vec<u8>)> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        let d = std::mem::take(&mut *dirty);
+        if d == 0 {
+            return None;
+        }
+        let lo = d.trailing_zeros() as usize;
+        let hi = 8 - d.leading_zeros() as usize;
+        Some((lo as u64 * 512, self.encode(lo * 64..hi * 64)))
+    }
+
+    /// Marks sectors dirty again after a failed write-back.
+    pub fn redirty(&self, offset: u64, len: usize) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        for sector in offset / 512..(offset + len as u64).div_ceil(512) {
+            *dirty |= 1 << sector;
         }
     }
 }

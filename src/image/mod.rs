@@ -131,6 +131,11 @@ pub struct Image {
     /// (and is repaired then, the need-check bit being set).
     failed: Mutex<Option<String>>,
     is_failed: AtomicBool,
+    /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
+    /// them in the cache).
+    writeback_list: Mutex<std::collections::HashMap<l2cache::ChunkKey, Arc<l2cache::Chunk>>>,
+    /// Shared by writers staging entries, exclusive while a write-back snapshots them.
+    staging: RwLock<()>,
     /// Combines concurrent flushes into as few storage flushes as possible.
     flusher: Mutex<FlushState>,
     flushed: std::sync::Condvar,
@@ -433,6 +438,8 @@ impl Image {
             grows_on_write,
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
+            writeback_list: Mutex::new(std::collections::HashMap::new()),
+            staging: RwLock::new(()),
             flusher: Mutex::new(FlushState::default()),
             flushed: std::sync::Condvar::new(),
         };
@@ -598,6 +605,40 @@ impl Image {
         e
     }
 
+    /// Writes staged L2 entries back, crash-safely: the data they point to is flushed first,
+    /// then the table sectors are written and flushed. Staging waits only while the snapshot
+    /// is taken, so no entry whose data was not flushed first can reach the disk.
+    pub(super) fn writeback(&self) -> Result<()> {
+        let snapshot: Vec<(l2cache::ChunkKey, Arc<l2cache::Chunk>, u64, Vec<u8>)> = {
+            let _s = wlock(&self.staging);
+            let list = std::mem::take(&mut *lock(&self.writeback_list));
+            if list.is_empty() {
+                drop(_s);
+                return self.sync();
+            }
+            self.sync()?;
+            list.into_iter()
+                .filter_map(|(k, c)| c.take_dirty().map(|(off, bytes)| (k, c, off, bytes)))
+                .collect()
+        };
+        for (i, ((table, ci), chunk, off, bytes)) in snapshot.iter().enumerate() {
+            let at = table + ci * l2cache::CHUNK_BYTES + off;
+            if let Err(e) = self.storage.write_at(bytes, at) {
+                // Keep what was not written staged, and refuse further work: the tables on
+                // disk now lag behind memory.
+                let mut list = lock(&self.writeback_list);
+                for ((t2, c2), ch, o2, b2) in &snapshot[i..] {
+                    ch.redirty(*o2, b2.len());
+                    list.insert((*t2, *c2), ch.clone());
+                }
+                drop(list);
+                let _ = chunk;
+                return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+            }
+        }
+        self.sync()
+    }
+
     /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
     /// that started after this call has completed.
     pub(super) fn sync(&self) -> Result<()> {
@@ -689,7 +730,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
-        self.sync()
+        self.writeback()
     }
 
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
@@ -763,7 +804,8 @@ impl Image {
             if reach > old {
                 let end = g.cluster_ceil(reach);
                 self.zero_locked(old, end - old)?;
-                self.storage.flush().ctx(|| "flushing zeroed area".into())?;
+                // The zero clusters must be on disk before the new size is.
+                self.writeback()?;
             }
         }
         let mut hs = lock(&self.hs);
@@ -874,6 +916,8 @@ impl Image {
         }
         if self.writable {
             self.square_file_length()?;
+            // The check reads the tables from the file: write staged entries back first.
+            self.writeback()?;
         }
         let header = lock(&self.hs).header.clone();
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
@@ -912,6 +956,9 @@ impl Image {
             return Ok(());
         }
         self.square_file_length()?;
+        if !self.is_failed.load(Ordering::Acquire) {
+            self.writeback()?;
+        }
         self.storage.flush().ctx(|| "flushing image".into())?;
         if self.is_failed.load(Ordering::Acquire) {
             // A metadata write failed: leave the need-check bit set so the next open repairs.
