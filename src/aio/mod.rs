@@ -133,6 +133,10 @@ struct State {
     /// Flushes waiting for earlier writes.
     parked_flushes: Vec<Request>,
     shutdown: bool,
+    /// Workers waiting for work and submitters waiting for room: wake-ups (each a futex
+    /// syscall) are sent only when someone sleeps.
+    idle_workers: usize,
+    waiting_submitters: usize,
 }
 
 struct Shared {
@@ -192,7 +196,9 @@ impl Shared {
         if st.outstanding == 0 {
             self.idle.notify_all();
         }
-        self.room.notify_one();
+        if st.waiting_submitters > 0 {
+            self.room.notify_one();
+        }
     }
 
     fn execute(&self, req: &mut Request) -> Result<()> {
@@ -237,7 +243,9 @@ impl Shared {
                     if st.shutdown {
                         return;
                     }
+                    st.idle_workers += 1;
                     st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
+                    st.idle_workers -= 1;
                 }
             };
             let r = self.execute(&mut req);
@@ -260,7 +268,9 @@ impl Shared {
         st.parked_flushes = parked;
         if !ready.is_empty() {
             st.queue.extend(ready);
-            self.work.notify_all();
+            if st.idle_workers > 0 {
+                self.work.notify_all();
+            }
         }
     }
 }
@@ -315,6 +325,8 @@ impl AioQueue {
                 writes: BTreeSet::new(),
                 parked_flushes: Vec::new(),
                 shutdown: false,
+                idle_workers: 0,
+                waiting_submitters: 0,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -374,7 +386,9 @@ impl AioQueue {
             if !sh.opts.block_when_full || IN_COMPLETION.with(|c| c.get()) == sh.id {
                 return Err(SubmitError::Full);
             }
+            st.waiting_submitters += 1;
             st = sh.room.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.waiting_submitters -= 1;
         }
         let seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
         st.outstanding += 1;
@@ -393,7 +407,9 @@ impl AioQueue {
             st.parked_flushes.push(req);
         } else {
             st.queue.push_back(req);
-            sh.work.notify_one();
+            if st.idle_workers > 0 {
+                sh.work.notify_one();
+            }
         }
         Ok(())
     }
