@@ -17,7 +17,7 @@ use qed::{
     Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Image, MemStorage, OpenOptions,
     Storage,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IoSlice, IoSliceMut};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -249,6 +249,8 @@ struct Target {
     /// What never-written guest bytes read: the backing file's bytes, zeros past its end.
     old: Vec<u8>,
     name: String,
+    /// Opened with O_DIRECT.
+    direct: bool,
 }
 
 /// Writes `data` into a fresh QED image at `path` or on `storage`.
@@ -328,6 +330,7 @@ impl Target {
                 cs,
                 old,
                 name,
+                direct: false,
             }
         } else {
             let resolver: Option<BackingResolver> = match back {
@@ -375,8 +378,18 @@ impl Target {
                 cs,
                 old,
                 name,
+                direct: false,
             }
         }
+    }
+
+    /// The same on a file opened with O_DIRECT.
+    fn direct(cs: u64, ts: u32, size: u64, back: Back, seed: u64) -> Target {
+        let mut t = Target::new(true, cs, ts, size, back, seed);
+        t.opts.direct = true;
+        t.direct = true;
+        t.name = format!("{} (O_DIRECT)", t.name);
+        t
     }
 
     fn open(&self) -> Image {
@@ -639,10 +652,17 @@ struct SectorWrite {
 }
 
 fn write_sectors(img: &Image, rng: &mut Rng, tag: u64, first: u64, count: u64) {
-    let mut data = Vec::with_capacity((count * SECTOR) as usize);
-    for s in first..first + count {
-        data.extend_from_slice(&sector_content(tag, s));
+    // A 4 KiB-aligned buffer, as a guest using O_DIRECT passes: with an aligned offset and
+    // length, an O_DIRECT file writes it directly rather than through a bounce buffer.
+    let n = (count * SECTOR) as usize;
+    let mut backing = vec![0u8; n + 4096];
+    let start = backing.as_ptr().align_offset(4096);
+    let data = &mut backing[start..start + n];
+    for (i, s) in (first..first + count).enumerate() {
+        data[i * SECTOR as usize..(i + 1) * SECTOR as usize]
+            .copy_from_slice(&sector_content(tag, s));
     }
+    let data = &*data;
     let off = first * SECTOR;
     if rng.chance(30) && count > 1 {
         let cut = (rng.range(1, count - 1) * SECTOR) as usize;
@@ -659,8 +679,77 @@ fn write_sectors(img: &Image, rng: &mut Rng, tag: u64, first: u64, count: u64) {
         )
         .unwrap();
     } else {
-        img.write_at(off, &data).unwrap();
+        img.write_at(off, data).unwrap();
     }
+}
+
+/// Clusters that must end up allocated after `writes`: every cluster a write touched, and the
+/// partly covered clusters at the ends of a zero request (written with zeros); whole clusters
+/// zeroed are not allocated unless a write allocates them.
+fn allocated_by<'a>(writes: impl Iterator<Item = &'a SectorWrite>, cs: u64) -> BTreeSet<u64> {
+    let mut touched = BTreeSet::new();
+    for w in writes {
+        let (off, len) = (w.first * SECTOR, w.count * SECTOR);
+        if !w.zero {
+            touched.extend(clusters(off, len, cs));
+        } else {
+            let end = off + len;
+            let a = off.next_multiple_of(cs).min(end);
+            if a > off {
+                touched.insert(off / cs);
+            }
+            let b = (end / cs * cs).max(a);
+            if end > b {
+                touched.insert(b / cs);
+            }
+        }
+    }
+    touched
+}
+
+/// Checks the final content of sector `s` covered by the operations `cover` (thread, seq,
+/// zero), issued concurrently: it must be the whole content of one of them that its own thread
+/// did not cover again later, or, if nothing covered it, its old content.
+fn check_sector(
+    s: u64,
+    sector: &[u8],
+    old: &[u8],
+    cover: &[(u64, u64, bool)],
+) -> Result<(), String> {
+    let last_of_thread = |t: u64, seq: u64| !cover.iter().any(|&(t2, q2, _)| t2 == t && q2 > seq);
+    match decode_sector(sector) {
+        Some((tag, at)) => {
+            let (t, seq) = tag_parts(tag);
+            if at != s {
+                return Err(format!("sector {s} holds the content of sector {at}"));
+            }
+            if !cover.contains(&(t, seq, false)) {
+                return Err(format!(
+                    "sector {s} holds write {t}/{seq}, which did not cover it"
+                ));
+            }
+            if !last_of_thread(t, seq) {
+                return Err(format!(
+                    "sector {s} holds write {t}/{seq}, but thread {t} wrote it again later: {cover:?}"
+                ));
+            }
+        }
+        None => {
+            let zeroed = sector.iter().all(|&b| b == 0)
+                && cover
+                    .iter()
+                    .any(|&(t, q, zero)| zero && last_of_thread(t, q));
+            let untouched = cover.is_empty() && sector == old;
+            if !(zeroed || untouched) {
+                return Err(format!(
+                    "sector {s} (guest {:#x}) was covered by {cover:?} (thread, seq, zero) but holds none of them: {}",
+                    s * SECTOR,
+                    describe_sector(sector, old)
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn same_clusters_scenario(target: &Target, threads: u64, rounds: u64, seed: u64) {
@@ -694,6 +783,11 @@ fn same_clusters_scenario(target: &Target, threads: u64, rounds: u64, seed: u64)
                             } else {
                                 rng.range(1, max.min(2 * spc))
                             };
+                            if target.direct && rng.chance(50) {
+                                // Whole 4 KiB blocks: written without a bounce buffer.
+                                first = first / 8 * 8;
+                                count = (count / 8 * 8).max(8).min(base + region * spc - first);
+                            }
                             let seq = log.len() as u64;
                             let zero = rng.chance(15);
                             if zero {
@@ -723,71 +817,23 @@ fn same_clusters_scenario(target: &Target, threads: u64, rounds: u64, seed: u64)
     });
 
     let nsectors = rounds * region * spc;
-    // Which operations covered each sector, and which clusters must end up allocated: every
-    // cluster a write touched, and the partly covered clusters at the ends of a zero request
-    // (written with zeros); whole clusters zeroed are not allocated unless a write allocates them.
     let mut covering: Vec<Vec<(u64, u64, bool)>> = vec![Vec::new(); nsectors as usize];
-    let mut touched = BTreeSet::new();
     for w in logs.iter().flatten() {
         for s in w.first..w.first + w.count {
             covering[s as usize].push((w.thread, w.seq, w.zero));
         }
-        let (off, len) = (w.first * SECTOR, w.count * SECTOR);
-        if !w.zero {
-            touched.extend(clusters(off, len, cs));
-        } else {
-            let end = off + len;
-            let a = off.next_multiple_of(cs).min(end);
-            if a > off {
-                touched.insert(off / cs);
-            }
-            let b = (end / cs * cs).max(a);
-            if end > b {
-                touched.insert(b / cs);
-            }
-        }
     }
-    // An operation is a candidate for a sector's final content if no later operation of the
-    // same thread covered that sector.
-    let last_of_thread = |cover: &[(u64, u64, bool)], t: u64, seq: u64| {
-        !cover.iter().any(|&(t2, q2, _)| t2 == t && q2 > seq)
-    };
+    let touched = allocated_by(logs.iter().flatten(), cs);
     let verify = |img: &Image, why: &str| -> Vec<u8> {
         let mut got = vec![0u8; (nsectors * SECTOR) as usize];
         img.read_at(0, &mut got).unwrap();
         for (s, sector) in got.chunks(SECTOR as usize).enumerate() {
-            let s = s as u64;
-            let cover = &covering[s as usize];
-            let off = (s * SECTOR) as usize;
-            match decode_sector(sector) {
-                Some((tag, at)) => {
-                    let (t, seq) = tag_parts(tag);
-                    assert_eq!(at, s, "{why}: sector {s} holds the content of sector {at}");
-                    assert!(
-                        cover.contains(&(t, seq, false)),
-                        "{why}: sector {s} holds write {t}/{seq}, which did not cover it"
-                    );
-                    assert!(
-                        last_of_thread(cover, t, seq),
-                        "{why}: sector {s} holds write {t}/{seq}, but thread {t} wrote it again later: {cover:?}"
-                    );
-                }
-                None => {
-                    let zeroed = sector.iter().all(|&b| b == 0)
-                        && cover
-                            .iter()
-                            .any(|&(t, q, zero)| zero && last_of_thread(cover, t, q));
-                    let untouched =
-                        cover.is_empty() && sector == &target.old[off..off + SECTOR as usize];
-                    assert!(
-                        zeroed || untouched,
-                        "{why}: sector {s} (guest {:#x}) was covered by {cover:?} (thread, seq, zero) \
-                         but holds none of them: {}; {:?}",
-                        s * SECTOR,
-                        describe_sector(sector, &target.old[off..off + SECTOR as usize]),
-                        img.block_status(s * SECTOR, SECTOR)
-                    );
-                }
+            let old = &target.old[s * SECTOR as usize..(s + 1) * SECTOR as usize];
+            if let Err(e) = check_sector(s as u64, sector, old, &covering[s]) {
+                panic!(
+                    "{why}: {e}; {:?}",
+                    img.block_status(s as u64 * SECTOR, SECTOR)
+                );
             }
         }
         got
@@ -830,6 +876,155 @@ fn threads_writing_same_clusters_on_file() {
     let seed = base_seed();
     let t = Target::new(true, 4 * KIB, 1, 4 * MIB, Back::Raw, mix(seed, 17));
     same_clusters_scenario(&t, 6, 200, mix(seed, 18));
+}
+
+/// The same on an O_DIRECT file, with half the writes in whole 4 KiB blocks from aligned
+/// buffers. Fails while aligned O_DIRECT writes can be undone by a concurrent bounced
+/// read-modify-write of the same block (see `o_direct_aligned_write_is_not_undone_by_an_unaligned_one`).
+#[test]
+fn threads_writing_same_clusters_on_o_direct_file() {
+    let seed = base_seed();
+    let t = Target::direct(64 * KIB, 1, 32 * MIB, Back::None, mix(seed, 19));
+    same_clusters_scenario(&t, 6, 100, mix(seed, 20));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scattered writes through the smallest L2 cache.
+
+fn scattered_scenario(target: &Target, threads: u64, ops: u64, seed: u64) {
+    let _note = FailureNote(format!(
+        "scattered writes on {}, seed QED_MODEL_SEED={seed:#x}",
+        target.name
+    ));
+    let cs = target.cs;
+    let spc = cs / SECTOR;
+    let nclusters = target.size / cs;
+    let mut rng = Rng::new(seed);
+    // A few hot clusters, spread over the disk, that several threads write at once.
+    let hot: Vec<u64> = (0..64).map(|_| rng.below(nclusters)).collect();
+    let img = target.open();
+    let barrier = Barrier::new(threads as usize + 1);
+    let done = AtomicBool::new(false);
+    let mut checks = 0;
+    let logs: Vec<Vec<SectorWrite>> = thread::scope(|sc| {
+        let (img, barrier, hot, done) = (&img, &barrier, &hot, &done);
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut rng = Rng::new(mix(seed, t + 1));
+                    let mut log = Vec::new();
+                    barrier.wait();
+                    for seq in 0..ops {
+                        let c = if rng.chance(25) {
+                            hot[rng.below(hot.len() as u64) as usize]
+                        } else {
+                            rng.below(nclusters)
+                        };
+                        let mut first = c * spc + rng.below(spc);
+                        let mut count = rng.range(1, 2 * spc).min(nclusters * spc - first);
+                        let zero = rng.chance(15);
+                        if zero {
+                            if rng.chance(50) {
+                                first = c * spc;
+                                count = spc;
+                            }
+                            img.write_zeroes(first * SECTOR, count * SECTOR).unwrap();
+                        } else {
+                            write_sectors(img, &mut rng, tag_of(t, seq), first, count);
+                        }
+                        log.push(SectorWrite {
+                            thread: t,
+                            seq,
+                            first,
+                            count,
+                            zero,
+                        });
+                    }
+                    log
+                })
+            })
+            .collect();
+        let checker = sc.spawn(move || {
+            barrier.wait();
+            let mut n = 0;
+            while !done.load(Ordering::Acquire) {
+                let r = img.check(CheckFix::NONE).unwrap();
+                assert_eq!(
+                    (r.corruptions, r.leaks, r.check_errors),
+                    (0, 0, 0),
+                    "check while the writers run: {r:?}"
+                );
+                n += 1;
+                thread::yield_now();
+            }
+            n
+        });
+        let logs = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, Ordering::Release);
+        checks = checker.join().unwrap();
+        logs
+    });
+
+    let mut covering: BTreeMap<u64, Vec<(u64, u64, bool)>> = BTreeMap::new();
+    for w in logs.iter().flatten() {
+        for s in w.first..w.first + w.count {
+            covering
+                .entry(s)
+                .or_default()
+                .push((w.thread, w.seq, w.zero));
+        }
+    }
+    let touched = allocated_by(logs.iter().flatten(), cs);
+    let verify = |img: &Image, why: &str| {
+        let mut rng = Rng::new(mix(seed, 99));
+        // Every sector of every cluster written, and some never-written clusters.
+        let mut clusters: BTreeSet<u64> = covering.keys().map(|s| s / spc).collect();
+        clusters.extend((0..200).map(|_| rng.below(nclusters)));
+        let mut buf = vec![0u8; cs as usize];
+        for &c in &clusters {
+            img.read_at(c * cs, &mut buf).unwrap();
+            for (i, sector) in buf.chunks(SECTOR as usize).enumerate() {
+                let s = c * spc + i as u64;
+                let o = (s * SECTOR) as usize;
+                let cover = covering.get(&s).map_or(&[][..], Vec::as_slice);
+                if let Err(e) = check_sector(s, sector, &target.old[o..o + SECTOR as usize], cover)
+                {
+                    panic!("{why}: {e}; {:?}", img.block_status(s * SECTOR, SECTOR));
+                }
+            }
+        }
+    };
+    verify(&img, "after the threads");
+    let r = check_clean(&img, "after the threads");
+    assert_eq!(
+        r.allocated_clusters,
+        touched.len() as u64,
+        "allocated clusters vs distinct clusters written (a cluster allocated twice?)"
+    );
+    img.close().unwrap();
+    drop(img);
+    let img = target.open();
+    verify(&img, "after reopening");
+    check_clean(&img, "after reopening");
+    img.close().unwrap();
+    eprintln!(
+        "scattered writes on {}: {threads} threads x {ops} requests, {} clusters, {checks} concurrent checks",
+        target.name,
+        touched.len()
+    );
+}
+
+#[test]
+fn threads_scattered_through_a_tiny_l2_cache() {
+    let seed = base_seed();
+    // 4 KiB clusters, 4-cluster tables: 4 pieces of 512 entries per table, 8 MiB per table; 512
+    // MiB is 256 pieces, far more than the smallest cache holds (4 per shard).
+    let mut t = Target::new(false, 4 * KIB, 4, 512 * MIB, Back::None, mix(seed, 41));
+    t.opts.l2_cache_bytes = 0;
+    scattered_scenario(&t, 6, 400, mix(seed, 42));
+    let mut t = Target::new(true, 4 * KIB, 2, 256 * MIB, Back::None, mix(seed, 43));
+    t.opts.l2_cache_bytes = 0;
+    scattered_scenario(&t, 6, 300, mix(seed, 44));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1103,4 +1298,66 @@ fn readers_during_allocating_writes_on_file() {
     readers_scenario(&t, 3, 3, mix(seed, 28));
     let t = Target::new(true, 64 * KIB, 4, 8 * MIB, Back::Raw, mix(seed, 29));
     readers_scenario(&t, 3, 3, mix(seed, 30));
+}
+
+// ------------------------------------------------------------------------------------------------
+// O_DIRECT: an aligned write racing a read-modify-write of the same 4 KiB block.
+
+/// Minimal reproduction of a lost write on O_DIRECT files. One thread writes the 4 KiB block at
+/// guest offset 0 again and again from an aligned buffer (the direct path), and checks that
+/// sector 0, which only it writes, holds what it wrote last. Another thread writes sector 1 alone
+/// (512 bytes: unaligned for O_DIRECT, so the storage reads the block, patches it and writes it
+/// back). If the aligned write lands between that read and write-back, the write-back puts the
+/// previous content of sector 0 back: a completed write is undone.
+#[test]
+fn o_direct_aligned_write_is_not_undone_by_an_unaligned_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.qed");
+    Image::create(&path, &CreateOptions::new(MIB)).unwrap();
+    let img = Image::open(
+        &path,
+        &OpenOptions {
+            direct: true,
+            ..OpenOptions::read_write()
+        },
+    )
+    .unwrap();
+    img.write_at(0, &vec![0u8; 64 * KIB as usize]).unwrap(); // allocate: later writes are in place
+    let stop = AtomicBool::new(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let lost = thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                i = i.wrapping_add(1);
+                img.write_at(SECTOR, &[i; SECTOR as usize]).unwrap();
+            }
+        });
+        let mut block = vec![0u8; 2 * 4096];
+        let start = block.as_ptr().align_offset(4096);
+        let mut lost = None;
+        let mut n = 0u64;
+        while lost.is_none() && std::time::Instant::now() < deadline {
+            n += 1;
+            let tag = n.to_le_bytes();
+            for sector in block[start..start + 4096].chunks_mut(SECTOR as usize) {
+                sector[..8].copy_from_slice(&tag);
+            }
+            img.write_at(0, &block[start..start + 4096]).unwrap();
+            let mut s0 = [0u8; 8];
+            img.read_at(0, &mut s0).unwrap();
+            if s0 != tag {
+                lost = Some((n, u64::from_le_bytes(s0)));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        lost
+    });
+    if let Some((n, found)) = lost {
+        panic!(
+            "O_DIRECT: write #{n} of the aligned block at guest offset 0 completed, but sector 0 \
+             then read as write #{found}: a concurrent unaligned write to sector 1 (bounced \
+             read-modify-write of the same 4 KiB block) wrote the old block back over it"
+        );
+    }
 }

@@ -9,6 +9,13 @@
 //! regions, the whole of every data and zero extent, the edges of every unallocated extent and
 //! random samples.
 //!
+//! Each configuration (geometry x no backing file / raw backing file / QED backing image, all on
+//! memory, plus two on real files, one of them O_DIRECT) runs random writes, vectored writes,
+//! write-zeroes, reads, flushes, resizes, check and repair, clean reopens, crashes after a flush
+//! and crashes without one (where every sector changed since the last flush must hold one of
+//! the contents it had since), out-of-range requests and block-status queries. It ends with a
+//! clean check and a walk of `map()` checked against the model.
+//!
 //! Environment (all optional):
 //! - `QED_MODEL_SEED`: the seed, decimal or `0x` hex (default [`DEFAULT_SEED`]); printed on failure;
 //! - `QED_MODEL_STEPS`: random steps per configuration (default [`DEFAULT_STEPS`]);
@@ -17,8 +24,8 @@
 
 use qed::image::BackingResolver;
 use qed::{
-    Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Error, Extent, ExtentKind, Image,
-    MemStorage, OpenOptions, Storage,
+    Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Error, Extent, ExtentKind,
+    FileStorage, Image, MemStorage, OpenOptions, Storage,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
@@ -158,6 +165,17 @@ struct Model {
     /// the backing file holds there: growing an image zeroes the new area, as QEMU does since
     /// 5.0 (`block: truncate: Don't make backing file data visible`).
     visible_end: u64,
+    /// Sectors changed since the last flush, with the hashes of every content they had since
+    /// then, the durable one first: a crash without flush may leave any of them.
+    pending: BTreeMap<u64, Vec<u64>>,
+}
+
+fn sector_hash(sector: &[u8]) -> u64 {
+    sector.chunks_exact(8).fold(0xCBF2_9CE4_8422_2325, |h, w| {
+        (h ^ u64::from_le_bytes(w.try_into().unwrap()))
+            .wrapping_mul(0x0100_0000_01B3)
+            .rotate_left(29)
+    })
 }
 
 impl Model {
@@ -194,7 +212,33 @@ impl Model {
         self.pages.get_mut(&page).unwrap()
     }
 
+    /// Records the content of every sector of `[off, off + len)`: with `before`, only for
+    /// sectors not changed since the last flush (their durable content), else always (a state
+    /// a crash without flush may leave).
+    fn record(&mut self, off: u64, len: u64, before: bool) {
+        let mut buf = [0u8; SECTOR as usize];
+        for s in off / SECTOR..(off + len).div_ceil(SECTOR) {
+            if before && self.pending.contains_key(&s) {
+                continue;
+            }
+            self.read(s * SECTOR, &mut buf);
+            self.pending.entry(s).or_default().push(sector_hash(&buf));
+        }
+    }
+
     fn write(&mut self, off: u64, data: &[u8]) {
+        self.record(off, data.len() as u64, true);
+        self.apply_write(off, data);
+        self.record(off, data.len() as u64, false);
+    }
+
+    fn zero(&mut self, off: u64, len: u64) {
+        self.record(off, len, true);
+        self.apply_zero(off, len);
+        self.record(off, len, false);
+    }
+
+    fn apply_write(&mut self, off: u64, data: &[u8]) {
         assert!(off + data.len() as u64 <= self.size);
         let mut done = 0usize;
         while done < data.len() {
@@ -206,7 +250,7 @@ impl Model {
         }
     }
 
-    fn zero(&mut self, off: u64, len: u64) {
+    fn apply_zero(&mut self, off: u64, len: u64) {
         assert!(off + len <= self.size);
         let mut pos = off;
         while pos < off + len {
@@ -400,7 +444,7 @@ fn make_backing(
 
 struct Harness {
     rng: Rng,
-    storage: Arc<MemStorage>,
+    storage: Arc<dyn Storage>,
     opts: OpenOptions,
     img: Option<Image>,
     model: Model,
@@ -830,7 +874,54 @@ impl Harness {
     fn op_flush(&mut self) {
         self.note("flush()".into());
         self.img().flush().unwrap();
+        self.model.pending.clear();
         self.count("flush");
+    }
+
+    /// The process dies without flushing: every sector changed since the last flush must hold
+    /// one of the contents it had since then (the engine may lose unflushed writes, and only
+    /// those), and the image must open (with repair) consistent.
+    fn crash_unflushed(&mut self) {
+        let pending = std::mem::take(&mut self.model.pending);
+        self.note(format!(
+            "crash without flush ({} sectors changed since the last flush) + reopen",
+            pending.len()
+        ));
+        std::mem::forget(self.img.take().unwrap());
+        let img = Image::open_storage(self.storage.clone(), &self.opts)
+            .unwrap_or_else(|e| panic!("reopen after a crash without flush: {e}"));
+        assert!(!img.info().unwrap().needs_check);
+        assert_eq!(img.size(), self.model.size, "size after a crash");
+        self.img = Some(img);
+        self.check_clean("after a crash without flush and reopen");
+        let mut buf = [0u8; SECTOR as usize];
+        let (mut durable, mut latest, mut between) = (0u64, 0u64, 0u64);
+        for (&s, states) in &pending {
+            self.img().read_at(s * SECTOR, &mut buf).unwrap();
+            match states.iter().position(|&h| h == sector_hash(&buf)) {
+                None => panic!(
+                    "after a crash without flush, sector {s} (guest {:#x}) holds none of the {} \
+                     contents it had since the last flush; {}",
+                    s * SECTOR,
+                    states.len(),
+                    self.describe(s * SECTOR)
+                ),
+                Some(0) => durable += 1,
+                Some(i) if i == states.len() - 1 => latest += 1,
+                Some(_) => between += 1,
+            }
+            // The model follows what survived.
+            self.model.apply_write(s * SECTOR, &buf);
+        }
+        self.note(format!(
+            "  after the crash: {durable} sectors as at the last flush, {latest} as last written, \
+             {between} in between"
+        ));
+        self.count("crash-unflushed");
+        *self.stats.entry("crash-sectors-durable").or_default() += durable;
+        *self.stats.entry("crash-sectors-latest").or_default() += latest;
+        *self.stats.entry("crash-sectors-between").or_default() += between;
+        self.compare_all("after a crash without flush");
     }
 
     fn op_truncate(&mut self) {
@@ -926,6 +1017,7 @@ impl Harness {
                 "need-check bit still set after a clean close"
             );
         }
+        self.model.pending.clear();
         let img = Image::open_storage(self.storage.clone(), &self.opts)
             .unwrap_or_else(|e| panic!("reopen (crash: {crash}): {e}"));
         assert!(
@@ -1030,9 +1122,28 @@ impl Harness {
     }
 
     fn op_check(&mut self) {
-        self.note("check(NONE)".into());
-        self.check_clean("check during the run");
-        self.count("check");
+        if self.rng.chance(30) {
+            // Repair of a clean image: nothing to fix, and the engine reloads its metadata.
+            self.note("check(ALL)".into());
+            let r = self.img().check(CheckFix::ALL).unwrap();
+            assert_eq!(
+                (
+                    r.corruptions,
+                    r.leaks,
+                    r.check_errors,
+                    r.corruptions_fixed,
+                    r.leaks_fixed
+                ),
+                (0, 0, 0, 0, 0),
+                "repair of a clean image: {r:?}"
+            );
+            self.count("check-repair");
+            self.compare_all("after check(ALL)");
+        } else {
+            self.note("check(NONE)".into());
+            self.check_clean("check during the run");
+            self.count("check");
+        }
     }
 
     fn run(&mut self) {
@@ -1050,6 +1161,7 @@ impl Harness {
                 76..=83 => self.op_out_of_range(),
                 84..=91 => self.op_block_status(),
                 92..=93 => self.op_check(),
+                94 => self.crash_unflushed(),
                 _ => self.op_write(),
             }
             assert_eq!(self.img().size(), self.model.size, "size");
@@ -1065,18 +1177,35 @@ impl Harness {
     }
 }
 
+/// Where a configuration's image lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Medium {
+    Memory,
+    File,
+    DirectFile,
+}
+
 fn run_config(
     seed: u64,
     steps: u64,
     cs: u64,
     ts: u64,
     kind: BackingKind,
+    medium: Medium,
 ) -> BTreeMap<&'static str, u64> {
     let mut rng = Rng::new(seed);
     let (size0, max_size) = sizes(cs, ts);
     let mut base = make_base(&mut rng, cs, size0, kind);
     let resolver = make_backing(&mut rng, kind, cs, &mut base);
-    let storage = Arc::new(MemStorage::new());
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = match medium {
+        Medium::Memory => Arc::new(MemStorage::new()),
+        Medium::File | Medium::DirectFile => {
+            let path = dir.path().join("model.qed");
+            FileStorage::create(&path).unwrap();
+            Arc::new(FileStorage::open(&path, true, medium == Medium::DirectFile).unwrap())
+        }
+    };
     Image::create_on(
         &*storage,
         &CreateOptions {
@@ -1092,7 +1221,11 @@ fn run_config(
         },
     )
     .unwrap();
-    let opts = open_options(resolver);
+    let mut opts = open_options(resolver);
+    if kind != BackingKind::Raw {
+        // The smallest L2 cache (a few 4 KiB pieces per shard): pieces are evicted and reloaded.
+        opts.l2_cache_bytes = 0;
+    }
     let img = Image::open_storage(storage.clone(), &opts).unwrap();
     let mut h = Harness {
         rng,
@@ -1104,6 +1237,7 @@ fn run_config(
             pages: BTreeMap::new(),
             base: Arc::new(base),
             visible_end: size0,
+            pending: BTreeMap::new(),
         },
         cs,
         cov: l2_coverage(cs, ts),
@@ -1133,12 +1267,30 @@ fn model_random_ops_match_flat_model() {
         (2 * MIB, 2),
     ];
     let kinds = [BackingKind::None, BackingKind::Raw, BackingKind::Qed];
+    let mut configs: Vec<(u64, u64, BackingKind, Medium)> = Vec::new();
+    for &(cs, ts) in &geometries {
+        for &kind in &kinds {
+            configs.push((cs, ts, kind, Medium::Memory));
+        }
+    }
+    // The same engine on real files, buffered and O_DIRECT (unaligned requests bounce).
+    configs.push((4 * KIB, 1, BackingKind::Raw, Medium::File));
+    configs.push((64 * KIB, 4, BackingKind::Qed, Medium::DirectFile));
     let start = Instant::now();
     let mut total = 0;
     let mut ran = 0;
-    for (gi, &(cs, ts)) in geometries.iter().enumerate() {
-        for (ki, &kind) in kinds.iter().enumerate() {
-            let name = format!("{} {}", geometry_name(cs, ts), kind.name());
+    for (i, &(cs, ts, kind, medium)) in configs.iter().enumerate() {
+        {
+            let name = format!(
+                "{} {}{}",
+                geometry_name(cs, ts),
+                kind.name(),
+                match medium {
+                    Medium::Memory => "",
+                    Medium::File => " file",
+                    Medium::DirectFile => " O_DIRECT-file",
+                }
+            );
             if filter.as_deref().is_some_and(|f| !name.contains(f)) {
                 continue;
             }
@@ -1146,13 +1298,7 @@ fn model_random_ops_match_flat_model() {
                 "QED_MODEL_SEED={seed:#x} QED_MODEL_STEPS={steps} QED_MODEL_CONFIG='{name}'"
             ));
             let t = Instant::now();
-            let stats = run_config(
-                mix(seed, (gi * kinds.len() + ki) as u64),
-                steps,
-                cs,
-                ts,
-                kind,
-            );
+            let stats = run_config(mix(seed, i as u64), steps, cs, ts, kind, medium);
             eprintln!(
                 "model {name}: {steps} steps in {:.2?}: {stats:?}",
                 t.elapsed()

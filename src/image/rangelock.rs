@@ -6,8 +6,15 @@ use std::sync::{Condvar, Mutex, PoisonError};
 /// A set of locked `[start, end)` cluster ranges.
 #[derive(Default)]
 pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Held>,
     released: Condvar,
+}
+
+/// Held ranges, and how many threads wait (a wake-up is a syscall: only sent to sleepers).
+#[derive(Default)]
+struct Held {
+    ranges: Vec<(u64, u64)>,
+    waiters: usize,
 }
 
 /// Releases its range when dropped.
@@ -20,13 +27,15 @@ impl RangeLock {
     /// Waits until no held range overlaps `[start, end)`, then holds it.
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        while held.iter().any(|&(s, e)| s < end && start < e) {
+        while held.ranges.iter().any(|&(s, e)| s < end && start < e) {
+            held.waiters += 1;
             held = self
                 .released
                 .wait(held)
                 .unwrap_or_else(PoisonError::into_inner);
+            held.waiters -= 1;
         }
-        held.push((start, end));
+        held.ranges.push((start, end));
         RangeGuard {
             lock: self,
             range: (start, end),
@@ -41,11 +50,14 @@ impl Drop for RangeGuard<'_> {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
+        if let Some(i) = held.ranges.iter().position(|&r| r == self.range) {
+            held.ranges.swap_remove(i);
         }
+        let wake = held.waiters > 0;
         drop(held);
-        self.lock.released.notify_all();
+        if wake {
+            self.lock.released.notify_all();
+        }
     }
 }
 

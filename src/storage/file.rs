@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 /// Alignment used for O_DIRECT I/O (covers 512-byte and 4 KiB logical sectors).
 const DIRECT_ALIGN: usize = 4096;
@@ -19,8 +19,10 @@ pub struct FileStorage {
     file: File,
     direct: bool,
     writable: bool,
-    /// Serialises read-modify-write of unaligned O_DIRECT writes.
-    rmw: Mutex<()>,
+    /// O_DIRECT only: aligned writes share it, a bounced read-modify-write of an unaligned
+    /// write (and set_len) holds it alone, so it never writes an old copy of a block back over
+    /// an aligned write that landed between its read and its write.
+    rmw: RwLock<()>,
 }
 
 impl FileStorage {
@@ -36,7 +38,7 @@ impl FileStorage {
             file,
             direct,
             writable,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
         })
     }
 
@@ -53,7 +55,7 @@ impl FileStorage {
             file,
             direct: false,
             writable: true,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
         })
     }
 
@@ -63,7 +65,7 @@ impl FileStorage {
             file,
             direct: false,
             writable,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
         }
     }
 
@@ -104,7 +106,7 @@ impl FileStorage {
         let head = (offset - start) as usize;
         let span = (head + total).next_multiple_of(DIRECT_ALIGN);
         let mut bounce = AlignedBuf::new(span);
-        let _g = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         if head != 0 || span != head + total {
             preadv_full(&self.file, &mut [bounce.as_mut_slice()], start)?;
         }
@@ -308,6 +310,9 @@ impl Storage for FileStorage {
         {
             return self.write_bounced(bufs, offset);
         }
+        let _shared = self
+            .direct
+            .then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
         pwritev_full(&self.file, bufs, offset)
     }
 
@@ -342,7 +347,7 @@ impl Storage for FileStorage {
         // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
         let _g = self
             .direct
-            .then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
+            .then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
         self.file.set_len(len)
     }
 }
