@@ -98,15 +98,14 @@ fn leak_repair_keeps_moved_tables_whole() {
 }
 
 /// Leak repair gives up at the first L2 table that does not fit in a hole, even when moving the
-/// data clusters below it first would make room: reclaimable leaks are left. Not a corruption
-/// (the repair reports the leaks it leaves), so ignored until compaction handles it.
+/// data clusters below it first would make room: reclaimable leaks were left (not a corruption:
+/// the repair reported the leaks it left). Compaction now moves tables in rounds.
 ///
 /// Layout (4 KiB clusters, table_size 2, size 0): header 0; L1 1-2; leak 3; data 4 (L2[1]);
 /// leak 5; data 6 (L2[3]); L2 table 7-8. Moving data 6 to 3 frees 5-6 for the table, and the
-/// file shrinks to 7 clusters with no leak; `compact` instead stops at the table (`dst + len >
+/// file shrinks to 7 clusters with no leak; `compact` used to stop at the table (`dst + len >
 /// start`) before considering the data clusters below it.
 #[test]
-#[ignore = "enhancement: compaction stops at the first table that does not fit (see doc)"]
 fn leak_repair_moves_data_to_make_room_for_a_table() {
     let s = Arc::new(MemStorage::from_bytes(&input("check-compact-gives-up.qed")));
     let img = open(&s, true);
