@@ -124,25 +124,6 @@ unsafe fn submit(
     }
 }
 
-fn check_range(func: &str, h: &qed_image, offset: u64, len: u64) -> CResult<()> {
-    let size = h.img.size();
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(CError::core(
-            func,
-            crate::Error::OutOfRange { offset, len, size },
-        )),
-    }
-}
-
-fn check_writable(func: &str, h: &qed_image) -> CResult<()> {
-    if h.img.is_writable() {
-        Ok(())
-    } else {
-        Err(CError::core(func, crate::Error::ReadOnly))
-    }
-}
-
 /// Sets up the image's asynchronous queue (optional: the first `qed_aio_*` submit starts one
 /// with the defaults). Replaces an existing queue after draining it.
 ///
@@ -213,7 +194,7 @@ pub unsafe extern "C" fn qed_aio_read(
         let h = unsafe { handle(F, img) }?;
         // SAFETY: buf points to len writable bytes.
         let b = unsafe { buf_mut(F, "buf", buf.cast(), len) }?;
-        check_range(F, h, offset, len as u64)?;
+        h.img.check_range(offset, len as u64).in_fn(F)?;
         let op = Op::Read {
             offset,
             bufs: vec![RawBuf {
@@ -251,8 +232,8 @@ pub unsafe extern "C" fn qed_aio_write(
         let h = unsafe { handle(F, img) }?;
         // SAFETY: buf points to len readable bytes.
         let b = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
-        check_writable(F, h)?;
-        check_range(F, h, offset, len as u64)?;
+        h.img.check_writable().in_fn(F)?;
+        h.img.check_range(offset, len as u64).in_fn(F)?;
         let op = Op::Write {
             offset,
             bufs: vec![RawBuf {
@@ -304,7 +285,7 @@ pub unsafe extern "C" fn qed_aio_readv(
         // SAFETY: iov points to iovcnt elements.
         let v = unsafe { iovecs(F, iov, iovcnt) }?;
         let (bufs, total) = raw_bufs(v);
-        check_range(F, h, offset, total)?;
+        h.img.check_range(offset, total).in_fn(F)?;
         // SAFETY: the caller keeps the buffers valid until cb.
         unsafe { submit(F, h, Op::Read { offset, bufs }, cb, opaque) }
     })
@@ -335,9 +316,9 @@ pub unsafe extern "C" fn qed_aio_writev(
         let h = unsafe { handle(F, img) }?;
         // SAFETY: iov points to iovcnt elements.
         let v = unsafe { iovecs(F, iov, iovcnt) }?;
-        check_writable(F, h)?;
+        h.img.check_writable().in_fn(F)?;
         let (bufs, total) = raw_bufs(v);
-        check_range(F, h, offset, total)?;
+        h.img.check_range(offset, total).in_fn(F)?;
         // SAFETY: the caller keeps the buffers valid until cb.
         unsafe { submit(F, h, Op::Write { offset, bufs }, cb, opaque) }
     })
@@ -363,8 +344,8 @@ pub unsafe extern "C" fn qed_aio_write_zeroes(
     qed_boundary!(F, {
         // SAFETY: handle contract.
         let h = unsafe { handle(F, img) }?;
-        check_writable(F, h)?;
-        check_range(F, h, offset, len)?;
+        h.img.check_writable().in_fn(F)?;
+        h.img.check_range(offset, len).in_fn(F)?;
         // SAFETY: no buffers.
         unsafe { submit(F, h, Op::WriteZeroes { offset, len }, cb, opaque) }
     })

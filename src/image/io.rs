@@ -119,7 +119,9 @@ impl<'b> SgRef<'b> {
 }
 
 impl Image {
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// Checks that `len` bytes at `offset` lie inside the virtual size (for callers that queue
+    /// requests and want to refuse them up front).
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),

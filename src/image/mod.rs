@@ -687,7 +687,8 @@ impl Image {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Checks that the image is open, usable and writable.
+    pub fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
         if !self.writable {
             return Err(Error::ReadOnly);
