@@ -349,6 +349,10 @@ extern "C" {
  * Sets up the image's asynchronous queue (optional: the first `qed_aio_*` submit starts one
  * with the defaults). Replaces an existing queue after draining it.
  *
+ * Callbacks should return promptly and must not wait for another request of the same image
+ * to complete: a request submitted from inside a callback may run on that callback's own
+ * worker once the callback has returned.
+ *
  * **Returns:** 0; `-EINVAL` for NULL arguments or unknown flags; `-EDEADLK` inside a
  * completion callback of this image.
  *

@@ -257,3 +257,72 @@ fn cancel_removes_queued_requests_with_ecanceled() {
     assert_eq!(res.len(), 6, "{res:?}");
     assert!(res.iter().all(|&(_, ok)| ok), "{res:?}");
 }
+
+/// One step of a request chain: write `buf` (owned by the chain) at step `i`, then, from the
+/// completion, submit step `i + 1`. The submit runs inside a worker's callback, where the queue
+/// lets that worker take the request itself.
+struct Chain {
+    q: AioQueue,
+    data: Mutex<Vec<Vec<u8>>>,
+    done: AtomicUsize,
+    steps: usize,
+}
+
+fn chain_step(c: Arc<Chain>, i: usize) {
+    let bufs = {
+        let mut d = c.data.lock().unwrap();
+        buf(&mut d[i])
+    };
+    let next = c.clone();
+    // SAFETY: the vectors in `data` are never resized or dropped before the chain's drain.
+    unsafe {
+        c.q.submit(
+            Op::Write {
+                offset: i as u64 * 12288 + 100,
+                bufs,
+            },
+            0,
+            Box::new(move |r| {
+                r.unwrap();
+                next.done.fetch_add(1, Ordering::SeqCst);
+                if i + 1 < next.steps {
+                    chain_step(next.clone(), i + 1);
+                }
+            }),
+        )
+    }
+    .unwrap();
+}
+
+#[test]
+fn requests_submitted_from_callbacks_run_to_the_end_of_a_depth_one_chain() {
+    let s = Arc::new(MemStorage::new());
+    let img = image(&s);
+    let steps = 600;
+    let c = Arc::new(Chain {
+        q: AioQueue::new(
+            img.clone(),
+            AioOptions {
+                workers: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        data: Mutex::new(
+            (0..steps)
+                .map(|i| vec![(i % 251) as u8 + 1; 5000])
+                .collect(),
+        ),
+        done: AtomicUsize::new(0),
+        steps,
+    });
+    chain_step(c.clone(), 0);
+    // The chain is never empty until its last step completes, so drain waits for all of it.
+    c.q.drain().unwrap();
+    assert_eq!(c.done.load(Ordering::SeqCst), steps);
+    let mut got = vec![0u8; 5000];
+    for i in 0..steps {
+        img.read_at(i as u64 * 12288 + 100, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == (i % 251) as u8 + 1), "step {i}");
+    }
+}

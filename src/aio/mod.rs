@@ -159,6 +159,8 @@ static NEXT_QUEUE_ID: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// The queue whose completion this thread is running, to refuse re-entrant drain/poll.
     static IN_COMPLETION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The queue this thread is a worker of (0: none).
+    static WORKER_OF: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,6 +235,7 @@ impl Shared {
     }
 
     fn worker(self: Arc<Self>) {
+        WORKER_OF.with(|w| w.set(self.id));
         loop {
             let mut req = {
                 let mut st = lock(&self.state);
@@ -406,8 +409,12 @@ impl AioQueue {
         if is_flush && st.writes.first().is_some_and(|&w| w < seq) {
             st.parked_flushes.push(req);
         } else {
+            // A worker submitting from its own callback onto an empty queue takes the request
+            // itself as soon as the callback returns: waking another thread would only add a
+            // context switch (the common case of a depth-1 request loop).
+            let self_pickup = st.queue.is_empty() && WORKER_OF.with(|w| w.get()) == sh.id;
             st.queue.push_back(req);
-            if st.idle_workers > 0 {
+            if st.idle_workers > 0 && !self_pickup {
                 sh.work.notify_one();
             }
         }
