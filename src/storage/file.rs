@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 /// Alignment used for O_DIRECT I/O (covers 512-byte and 4 KiB logical sectors).
 const DIRECT_ALIGN: usize = 4096;
@@ -23,6 +23,10 @@ pub struct FileStorage {
     /// write (and set_len) holds it alone, so it never writes an old copy of a block back over
     /// an aligned write that landed between its read and its write.
     rmw: RwLock<()>,
+    /// Buffered mode only: one write at a time. Linux file systems serialise buffered writes to
+    /// a file on its inode lock anyway, and on few cores the waiters spin in the kernel on that
+    /// lock (a third of the CPU at depth 32 on 2 cores); here they sleep instead.
+    buffered_writes: Mutex<()>,
 }
 
 impl FileStorage {
@@ -39,6 +43,7 @@ impl FileStorage {
             direct,
             writable,
             rmw: RwLock::new(()),
+            buffered_writes: Mutex::new(()),
         })
     }
 
@@ -56,6 +61,7 @@ impl FileStorage {
             direct: false,
             writable: true,
             rmw: RwLock::new(()),
+            buffered_writes: Mutex::new(()),
         })
     }
 
@@ -66,6 +72,7 @@ impl FileStorage {
             direct: false,
             writable,
             rmw: RwLock::new(()),
+            buffered_writes: Mutex::new(()),
         }
     }
 
@@ -313,6 +320,11 @@ impl Storage for FileStorage {
         let _shared = self
             .direct
             .then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        let _one = (!self.direct).then(|| {
+            self.buffered_writes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        });
         pwritev_full(&self.file, bufs, offset)
     }
 
