@@ -139,7 +139,8 @@ typedef struct qed_image qed_image;
  */
 typedef struct qed_aio_options {
   /**
-   * Worker threads (0: twice the CPUs, between 2 and 16).
+   * Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
+   * times the CPUs, between 8 and 32, as each waits for the device).
    */
   uint32_t workers;
   /**

@@ -48,6 +48,9 @@ struct Setup {
     table_size: u32,
     size: u64,
     backing: Option<Arc<MemStorage>>,
+    /// Storage that does not grow by writes (like O_DIRECT files): the engine extends the file
+    /// ahead of its allocations, and the stretch past the last cluster must be reclaimed.
+    fixed_length: bool,
 }
 
 impl Setup {
@@ -74,6 +77,7 @@ impl Setup {
 
 fn record(setup: &Setup, prepare: &[Guest], workload: &[Guest]) -> Recorded {
     let s = Arc::new(MemStorage::new());
+    s.set_fixed_length(setup.fixed_length);
     Image::create_on(
         &*s,
         &CreateOptions {
@@ -420,24 +424,42 @@ fn crash_states_of_mixed_workloads_are_all_recoverable() {
             table_size: 1,
             size: 3 << 20,
             backing: None,
+            fixed_length: false,
         },
         Setup {
             cluster_size: 65536,
             table_size: 1,
             size: 2 << 20,
             backing: None,
+            fixed_length: false,
         },
         Setup {
             cluster_size: 4096,
             table_size: 1,
             size: 3 << 20,
             backing: Some(raw.clone()),
+            fixed_length: false,
         },
         Setup {
             cluster_size: 8192,
             table_size: 1,
             size: 2 << 20,
             backing: Some(raw.clone()),
+            fixed_length: false,
+        },
+        Setup {
+            cluster_size: 4096,
+            table_size: 1,
+            size: 3 << 20,
+            backing: None,
+            fixed_length: true,
+        },
+        Setup {
+            cluster_size: 8192,
+            table_size: 1,
+            size: 2 << 20,
+            backing: Some(raw.clone()),
+            fixed_length: true,
         },
     ];
     for (i, setup) in setups.iter().enumerate() {
@@ -465,10 +487,11 @@ fn crash_states_of_mixed_workloads_are_all_recoverable() {
         }
         let n = explore(setup, &rec, &mut rng, 24, false);
         println!(
-            "crash: geometry {}K/ts{} backing={} : {} storage ops, {} crash states explored",
+            "crash: geometry {}K/ts{} backing={} fixed_length={} : {} storage ops, {} crash states explored",
             setup.cluster_size / 1024,
             setup.table_size,
             setup.backing.is_some(),
+            setup.fixed_length,
             rec.ops.len(),
             n
         );
@@ -485,6 +508,7 @@ fn crash_states_during_repair_keep_all_data() {
         table_size: 1,
         size: 4 << 20,
         backing: None,
+        fixed_length: false,
     };
     let mut rng = Rng(7);
     // Prepare an image with interior leaks: write, then orphan some clusters behind the

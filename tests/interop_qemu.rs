@@ -1851,3 +1851,61 @@ fn geometry_bugs_of_qemu_not_copied() {
     );
     println!("{}", notes.join("\n"));
 }
+
+/// On an O_DIRECT file the engine extends the file ahead of its allocations (a `set_len` per
+/// stretch instead of one per cluster); close must cut the stretch off again, so QEMU finds no
+/// leaked clusters and reads what we wrote.
+#[test]
+fn o_direct_images_are_extended_ahead_and_cut_back_at_close() {
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.qed");
+    let g = Geo {
+        cs: 64 * KIB,
+        ts: 4,
+    };
+    let size = 64 * MIB;
+    ours_create(&path, g, size, None);
+    let img = Image::open(
+        &path,
+        &OpenOptions {
+            direct: true,
+            ..OpenOptions::read_write()
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut put = |img: &Image, off: u64, data: Vec<u8>| {
+        img.write_at(off, &data).unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    };
+    put(&img, MIB, random_bytes(1, 3 * MIB as usize));
+    put(&img, 40 * MIB + 123, random_bytes(2, 5000));
+    put(&img, 63 * MIB, random_bytes(3, 64 * KIB as usize));
+    img.flush().unwrap();
+    let open_len = fs::metadata(&path).unwrap().len();
+    // Header, L1 table, one L2 table, 50 data clusters.
+    let used = (1 + 4 + 4 + 50) * g.cs;
+    assert!(
+        open_len > used,
+        "file of {open_len} bytes while open: not extended ahead of {used} used bytes"
+    );
+    assert_image_matches_model("O_DIRECT image while open", &img, &model);
+    img.close().unwrap();
+    let closed_len = fs::metadata(&path).unwrap().len();
+    assert!(
+        closed_len < open_len && closed_len % g.cs == 0,
+        "file of {closed_len} bytes after close (was {open_len})"
+    );
+    assert_qemu_check_clean("O_DIRECT image after close", &path);
+    let out = dir.path().join("direct.raw");
+    qemu_convert(&path, &out);
+    assert_bytes_equal(
+        "qemu-img convert of the O_DIRECT image",
+        0,
+        &read_file(&out),
+        &model,
+    );
+    let img = open_ro(&path);
+    assert_our_check_clean("O_DIRECT image after close", &img);
+}

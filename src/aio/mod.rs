@@ -78,7 +78,8 @@ pub enum Delivery {
 /// Queue settings.
 #[derive(Clone, Copy, Debug)]
 pub struct AioOptions {
-    /// Worker threads (default: twice the CPUs, at least 2, at most 16).
+    /// Worker threads (default: twice the CPUs, at least 2, at most 16; for an O_DIRECT image,
+    /// see [`AioOptions::for_image`]).
     pub workers: usize,
     /// Requests queued or in flight at most (default 1024).
     pub queue_depth: usize,
@@ -97,6 +98,21 @@ impl Default for AioOptions {
             delivery: Delivery::Workers,
             block_when_full: false,
         }
+    }
+}
+
+impl AioOptions {
+    /// The defaults for `img`. An O_DIRECT image gets eight workers per CPU (8 to 32): each
+    /// request waits for the device in its worker, so the workers are how many requests the
+    /// device sees at once. Page-cache I/O is CPU work, and more workers than that only
+    /// contend.
+    pub fn for_image(img: &Image) -> Self {
+        let mut o = AioOptions::default();
+        if img.is_direct() {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            o.workers = (cpus * 8).clamp(8, 32);
+        }
+        o
     }
 }
 

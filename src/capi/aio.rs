@@ -17,7 +17,8 @@ pub const QED_AIO_BLOCK_WHEN_FULL: c_uint = 2;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_aio_options {
-    /// Worker threads (0: twice the CPUs, between 2 and 16).
+    /// Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
+    /// times the CPUs, between 8 and 32, as each waits for the device).
     pub workers: u32,
     /// Requests queued or in flight at most (0: 1024).
     pub queue_depth: u32,
@@ -25,8 +26,8 @@ pub struct qed_aio_options {
     pub flags: c_uint,
 }
 
-fn options(o: &qed_aio_options) -> AioOptions {
-    let d = AioOptions::default();
+fn options(o: &qed_aio_options, img: &crate::image::Image) -> AioOptions {
+    let d = AioOptions::for_image(img);
     AioOptions {
         workers: if o.workers == 0 {
             d.workers
@@ -53,7 +54,7 @@ fn queue(func: &str, h: &qed_image) -> CResult<Arc<AioQueue>> {
     if let Some(q) = &*q {
         return Ok(q.clone());
     }
-    let new = Arc::new(AioQueue::new(h.img.clone(), AioOptions::default()).in_fn(func)?);
+    let new = Arc::new(AioQueue::new(h.img.clone(), AioOptions::for_image(&h.img)).in_fn(func)?);
     *q = Some(new.clone());
     Ok(new)
 }
@@ -162,7 +163,7 @@ pub unsafe extern "C" fn qed_aio_setup(img: *mut qed_image, opts: *const qed_aio
             }
         }
         *slot = Some(Arc::new(
-            AioQueue::new(h.img.clone(), options(&o)).in_fn(F)?,
+            AioQueue::new(h.img.clone(), options(&o, &h.img)).in_fn(F)?,
         ));
         Ok(0)
     })

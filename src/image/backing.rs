@@ -239,6 +239,9 @@ impl Storage for LockedStorage {
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Result<()> {
         self.inner.read_vectored_at(bufs, offset)
     }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        self.inner.write_vectored_at(bufs, offset)
+    }
     fn flush(&self) -> std::io::Result<()> {
         self.inner.flush()
     }
@@ -247,6 +250,9 @@ impl Storage for LockedStorage {
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         self.inner.set_len(len)
+    }
+    fn preallocate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.preallocate(len)
     }
     fn grows_on_write(&self) -> bool {
         self.inner.grows_on_write()

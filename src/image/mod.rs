@@ -97,6 +97,8 @@ pub struct Image {
     header_bytes: u64,
     l1_offset: u64,
     writable: bool,
+    /// Opened with O_DIRECT (`OpenOptions::direct`).
+    direct: bool,
     /// Opened without its backing file: a backing change must not open one either.
     no_backing: bool,
     path: Option<PathBuf>,
@@ -110,9 +112,12 @@ pub struct Image {
     /// Chunks validated once against the file as opened; later loads may trust our allocations.
     validated: Mutex<HashSet<l2cache::ChunkKey>>,
     l2: L2Cache,
-    /// Next free file offset; the file is always extended to cover it.
+    /// Next free file offset (the end of the last allocated cluster).
     alloc: Mutex<u64>,
     alloc_end: AtomicU64,
+    /// The file length as set by the allocator (the file may be longer, grown by data writes);
+    /// changed only under `alloc`.
+    extended_to: AtomicU64,
     /// File length when the metadata was loaded: entries at or past it were not written by us.
     open_eof: AtomicU64,
     /// Serialises creation of L2 tables.
@@ -409,6 +414,7 @@ impl Image {
             header_bytes: header.header_bytes(),
             l1_offset: header.l1_table_offset,
             writable,
+            direct: opts.direct,
             no_backing: opts.no_backing,
             path: path.map(Path::to_path_buf),
             size: AtomicU64::new(header.image_size),
@@ -426,6 +432,7 @@ impl Image {
             l2: L2Cache::new(opts.l2_cache_bytes),
             alloc: Mutex::new(0),
             alloc_end: AtomicU64::new(0),
+            extended_to: AtomicU64::new(0),
             open_eof: AtomicU64::new(0),
             table_alloc: Mutex::new(()),
             ranges: RangeLock::default(),
@@ -487,8 +494,11 @@ impl Image {
         lock(&self.validated).clear();
         self.l2.clear();
         let end = g.cluster_ceil(file_len);
-        *lock(&self.alloc) = end;
+        let mut next = lock(&self.alloc);
+        *next = end;
         self.alloc_end.store(end, Ordering::Release);
+        self.extended_to.store(file_len, Ordering::Release);
+        drop(next);
         self.open_eof.store(file_len, Ordering::Release);
         Ok(())
     }
@@ -593,6 +603,12 @@ impl Image {
             file_size: self.storage.len().ctx(|| "reading image length".into())?,
             writable: self.writable,
         })
+    }
+
+    /// Whether the image was opened with O_DIRECT (`OpenOptions::direct`): its I/O waits for
+    /// the device, so callers size their thread pools for that.
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// Records a failed metadata write: the image refuses further requests until reopened.
@@ -889,17 +905,19 @@ impl Image {
         Ok(())
     }
 
-    /// Data clusters are allocated without extending the file; their writes grow it, possibly
-    /// not to the end of the last cluster. Make the file end on the allocation end again (for
-    /// QEMU, which allocates at the file's end, and for check).
+    /// Data clusters are allocated without extending the file (their writes grow it, possibly
+    /// not to the end of the last cluster), or, on storage that cannot grow by writes, inside a
+    /// stretch the file was extended by ahead of time. Make the file end on the allocation end
+    /// again (for QEMU, which allocates at the file's end, and for check).
     fn square_file_length(&self) -> Result<()> {
-        let next = *lock(&self.alloc);
+        let next = lock(&self.alloc);
         let len = self.storage.len().ctx(|| "reading image length".into())?;
-        if len < next {
+        if len != *next {
             self.storage
-                .set_len(next)
-                .ctx(|| "extending image file".into())?;
+                .set_len(*next)
+                .ctx(|| format!("setting image length to {:#x}", *next))?;
         }
+        self.extended_to.store(*next, Ordering::Release);
         Ok(())
     }
 

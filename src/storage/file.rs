@@ -355,6 +355,27 @@ impl Storage for FileStorage {
         !self.direct
     }
 
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        let _g = self
+            .direct
+            .then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
+        let cur = self.file.metadata()?.len();
+        if len <= cur {
+            return Ok(());
+        }
+        // Reserved (unwritten) blocks make later O_DIRECT writes there overwrites, which ext4
+        // and XFS run under a shared inode lock, in parallel; writes into a hole hold the lock
+        // exclusively until the device completes them. Where fallocate fails (no support, no
+        // room for the whole stretch), a sparse extension does.
+        // SAFETY: plain syscall on our own descriptor; the range is checked to fit off_t.
+        let r =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), 0, to_off(cur)?, to_off(len - cur)?) };
+        if r == 0 {
+            return Ok(());
+        }
+        self.file.set_len(len)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
         let _g = self

@@ -35,6 +35,8 @@ struct Inner {
 #[derive(Default)]
 pub struct MemStorage {
     inner: Mutex<Inner>,
+    /// Behave like an O_DIRECT file: the engine must extend the file before writing past it.
+    fixed_length: std::sync::atomic::AtomicBool,
 }
 
 impl MemStorage {
@@ -55,6 +57,13 @@ impl MemStorage {
         let s = Self::default();
         s.write_at(bytes, 0).expect("memory write cannot fail");
         s
+    }
+
+    /// Makes [`Storage::grows_on_write`] false, as for an O_DIRECT file, so the engine extends
+    /// the file with `set_len` before it writes new clusters (tests of that path).
+    pub fn set_fixed_length(&self, fixed: bool) {
+        self.fixed_length
+            .store(fixed, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Starts (or restarts) recording operations.
@@ -182,6 +191,10 @@ impl Storage for MemStorage {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().len)
+    }
+
+    fn grows_on_write(&self) -> bool {
+        !self.fixed_length.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {

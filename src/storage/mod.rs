@@ -51,6 +51,15 @@ pub trait Storage: Send + Sync {
     }
     /// Sets the length; growing fills with zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Grows the storage to `len` (never shrinks it), reserving space for the new part where
+    /// the storage can, so that later writes there need no allocation of their own. The
+    /// default is `set_len`.
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        if len > self.len()? {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
     /// Whether concurrent writes past the end grow the storage safely (no write is ever cut by
     /// another). When false, the engine extends the storage with `set_len` before writing there.
     fn grows_on_write(&self) -> bool {
@@ -84,6 +93,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        (**self).preallocate(len)
     }
     fn grows_on_write(&self) -> bool {
         (**self).grows_on_write()
