@@ -870,6 +870,62 @@ fn bench_output_and_effects() {
     assert_eq!(d.ours(&["bench", "--flush-interval=3", "b.qed"]).code, 1);
 }
 
+/// QED benches run through the asynchronous queue: writes with flushes (drained, undrained,
+/// after every write, or skipped) all land, and a request past the end stops the run with
+/// requests in flight and leaves a clean image.
+#[test]
+fn bench_async_writes_land_and_failures_stop() {
+    let d = Dir::new();
+    let modes: [&[&str]; 5] = [
+        &["--flush-interval=10"],
+        &["--flush-interval=10", "--no-drain"],
+        &["--flush-interval=3", "-t", "unsafe"],
+        &["-t", "writethrough"],
+        &["-t", "directsync", "--flush-interval=40"],
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        let img = format!("w{i}.qed");
+        d.qemu(&["create", "-q", "-f", "qed", &img, "16M"]).ok();
+        let pattern = format!("--pattern={}", 17 + i);
+        // 300 steps of 64 KiB wrap once at 16 MiB (256 steps).
+        let mut args = vec!["bench", "-w", "-c", "300", "-d", "8", "-S", "64k", &pattern];
+        args.extend_from_slice(mode);
+        args.push(&img);
+        let o = d.ours(&args).ok();
+        assert!(o.stdout.ends_with(" seconds.\n"), "{mode:?}: {}", o.stdout);
+        assert_eq!(d.qemu(&["check", &img]).code, 0, "{mode:?}");
+        let p = 17 + i;
+        d.qio(
+            "qed",
+            &img,
+            &[
+                &format!("read -P {p} 0 4k"),
+                &format!("read -P {p} 15M 4k"),
+                &format!("read -P {p} 16320k 4k"),
+                "read -P 0 4k 60k",
+            ],
+        );
+    }
+    // 64 KiB requests every 48 KiB: offset 67092480 runs past 64 MiB after ~1365 requests.
+    d.qemu(&["create", "-q", "-f", "qed", "f.qed", "64M"]).ok();
+    for extra in [&[][..], &["-w", "--flush-interval=50"]] {
+        let mut args = vec!["bench", "-c", "5000", "-d", "16", "-s", "64k", "-S", "48k"];
+        args.extend_from_slice(extra);
+        args.push("f.qed");
+        let q = d.qemu(&args);
+        let o = d.ours(&args);
+        assert_eq!((o.code, q.code), (1, 1), "{extra:?}: {}", o.stderr);
+        assert_eq!(o.stdout, q.stdout);
+        assert!(
+            o.stderr
+                .starts_with("qed-img: Failed request: Input/output error (offset 67092480 "),
+            "{}",
+            o.stderr
+        );
+        assert_eq!(d.qemu(&["check", "f.qed"]).code, 0);
+    }
+}
+
 #[test]
 fn errors_name_the_file() {
     let d = Dir::new();

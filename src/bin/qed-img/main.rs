@@ -55,6 +55,11 @@ enum Cmd {
     /// Write an overlay's clusters down into its backing file
     Commit(CommitArgs),
     /// Run a simple I/O benchmark, as qemu-img bench
+    ///
+    /// qemu-img bench's requests in its order: DEPTH in flight, each completion starting the
+    /// next. QED images run through libqed's asynchronous queue (the engine of the C qed_aio_*
+    /// functions); raw files through DEPTH threads making synchronous calls. The time covers
+    /// the requests only, not opening or closing.
     Bench(BenchArgs),
 }
 
@@ -292,7 +297,7 @@ pub(crate) struct BenchArgs {
     /// Number of requests (default 75000)
     #[arg(short = 'c', long = "count", value_name = "COUNT")]
     pub(crate) count: Option<String>,
-    /// Requests in flight: worker threads (default 64)
+    /// Requests in flight (default 64)
     #[arg(short = 'd', long = "depth", value_name = "DEPTH")]
     pub(crate) depth: Option<String>,
     /// Request size (default 4K)
@@ -313,16 +318,16 @@ pub(crate) struct BenchArgs {
     /// Cache mode: writeback (default), none (O_DIRECT), writethrough, directsync, unsafe
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     pub(crate) cache: Option<String>,
-    /// AIO mode (accepted; requests are synchronous calls on a pool of threads)
+    /// AIO mode (accepted and ignored: libqed has one I/O path)
     #[arg(short = 'i', long = "aio", value_name = "AIO")]
     pub(crate) aio: Option<String>,
     /// Native AIO: here, O_DIRECT
     #[arg(short = 'n', long = "native")]
     pub(crate) native: bool,
-    /// Flush every N requests (write tests)
+    /// Flush every N requests, after draining the requests in flight (write tests)
     #[arg(long = "flush-interval", value_name = "N")]
     pub(crate) flush_interval: Option<String>,
-    /// Do not drain the queue before each flush
+    /// Send each --flush-interval flush alongside the requests in flight, without draining
     #[arg(long = "no-drain")]
     pub(crate) no_drain: bool,
     /// Quiet
