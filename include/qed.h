@@ -42,7 +42,11 @@
 
 /**
  * `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
- * `qed_aio_poll`) instead of on library threads.
+ * `qed_aio_poll`) instead of on library threads. A read of up to 256 KiB whose data is in the
+ * page cache (and whose L2 entries are cached) is done during the submit, on the caller's
+ * thread, like an io_uring page-cache hit; its callback still runs only in `qed_aio_poll`.
+ * `qed_aio_poll` runs the completions that were ready when it started, not those that its
+ * callbacks cause.
  */
 #define QED_AIO_EVENT_LOOP 1
 

@@ -326,3 +326,122 @@ fn requests_submitted_from_callbacks_run_to_the_end_of_a_depth_one_chain() {
         assert!(got.iter().all(|&b| b == (i % 251) as u8 + 1), "step {i}");
     }
 }
+
+/// Event-loop mode answers cached reads on the submitting thread, but the completion still
+/// runs only in `poll`, and a poll runs only what was ready when it started (a callback that
+/// submits the next read does not make one poll run the whole chain). Reads the engine cannot
+/// answer without waiting (here: from the backing file) go to the workers and read the same.
+#[test]
+fn event_loop_reads_complete_in_poll_only_and_one_poll_runs_no_chain() {
+    use qed::{Backing, BackingFormat};
+    let base = Arc::new(MemStorage::from_bytes(&vec![0xB5u8; 1 << 20]));
+    let s = Arc::new(MemStorage::new());
+    Image::create_on(
+        &*s,
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            table_size: 1,
+            backing_file: Some("base".into()),
+            backing_format: Some(BackingFormat::Raw),
+        },
+    )
+    .unwrap();
+    let b = base.clone();
+    let img = Arc::new(
+        Image::open_storage(
+            s.clone(),
+            &OpenOptions {
+                writable: true,
+                backing_resolver: Some(Arc::new(move |_: &str, _: Option<BackingFormat>| {
+                    Ok(Backing::Raw(b.clone()))
+                })),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    img.write_at(0, &[0x11u8; 8192]).unwrap();
+    let q = Arc::new(
+        AioQueue::new(
+            img.clone(),
+            AioOptions {
+                workers: 2,
+                delivery: Delivery::EventLoop,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    // Three chained reads of allocated data, each submitted by the previous completion.
+    let mut bufs = vec![vec![0u8; 4096]; 3];
+    let ptrs: Vec<RawBuf> = bufs.iter_mut().flat_map(|b| buf(b)).collect();
+    let ran = Arc::new(AtomicUsize::new(0));
+    fn chained(q: Arc<AioQueue>, ptrs: Arc<Mutex<Vec<RawBuf>>>, i: usize, ran: Arc<AtomicUsize>) {
+        let (q2, p2, r2) = (q.clone(), ptrs.clone(), ran.clone());
+        let (this, count) = {
+            let p = ptrs.lock().unwrap();
+            (p[i], p.len())
+        };
+        // SAFETY: the buffers outlive the test's last poll.
+        unsafe {
+            q.submit(
+                Op::Read {
+                    offset: (i as u64 % 2) * 4096,
+                    bufs: vec![this],
+                },
+                0,
+                Box::new(move |r| {
+                    r.unwrap();
+                    r2.fetch_add(1, Ordering::SeqCst);
+                    if i + 1 < count {
+                        chained(q2, p2, i + 1, r2);
+                    }
+                }),
+            )
+        }
+        .unwrap();
+    }
+    chained(q.clone(), Arc::new(Mutex::new(ptrs)), 0, ran.clone());
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "a completion ran inside submit"
+    );
+    for expect in 1..=3 {
+        let mut n = 0;
+        for _ in 0..2000 {
+            n = q.poll().unwrap();
+            if n > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(n, 1, "poll {expect} ran {n} completions");
+        assert_eq!(ran.load(Ordering::SeqCst), expect);
+    }
+    assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0x11)));
+    // Unallocated clusters read through the backing file (the worker path).
+    let mut back = vec![0u8; 12288];
+    let done = Arc::new(AtomicUsize::new(0));
+    let d = done.clone();
+    // SAFETY: `back` outlives the drain.
+    unsafe {
+        q.submit(
+            Op::Read {
+                offset: 4096,
+                bufs: buf(&mut back),
+            },
+            0,
+            Box::new(move |r| {
+                r.unwrap();
+                d.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+    }
+    .unwrap();
+    q.drain().unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 1);
+    assert!(back[..4096].iter().all(|&x| x == 0x11));
+    assert!(back[4096..].iter().all(|&x| x == 0xB5));
+}

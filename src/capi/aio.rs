@@ -7,7 +7,11 @@ use std::ffi::{c_int, c_uint, c_void};
 use std::sync::{Arc, PoisonError};
 
 /// `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
-/// `qed_aio_poll`) instead of on library threads.
+/// `qed_aio_poll`) instead of on library threads. A read of up to 256 KiB whose data is in the
+/// page cache (and whose L2 entries are cached) is done during the submit, on the caller's
+/// thread, like an io_uring page-cache hit; its callback still runs only in `qed_aio_poll`.
+/// `qed_aio_poll` runs the completions that were ready when it started, not those that its
+/// callbacks cause.
 pub const QED_AIO_EVENT_LOOP: c_uint = 1;
 /// `qed_aio_options.flags`: when the queue is full, a submit waits for room instead of returning
 /// `-EAGAIN`. (Never inside a completion callback of the same image: there it returns -EAGAIN.)

@@ -179,6 +179,50 @@ impl Image {
         Ok(())
     }
 
+    /// Reads like [`Image::read_sg`] if that needs no waiting: every piece of L2 table it uses
+    /// is cached, the data is in the page cache (or memory), nothing comes from a backing file
+    /// and no check is running. `Ok(false)`: do a normal read (the buffers may have been
+    /// written). Lets an event loop answer cached reads on its own thread.
+    pub fn try_read_nowait(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<bool> {
+        self.check_usable()?;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, total)?;
+        let _g = match self.gate.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        let mut cur = SgMut::new(bufs);
+        let end = offset + total;
+        let mut pos = offset;
+        while pos < end {
+            let Some(ext) = self.lookup_inner(pos, end - pos, true)? else {
+                return Ok(false);
+            };
+            let mut segs = cur.take(ext.length);
+            match ext.kind {
+                ExtentKind::Data { host_offset } => {
+                    if !self
+                        .storage
+                        .read_vectored_nowait(&mut segs, host_offset)
+                        .unwrap_or(false)
+                    {
+                        return Ok(false);
+                    }
+                }
+                ExtentKind::Zero => segs.iter_mut().for_each(|s| s.fill(0)),
+                ExtentKind::Unallocated => {
+                    if rlock(&self.backing).is_some() {
+                        return Ok(false);
+                    }
+                    segs.iter_mut().for_each(|s| s.fill(0));
+                }
+            }
+            pos += ext.length;
+        }
+        Ok(true)
+    }
+
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
@@ -479,6 +523,17 @@ impl Image {
     /// The extent at guest `pos` (inside the image), at most `max_len` bytes, within one L2
     /// table and, when the table exists, one 512-entry piece of it.
     fn lookup(&self, pos: u64, max_len: u64) -> Result<Extent> {
+        match self.lookup_inner(pos, max_len, false)? {
+            Some(e) => Ok(e),
+            None => Err(Error::Failed(format!(
+                "internal error: lookup at {pos:#x} found no L2 chunk"
+            ))),
+        }
+    }
+
+    /// The extent at `pos`; with `cached_only`, `None` when its piece of L2 table is not in
+    /// the cache (nothing is loaded).
+    fn lookup_inner(&self, pos: u64, max_len: u64, cached_only: bool) -> Result<Option<Extent>> {
         let g = self.geometry;
         let cb = g.cluster_bits();
         let cs = g.cluster_bytes();
@@ -505,17 +560,24 @@ impl Image {
                 (pos & !(cov - 1)).saturating_add(cov)
             };
             let len = end.min(table_end) - pos;
-            return Ok(Extent {
+            return Ok(Some(Extent {
                 offset: pos,
                 length: len,
                 kind: ExtentKind::Unallocated,
-            });
+            }));
         }
         let limit = end.min(pos.saturating_add(self.to_chunk_end(pos)));
         let l2i = g.l2_index(pos);
         let ci = l2i / CHUNK_ENTRIES;
         let i0 = (l2i % CHUNK_ENTRIES) as usize;
-        let chunk = self.chunk(table, ci)?;
+        let chunk = if cached_only {
+            match self.l2.get_cached((table, ci)) {
+                Some(c) => c,
+                None => return Ok(None),
+            }
+        } else {
+            self.chunk(table, ci)?
+        };
         let corrupt = |i: usize, e: u64| {
             Error::Corrupt {
             what: "L2 table entry",
@@ -563,11 +625,11 @@ impl Image {
             },
             k => k,
         };
-        Ok(Extent {
+        Ok(Some(Extent {
             offset: pos,
             length,
             kind,
-        })
+        }))
     }
 
     /// Makes `len` guest bytes at `offset` read as zeros. Whole unallocated clusters become zero

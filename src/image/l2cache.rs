@@ -189,6 +189,15 @@ impl L2Cache {
         }
     }
 
+    /// The chunk for `key` if it is cached and loaded; never loads.
+    pub fn get_cached(&self, key: ChunkKey) -> Option<Arc<Chunk>> {
+        let sh = self.shard(key);
+        let s = sh.map.get(&key)?;
+        let c = s.chunk.get()?.clone();
+        s.referenced.store(true, Ordering::Relaxed);
+        Some(c)
+    }
+
     /// Inserts a chunk for a table this session created (its content is known without a read).
     pub fn insert_new(&self, key: ChunkKey, chunk: Chunk) -> Arc<Chunk> {
         self.get::<std::convert::Infallible>(key, || Ok(chunk))

@@ -193,6 +193,12 @@ impl Storage for MemStorage {
         Ok(self.lock().len)
     }
 
+    fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
+        // Memory never waits.
+        self.read_vectored_at(bufs, offset)?;
+        Ok(true)
+    }
+
     fn grows_on_write(&self) -> bool {
         !self.fixed_length.load(std::sync::atomic::Ordering::Relaxed)
     }

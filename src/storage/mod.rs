@@ -41,6 +41,13 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+    /// Reads like `read_vectored_at`, but only if that needs no waiting for a device (data in
+    /// the page cache, memory): `Ok(false)` means nothing useful was read and the caller must
+    /// do a normal read (the buffers may have been written). The default never can.
+    fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
+        let _ = (bufs, offset);
+        Ok(false)
+    }
     /// Makes every completed write (and length change) durable.
     fn flush(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -84,6 +91,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         (**self).write_vectored_at(bufs, offset)
+    }
+    fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
+        (**self).read_vectored_nowait(bufs, offset)
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
