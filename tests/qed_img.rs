@@ -886,7 +886,8 @@ fn bench_async_writes_land_and_failures_stop() {
     for (i, mode) in modes.iter().enumerate() {
         let img = format!("w{i}.qed");
         d.qemu(&["create", "-q", "-f", "qed", &img, "16M"]).ok();
-        let pattern = format!("--pattern={}", 17 + i);
+        // qemu-img's number syntax: hex here (as scripts/bench passes it).
+        let pattern = format!("--pattern={:#x}", 17 + i);
         // 300 steps of 64 KiB wrap once at 16 MiB (256 steps).
         let mut args = vec!["bench", "-w", "-c", "300", "-d", "8", "-S", "64k", &pattern];
         args.extend_from_slice(mode);
@@ -906,6 +907,16 @@ fn bench_async_writes_land_and_failures_stop() {
             ],
         );
     }
+    // Counts in C's base-0 syntax, as qemu-img reads them.
+    let args = ["bench", "-c", "0x10", "-d", "010", "w0.qed"];
+    let o = d.ours(&args).ok();
+    assert_eq!(
+        o.stdout.lines().next(),
+        d.qemu(&args).ok().stdout.lines().next()
+    );
+    assert!(o
+        .stdout
+        .starts_with("Sending 16 read requests, 4096 bytes each, 8 in parallel"));
     // 64 KiB requests every 48 KiB: offset 67092480 runs past 64 MiB after ~1365 requests.
     d.qemu(&["create", "-q", "-f", "qed", "f.qed", "64M"]).ok();
     for extra in [&[][..], &["-w", "--flush-interval=50"]] {

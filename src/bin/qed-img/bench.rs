@@ -96,12 +96,32 @@ struct Params {
     ignore_flush: bool,
 }
 
+/// A number as qemu-img bench reads its counts and pattern (`qemu_strtoul`, base 0): leading
+/// white space, an optional sign (only `-0` survives it here), then `0x` hex, `0` octal or
+/// decimal digits, and nothing after them.
+fn parse_ulong(s: &str) -> Option<u64> {
+    let s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, s) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (digits, radix) = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None if s.len() > 1 && s.starts_with('0') => (&s[1..], 8),
+        None => (s, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = u64::from_str_radix(digits, radix).ok()?;
+    (!neg || v == 0).then_some(v)
+}
+
 fn int_arg(v: &Option<String>, what: &str, default: u64, min: u64) -> CliResult<u64> {
     match v {
         None => Ok(default),
-        Some(s) => s
-            .parse::<u64>()
-            .ok()
+        Some(s) => parse_ulong(s)
             .filter(|&n| n >= min && n <= i32::MAX as u64)
             .ok_or_else(|| CliError::new(format!("Invalid {what} specified"))),
     }
@@ -130,9 +150,9 @@ fn params(a: &BenchArgs) -> CliResult<(Params, bool)> {
     let start = size_arg(&a.offset, "offset", 0)?;
     let pattern = match &a.pattern {
         None => 0u8,
-        Some(s) => s
-            .parse::<u8>()
-            .map_err(|_| CliError::new("Invalid pattern byte specified"))?,
+        Some(s) => parse_ulong(s)
+            .and_then(|v| u8::try_from(v).ok())
+            .ok_or_else(|| CliError::new("Invalid pattern byte specified"))?,
     };
     let flush_interval = int_arg(&a.flush_interval, "flush interval", 0, 0)?;
     if a.pattern.is_some() && !a.write {
