@@ -12,11 +12,14 @@
 //! buffer), so a sector split between two buffers of a `writev_at`/`readv_at` may legitimately
 //! be seen half old and half new by a concurrent request to that sector.
 
+#[path = "support/rng.rs"]
+mod rng;
 use qed::image::BackingResolver;
 use qed::{
     Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Image, MemStorage, OpenOptions,
     Storage,
 };
+use rng::{env_u64, mix, FailureNote, Rng};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IoSlice, IoSliceMut};
 use std::path::PathBuf;
@@ -29,86 +32,8 @@ const MIB: u64 = 1024 * KIB;
 const SECTOR: u64 = 512;
 const DEFAULT_SEED: u64 = 0xC0C0_2024_5EED_0001;
 
-// ------------------------------------------------------------------------------------------------
-// Deterministic PRNG (splitmix64).
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi, "range {lo}..={hi}");
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let v = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&v[..n]);
-    }
-    fn bytes(&mut self, n: u64) -> Vec<u8> {
-        let mut v = vec![0u8; n as usize];
-        self.fill(&mut v);
-        v
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
-fn mix(a: u64, b: u64) -> u64 {
-    Rng::new(a ^ b.wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64()
-}
-
 fn base_seed() -> u64 {
-    match std::env::var("QED_MODEL_SEED") {
-        Ok(v) => {
-            let v = v.trim();
-            match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-                Some(h) => u64::from_str_radix(h, 16),
-                None => v.parse(),
-            }
-            .unwrap_or_else(|e| panic!("QED_MODEL_SEED={v:?}: {e}"))
-        }
-        Err(_) => DEFAULT_SEED,
-    }
-}
-
-/// Prints the seed if the test panics while it is alive.
-struct FailureNote(String);
-
-impl Drop for FailureNote {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("\n*** concurrency test failed: {}\n", self.0);
-        }
-    }
+    env_u64("QED_MODEL_SEED").unwrap_or(DEFAULT_SEED)
 }
 
 /// The content of one 512-byte sector written by the write tagged `tag` at guest sector `sector`:

@@ -5,24 +5,12 @@
 //! itself), pass our check with no corruptions and no leaks, keep every write completed before
 //! the last flush, and show every other byte with its old or its new value, never a third.
 
+#[path = "support/rng.rs"]
+mod rng;
 use qed::storage::{MemOp, MemStorage, Storage};
 use qed::{Backing, BackingFormat, CheckFix, CreateOptions, Image, OpenOptions};
+use rng::Rng;
 use std::sync::Arc;
-
-/// Deterministic PRNG (splitmix64).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Guest {
@@ -362,7 +350,7 @@ fn verify(
 }
 
 fn pattern(rng: &mut Rng, len: usize) -> Vec<u8> {
-    let v = rng.next() as u8 | 1;
+    let v = rng.next_u64() as u8 | 1;
     (0..len).map(|i| v.wrapping_add(i as u8 / 7)).collect()
 }
 
@@ -463,7 +451,7 @@ fn crash_states_of_mixed_workloads_are_all_recoverable() {
         },
     ];
     for (i, setup) in setups.iter().enumerate() {
-        let mut rng = Rng(seed + i as u64);
+        let mut rng = Rng::new(seed + i as u64);
         let w = workload(&mut rng, setup, steps());
         let rec = record(setup, &[], &w);
         if std::env::var("QED_CRASH_DEBUG").is_ok() {
@@ -510,7 +498,7 @@ fn crash_states_during_repair_keep_all_data() {
         backing: None,
         fixed_length: false,
     };
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     // Prepare an image with interior leaks: write, then orphan some clusters behind the
     // engine's back (as a lost L2 update would), so the recorded repair has work to do.
     let s = Arc::new(MemStorage::new());

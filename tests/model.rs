@@ -22,11 +22,14 @@
 //! - `QED_MODEL_CONFIG`: run only the configurations whose name contains this string
 //!   (names look like `4K/ts1 raw`).
 
+#[path = "support/rng.rs"]
+mod rng;
 use qed::image::BackingResolver;
 use qed::{
     Backing, BackingFormat, CheckFix, CheckResult, CreateOptions, Error, Extent, ExtentKind,
     FileStorage, Image, MemStorage, OpenOptions, Storage,
 };
+use rng::{env_u64, mix, FailureNote, Rng};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
@@ -47,80 +50,6 @@ const DEFAULT_SEED: u64 = 0x51ED_0000_00C0_FFEE;
 const DEFAULT_STEPS: u64 = 300;
 /// Incompatible feature bit: need check.
 const FEATURE_NEED_CHECK: u64 = 0x2;
-
-// ------------------------------------------------------------------------------------------------
-// Deterministic PRNG (splitmix64).
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi, "range {lo}..={hi}");
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let v = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&v[..n]);
-    }
-    fn bytes(&mut self, n: u64) -> Vec<u8> {
-        let mut v = vec![0u8; n as usize];
-        self.fill(&mut v);
-        v
-    }
-}
-
-fn mix(a: u64, b: u64) -> u64 {
-    Rng::new(a ^ b.wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64()
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")))
-}
-
-/// Prints a note (seed and how to rerun) if the test panics while it is alive.
-struct FailureNote(String);
-
-impl Drop for FailureNote {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("\n*** model test failed: rerun with {}\n", self.0);
-        }
-    }
-}
 
 // ------------------------------------------------------------------------------------------------
 // What the backing file holds: data regions of random bytes, zeros elsewhere, and zeros past `len`.
@@ -1295,7 +1224,7 @@ fn model_random_ops_match_flat_model() {
                 continue;
             }
             let _note = FailureNote(format!(
-                "QED_MODEL_SEED={seed:#x} QED_MODEL_STEPS={steps} QED_MODEL_CONFIG='{name}'"
+                "model test: rerun with QED_MODEL_SEED={seed:#x} QED_MODEL_STEPS={steps} QED_MODEL_CONFIG='{name}'"
             ));
             let t = Instant::now();
             let stats = run_config(mix(seed, i as u64), steps, cs, ts, kind, medium);
