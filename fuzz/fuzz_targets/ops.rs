@@ -31,7 +31,8 @@ const MAX_OPS: usize = 64;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Cluster size 4 KiB << (x % 5): 4 KiB ..= 64 KiB.
+    /// Cluster size 4 KiB << (x % 5): 4 KiB ..= 64 KiB. Bit 7: the storage does not grow by
+    /// writes (as an O_DIRECT file), so the engine extends the file ahead of its clusters.
     cluster_shift: u8,
     /// Table size 1 << (x % 5): 1 ..= 16 clusters.
     table_shift: u8,
@@ -270,7 +271,9 @@ fuzz_target!(|input: Input| {
     let ts = 1u32 << (input.table_shift % 5);
     let limit = [256 << 10, 2 << 20, MAX_SIZE][input.size_class as usize % 3];
     let size = (input.size_sectors as u64 % (limit / SECTOR) + 1) * SECTOR;
+    let fixed_length = input.cluster_shift & 0x80 != 0;
     let storage = Arc::new(MemStorage::new());
+    storage.set_fixed_length(fixed_length);
     let mut create = CreateOptions {
         size,
         cluster_size: cs,
@@ -417,6 +420,7 @@ fuzz_target!(|input: Input| {
                 // Power loss: the file's bytes as they are now (staged metadata not written,
                 // need-check bit included). The read-write open repairs.
                 let snapshot = Arc::new(MemStorage::from_bytes(&st.storage.to_bytes()));
+                snapshot.set_fixed_length(fixed_length);
                 st.img = None; // closes the old image on the old storage
                 st.storage = snapshot;
                 st.after_crash();
