@@ -246,6 +246,10 @@ impl Shared {
 
     fn finished_one(&self) {
         let mut st = lock(&self.state);
+        self.finished_one_locked(&mut st);
+    }
+
+    fn finished_one_locked(&self, st: &mut State) {
         st.outstanding -= 1;
         if st.outstanding == 0 {
             self.idle.notify_all();
@@ -288,9 +292,21 @@ impl Shared {
 
     fn worker(self: Arc<Self>) {
         WORKER_OF.with(|w| w.set(self.id));
+        // What the previous request left to account for: its callback ran here (worker
+        // delivery) and/or it was a write. Done under the lock taken for the next request, so a
+        // request costs two lock round trips here, not four.
+        let mut finished: Option<(bool, Option<u64>)> = None;
         loop {
             let mut req = {
                 let mut st = lock(&self.state);
+                if let Some((delivered, write)) = finished.take() {
+                    if let Some(seq) = write {
+                        self.write_done_locked(&mut st, seq);
+                    }
+                    if delivered {
+                        self.finished_one_locked(&mut st);
+                    }
+                }
                 loop {
                     if let Some(r) = st.queue.pop_front() {
                         break r;
@@ -304,17 +320,26 @@ impl Shared {
                 }
             };
             let r = self.execute(&mut req);
-            let is_write = matches!(req.op, Op::Write { .. } | Op::WriteZeroes { .. });
-            req.complete(r, &self);
-            if is_write {
-                self.write_done(req.seq);
-            }
+            let write =
+                matches!(req.op, Op::Write { .. } | Op::WriteZeroes { .. }).then_some(req.seq);
+            let delivered = match (self.opts.delivery, req.done.take()) {
+                (Delivery::Workers, Some(done)) => {
+                    self.run_completion(done, r);
+                    true
+                }
+                // Event loop: queued for poll, which accounts for it.
+                (_, Some(done)) => {
+                    self.deliver(done, r);
+                    false
+                }
+                (_, None) => false,
+            };
+            finished = Some((delivered, write));
         }
     }
 
     /// Releases flushes that were waiting only for writes up to now.
-    fn write_done(&self, seq: u64) {
-        let mut st = lock(&self.state);
+    fn write_done_locked(&self, st: &mut State, seq: u64) {
         st.writes.remove(&seq);
         let oldest = st.writes.first().copied().unwrap_or(u64::MAX);
         let (ready, parked): (Vec<_>, Vec<_>) = std::mem::take(&mut st.parked_flushes)
@@ -518,7 +543,7 @@ impl AioQueue {
             let is_write = matches!(r.op, Op::Write { .. } | Op::WriteZeroes { .. });
             r.complete(Err(cancelled_error()), sh);
             if is_write {
-                sh.write_done(r.seq);
+                sh.write_done_locked(&mut lock(&sh.state), r.seq);
             }
         }
         n
