@@ -115,3 +115,37 @@ fn leak_repair_moves_data_to_make_room_for_a_table() {
     assert_eq!((fixed.corruptions, fixed.leaks), (0, 0), "{fixed:?}");
     assert_eq!(s.len().unwrap(), 7 * 4096);
 }
+
+/// Leak repair that made the file longer at every run. Found by `check_repair` after 59 minutes
+/// of its hour-long campaign: "second repair changed the image".
+///
+/// A hostile 4 KiB-cluster image (table_size 4, L1 at cluster 5) whose tables cannot all move
+/// down. When a table found no free run below it, compaction moved it past the end of the file
+/// whenever *any* hole lay below, expecting the next round to bring it back down; with no hole
+/// right under the table nothing could, so each round left it higher: 32 clusters more per
+/// repair, with as many new leaks. Now a table is only moved past the end when a hole lies
+/// right under it (then its old clusters and that hole form a run it comes back down into).
+#[test]
+fn leak_repair_never_grows_the_file_and_is_idempotent() {
+    let s = Arc::new(MemStorage::from_bytes(&input(
+        "check-repair-grows-file.qed",
+    )));
+    let img = open(&s, true);
+    let len0 = s.len().unwrap();
+    let first = img.check(CheckFix::ALL).expect("repair");
+    assert_eq!(first.corruptions, 0, "{first:?}");
+    let len1 = s.len().unwrap();
+    assert!(len1 <= len0, "repair grew the file from {len0} to {len1}");
+    let snapshot = s.to_bytes();
+    let again = img.check(CheckFix::ALL).expect("second repair");
+    assert_eq!(
+        (again.corruptions_fixed, again.leaks_fixed),
+        (0, 0),
+        "{again:?}"
+    );
+    assert_eq!(again.leaks, first.leaks, "{again:?} after {first:?}");
+    assert!(
+        s.to_bytes() == snapshot,
+        "the second repair changed the image"
+    );
+}

@@ -472,10 +472,12 @@ fn compact_round(
             w = used.next_clear(w + 1);
         };
         let Some(w) = window else {
-            if used.next_clear(first) < start {
-                // Holes below, but none can take the table (e.g. a single hole right under it):
-                // move it past the end, which frees its clusters next to the hole; the next
-                // round brings it back down into that run. Never an overlapping copy.
+            if start > first && !used.get(start - 1) && !busy.get(start - 1) {
+                // A hole right under the table, too small to take it: move it past the end,
+                // which frees its clusters next to the hole; the next round brings it back down
+                // into that run, lower than it was. Never an overlapping copy. (With no hole
+                // right under it, such a move could not come back lower, and repairs would
+                // only grow the file: found by fuzzing.)
                 for i in 0..ts {
                     used.clear(start + i);
                     busy.set(start + i);
