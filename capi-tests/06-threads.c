@@ -253,6 +253,11 @@ int main(void)
     verify_final(ws, all);
     qed_check_result cr;
     CHECK_RET(qed_check(img, 0, &cr), 0);
+    if (cr.corruptions || cr.leaks || cr.check_errors) {
+        fprintf(stderr, "06-threads: check: %llu corruptions, %llu leaks, %llu check errors, image end %llu\n",
+                (unsigned long long)cr.corruptions, (unsigned long long)cr.leaks,
+                (unsigned long long)cr.check_errors, (unsigned long long)cr.image_end_offset);
+    }
     CHECK(cr.corruptions == 0 && cr.leaks == 0 && cr.check_errors == 0);
     CHECK_RET(qed_close(img), 0);
 

@@ -139,6 +139,10 @@ pub struct Image {
     /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
     /// them in the cache).
     writeback_list: Mutex<std::collections::HashMap<l2cache::ChunkKey, Arc<l2cache::Chunk>>>,
+    /// One write-back at a time: two could write their snapshots of a piece of table out of
+    /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
+    /// flush must not return while an earlier write-back is still writing.
+    writeback_one: Mutex<()>,
     /// Shared by writers staging entries, exclusive while a write-back snapshots them.
     staging: RwLock<()>,
     /// Combines concurrent flushes into as few storage flushes as possible.
@@ -446,6 +450,7 @@ impl Image {
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             writeback_list: Mutex::new(std::collections::HashMap::new()),
+            writeback_one: Mutex::new(()),
             staging: RwLock::new(()),
             flusher: Mutex::new(FlushState::default()),
             flushed: std::sync::Condvar::new(),
@@ -625,6 +630,7 @@ impl Image {
     /// then the table sectors are written and flushed. Staging waits only while the snapshot
     /// is taken, so no entry whose data was not flushed first can reach the disk.
     pub(super) fn writeback(&self) -> Result<()> {
+        let _one = lock(&self.writeback_one);
         let snapshot: Vec<(l2cache::ChunkKey, Arc<l2cache::Chunk>, u64, Vec<u8>)> = {
             let _s = wlock(&self.staging);
             let list = std::mem::take(&mut *lock(&self.writeback_list));
