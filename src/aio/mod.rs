@@ -471,7 +471,8 @@ impl AioQueue {
             st.waiting_submitters -= 1;
         }
         st.outstanding += 1;
-        let op = if sh.opts.delivery == Delivery::EventLoop {
+        // Only reads can be answered at submit: other requests keep the lock and queue.
+        let op = if sh.opts.delivery == Delivery::EventLoop && matches!(op, Op::Read { .. }) {
             drop(st);
             // SAFETY: forwarded from the caller: the buffers are valid and ours until `done`.
             match unsafe { sh.try_inline(op) } {
