@@ -76,16 +76,16 @@ fn a_flush_that_failed_once_never_hides_lost_entries() {
         drop(img);
         let img = Image::open_storage(disk.clone(), &rw(backing.clone())).unwrap();
         let got = read(&img, 8 * CS, 512);
-        if second.is_ok() || closed.is_ok() {
+        if let (Err(e), Err(_)) = (&second, &closed) {
+            // The policy: the handle failed; later requests say why.
+            let e = e.to_string();
+            assert!(e.contains("flushing image"), "unhelpful error: {e}");
+        } else {
             assert_eq!(
                 got,
                 vec![7u8; 512],
                 "backing={with_backing}: a flush after the failed one reported success, but the write made before it is gone after reopen"
             );
-        } else {
-            // The policy: the handle failed; later requests say why.
-            let e = second.unwrap_err().to_string();
-            assert!(e.contains("flushing image"), "unhelpful error: {e}");
         }
         assert_eq!(read(&img, 0, 512), vec![1u8; 512]);
         let r = img.check(CheckFix::ALL).unwrap();
@@ -236,9 +236,7 @@ fn a_repair_that_cannot_read_a_table_reclaims_nothing() {
         disk.to_bytes() == before,
         "the repair that could not read a table changed the file (clusters under it reclaimed)"
     );
-    let e = opened
-        .err()
-        .expect("an open whose repair could not read a table must fail");
+    let e = opened.expect_err("an open whose repair could not read a table must fail");
     assert!(
         e.to_string().contains("could not read"),
         "the error should say what could not be read: {e}"
