@@ -347,15 +347,18 @@ impl Image {
         Ok(len)
     }
 
-    /// Takes `n` clusters from the end of the file. With `extend` (or on storage that cannot
-    /// grow safely by concurrent writes) the file is extended to cover them now; data clusters
-    /// skip that syscall: their own write grows the file, and close squares the length up.
-    /// Storage that cannot grow by writes (O_DIRECT) is extended ahead by a stretch (1/8 of the
-    /// file, 1 to 64 MiB) with reserved blocks, so that most allocations need no `set_len`
-    /// (which waits for every write in flight) and their writes run in parallel in the file
-    /// system; close and check cut the file back, and after a crash the repair on open
-    /// reclaims the stretch as trailing leaked clusters.
-    pub(super) fn allocate_clusters(&self, n: u64, extend: bool) -> Result<u64> {
+    /// Takes `n` clusters from the end of the file. The file always covers whole allocated
+    /// clusters before anything points at them: QEMU takes a file that ends inside a cluster
+    /// as ending before it, so an entry written (or surviving a killed process) while the data
+    /// write had grown the file only part way would be "outside the file" to QEMU, whose repair
+    /// then drops it. To keep that cheap the file is extended ahead by a stretch (1/8 of the
+    /// file, 1 to 64 MiB): storage that grows by writes gets a sparse `set_len`, storage that
+    /// cannot (O_DIRECT) reserved blocks, so that most allocations need no syscall of their own
+    /// and their writes run in parallel in the file system. Close and check cut the file back
+    /// to the last cluster; after a crash the repair on open reclaims the stretch as trailing
+    /// leaked clusters (QEMU reports them as leaks, harmless). `_table` marks allocations of L2
+    /// tables (extended the same way).
+    pub(super) fn allocate_clusters(&self, n: u64, _table: bool) -> Result<u64> {
         let bytes = n << self.geometry.cluster_bits();
         let mut next = lock(&self.alloc);
         let start = *next;
@@ -368,16 +371,15 @@ impl Image {
                     std::io::Error::from_raw_os_error(libc::EFBIG),
                 )
             })?;
-        if (extend || !self.grows_on_write) && end > self.extended_to.load(Ordering::Acquire) {
-            let target = if self.grows_on_write {
-                end
-            } else {
-                let stretch = (end / 8).clamp(1 << 20, 64 << 20);
-                self.geometry
-                    .cluster_ceil(end + stretch)
-                    .min(self.geometry.cluster_floor(i64::MAX as u64))
-                    .max(end)
-            };
+        if end > self.extended_to.load(Ordering::Acquire) {
+            let stretch = (end / 8).clamp(1 << 20, 64 << 20);
+            let target = self
+                .geometry
+                .cluster_ceil(end + stretch)
+                .min(self.geometry.cluster_floor(i64::MAX as u64))
+                .max(end);
+            // Nothing is ever written past `extended_to` (allocations stay below it), so this
+            // only grows the file.
             if self.grows_on_write {
                 self.storage.set_len(target)
             } else {
