@@ -402,18 +402,29 @@ impl Image {
         if table == 0 && self.create_table(l1i, &segs)? {
             return Ok(());
         }
-        // The table exists (possibly created by another writer just now): stage the entries;
-        // the next flush writes them back after the data is durable.
+        // The table exists (possibly created by another writer just now).
         let table = rlock(&self.l1).entries[l1i];
-        let staged = {
-            let _s = rlock(&self.staging);
-            let mut pending = lock(&self.writeback_list);
+        if self.write_through.load(Ordering::Acquire) {
+            // No backing file: the entries are written now (no flush), so a completed write
+            // survives the death of the process, as with QEMU.
             for &(ci, first, vals) in &segs {
                 let chunk = self.chunk(table, ci)?;
                 chunk.stage(first, vals);
-                pending.entry((table, ci)).or_insert(chunk);
+                self.wb.write_through((table, ci), &chunk)?;
             }
-            pending.len()
+            return Ok(());
+        }
+        // With a backing file, stage them: the next flush (or the write-back timer) writes them
+        // back after the data is durable.
+        let staged = {
+            let _s = rlock(&self.wb.staging);
+            let mut staged = 0;
+            for &(ci, first, vals) in &segs {
+                let chunk = self.chunk(table, ci)?;
+                chunk.stage(first, vals);
+                staged = self.wb.queue((table, ci), &chunk);
+            }
+            staged
         };
         if staged >= WRITEBACK_LIMIT {
             // Bound the memory pinned by staged entries: write them back now.
@@ -466,9 +477,11 @@ impl Image {
             b
         };
         let at = self.l1_offset + sector as u64 * 8;
+        // A failed write may have changed the sector or not: the handle can no longer know
+        // what the file's L1 table says.
         self.storage
             .write_at(&bytes, at)
-            .ctx(|| format!("writing L1 table at {at:#x}"))?;
+            .map_err(|e| self.fail(Error::io(format!("writing L1 table at {at:#x}"), e)))?;
         wlock(&self.l1).entries[l1i] = t;
         Ok(true)
     }
