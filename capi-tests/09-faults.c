@@ -793,8 +793,10 @@ static void healthy_counts(uint8_t *buf, uint8_t *exp, unsigned char *trace, uns
 
 /* ---- The open sweep ------------------------------------------------------------------------ */
 
-/* A dirty image: flushed data, then unflushed allocations (leaked after the crash, one of them
- * below a table and data that stay referenced, so repair must move clusters), need-check set. */
+/* A dirty image, as a crash leaves it: flushed data, unflushed writes, the need-check bit set,
+ * and leaks for the repair to reclaim: the L2 entry of an unflushed allocation below later data
+ * and a table is dropped (as when it was only staged: the data must move down), and junk
+ * clusters trail the file (as a preallocated stretch leaves them). */
 static void make_dirty(blob *out, model *m, uint8_t *buf, uint8_t *exp)
 {
     fstore s;
@@ -816,9 +818,9 @@ static void make_dirty(blob *out, model *m, uint8_t *buf, uint8_t *exp)
     w_write(&r, 100 * KiB, 8 * KiB, 0);
     w_flush(&r);
     w_write(&r, 4 * KiB, 4 * KiB, 0);            /* in place, unflushed */
-    w_write(&r, 200 * KiB, 4 * KiB, 0);          /* allocating, entry only staged: a leak */
-    w_write(&r, 2 * MiB + 64 * KiB, 8 * KiB, 0); /* new table, written at once, after the leak */
-    w_write(&r, 300 * KiB, 4 * KiB, 0);          /* another staged entry: a trailing leak */
+    w_write(&r, 200 * KiB, 4 * KiB, 0);          /* allocating, unflushed: its entry is dropped */
+    w_write(&r, 2 * MiB + 64 * KiB, 8 * KiB, 0); /* a new table and data after it */
+    w_write(&r, 300 * KiB, 4 * KiB, 0);          /* allocating, unflushed */
     for (int i = 0; i < m->n; i++) {
         CHECK(m->ops[i].ret == 0);
     }
@@ -826,7 +828,18 @@ static void make_dirty(blob *out, model *m, uint8_t *buf, uint8_t *exp)
     s.dead = 1;
     (void)qed_close(r.img);
     store_free(&s);
-    CHECK(out->len > 4 && (out->data[16] & 2)); /* the need-check bit (features bit 1) */
+    CHECK(out->len > 64 && (out->data[16] & 2)); /* the need-check bit (features bit 1) */
+    uint64_t l1, l2;
+    memcpy(&l1, out->data + 40, 8); /* header: l1_table_offset */
+    memcpy(&l2, out->data + l1, 8); /* L1[0]: the table of the first 2 MiB */
+    CHECK(l2 != 0 && l2 % CS == 0 && l2 + CS <= out->len);
+    uint64_t zero = 0, idx = 200 * KiB / CS, host;
+    memcpy(&host, out->data + l2 + idx * 8, 8);
+    CHECK(host != 0 && host + CS < out->len); /* not the last cluster: a hole to fill */
+    memcpy(out->data + l2 + idx * 8, &zero, 8);
+    size_t end = out->len / CS * CS + (out->len % CS ? CS : 0);
+    blob_set_len(out, end + 3 * CS);
+    test_fill(out->data + end, 3 * CS, 99);
 }
 
 static void open_state(const scen *sc, const blob *dirty, model *m, uint8_t *buf, uint8_t *exp,
@@ -978,7 +991,7 @@ int main(void)
         memcpy(okind, a.kcalls, sizeof okind);
         CHECK(otrace_n <= MAX_TRACE);
         a.trace = NULL;
-        CHECK(a.mutations > 0); /* the open really repairs */
+        CHECK(a.kcalls[K_SETLEN] > 0 && a.kcalls[K_PWRITE] > 2); /* the open moves clusters and cuts */
         CHECK_RET(qed_close(img), 0);
         store_free(&a);
     }
