@@ -11,7 +11,7 @@
  * keeps completed writes when a process dies, as QEMU relies on). With a raw backing file only
  * flushed writes are promised; the test prints how many completed, unflushed writes survived.
  *
- * QED_KILL_TRIALS=N sets the trials per setup (default 150, 12 under valgrind);
+ * QED_KILL_TRIALS=N sets the trials per setup (default 150, 30 under valgrind);
  * QED_KILL_SEED=S changes the random choices (kill delays, child's ranges). */
 #define _XOPEN_SOURCE 700 /* realpath */
 #include "util.h"
@@ -501,7 +501,7 @@ int main(int argc, char **argv)
     self_exe = exe;
     int vg = under_valgrind();
     const char *e = getenv("QED_KILL_TRIALS");
-    long trials = e ? atol(e) : vg ? 12 : 150;
+    long trials = e ? atol(e) : vg ? 30 : 150;
     e = getenv("QED_KILL_SEED");
     rng_state = e ? strtoull(e, NULL, 0) | 1 : 0x2545f4914f6cdd1dull;
     uint64_t parent_seed = rng_state;
