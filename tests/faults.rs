@@ -794,3 +794,102 @@ fn open_and_repair_under_faults_never_lose_data() {
     println!("open/repair fault sweep: {states} states, 0 violations");
     assert!(states >= 1_000, "only {states} open/repair fault states");
 }
+
+/// With a backing file, new entries wait in memory for a flush or the write-back timer: a
+/// process killed after the delay keeps its completed (unflushed) allocating writes; without
+/// the timer it would lose them (the control). A timer write-back that fails fails the handle.
+#[test]
+fn writeback_timer_bounds_what_process_death_loses() {
+    let setup = &setups()[1]; // 4k/t2+backing
+    let mut rng = Rng::new(7);
+    let (base, backing) = base_image(setup, &mut rng);
+    let guest0 = guest_bytes(&base, &backing);
+    let bs = backing_storage(&backing);
+    let cs = setup.cluster_size as u64;
+    let kept = |delay: Option<std::time::Duration>| -> usize {
+        let disk = Arc::new(MemStorage::from_bytes(&base));
+        let fs = Arc::new(FaultStorage::new(disk.clone()));
+        let img = Image::open_storage(
+            fs.clone(),
+            &OpenOptions {
+                writeback_delay: delay,
+                ..opts(&bs, true)
+            },
+        )
+        .unwrap();
+        for i in 0..8u64 {
+            img.write_at((20 + 3 * i) * cs + 512, &[0x40 + i as u8; 1024])
+                .unwrap();
+        }
+        // Well past the delay (and its write-back, two flushes of a small file).
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        fs.cut_off(); // the process dies: nothing more reaches the file
+        drop(img);
+        let img = Image::open_storage(disk, &opts(&bs, true)).unwrap();
+        let mut n = 0;
+        for i in 0..8u64 {
+            let at = (20 + 3 * i) * cs;
+            let mut got = vec![0u8; cs as usize];
+            img.read_at(at, &mut got).unwrap();
+            let mut want = guest0[at as usize..(at + cs) as usize].to_vec();
+            want[512..1536].fill(0x40 + i as u8);
+            if got == want {
+                n += 1;
+            } else {
+                assert_eq!(
+                    got,
+                    guest0[at as usize..(at + cs) as usize],
+                    "cluster {i}: neither the old nor the new bytes"
+                );
+            }
+        }
+        img.close().unwrap();
+        n
+    };
+    assert_eq!(kept(Some(std::time::Duration::from_millis(20))), 8);
+    assert_eq!(
+        kept(None),
+        0,
+        "control: without the timer the entries die with the process"
+    );
+
+    // A failing timer write-back fails the handle, and the next request says why.
+    let disk = Arc::new(MemStorage::from_bytes(&base));
+    let fs = Arc::new(FaultStorage::new(disk.clone()));
+    let img = Image::open_storage(
+        fs.clone(),
+        &OpenOptions {
+            writeback_delay: Some(std::time::Duration::from_millis(20)),
+            ..opts(&bs, true)
+        },
+    )
+    .unwrap();
+    img.write_at(40 * cs, &[9u8; 512]).unwrap();
+    fs.arm(Fault {
+        calls: FaultCalls::FLUSH,
+        at: 0,
+        errno: libc::EIO,
+        mode: FaultMode::Once,
+        torn: false,
+    });
+    let t0 = std::time::Instant::now();
+    while fs.fired() == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(fs.fired(), 1, "the timer never flushed");
+    // The failure is recorded by the timer thread right after the flush returns.
+    let mut e = None;
+    for _ in 0..200 {
+        match img.write_at(0, &[1u8; 512]) {
+            Err(err) => {
+                e = Some(err);
+                break;
+            }
+            Ok(()) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    let e = e.expect("the handle kept accepting writes after its write-back failed");
+    assert!(e.to_string().contains("flushing image"), "{e}");
+    assert!(img.flush().is_err());
+    assert!(img.close().is_err());
+}

@@ -153,6 +153,11 @@ impl Image {
 
     /// Scatter-gather read: consecutive guest bytes at `offset` into `bufs`.
     pub fn read_sg(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.read_sg_unnamed(offset, bufs)
+            .map_err(|e| self.named(e))
+    }
+
+    fn read_sg_unnamed(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
         self.check_usable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
@@ -225,6 +230,11 @@ impl Image {
 
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.write_sg_unnamed(offset, bufs)
+            .map_err(|e| self.named(e))
+    }
+
+    fn write_sg_unnamed(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
@@ -649,6 +659,11 @@ impl Image {
     /// clusters (no data written); allocated ones are overwritten with zeros in place, as QEMU
     /// does; partial clusters at the ends are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes_unnamed(offset, len)
+            .map_err(|e| self.named(e))
+    }
+
+    fn write_zeroes_unnamed(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let _g = rlock(&self.gate);

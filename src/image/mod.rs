@@ -449,6 +449,7 @@ impl Image {
             wb: Arc::new(writeback::WriteBack::new(
                 storage_for_wb,
                 opts.writeback_delay,
+                path.map(|p| p.display().to_string()),
             )),
             write_through: AtomicBool::new(!has_backing_file),
         };
@@ -614,6 +615,18 @@ impl Image {
         self.direct
     }
 
+    /// Puts the image file's name in front of an I/O error's context (the storage does not
+    /// know it), so that a message such as a full disk's says which file.
+    fn named(&self, e: Error) -> Error {
+        match (e, &self.path) {
+            (Error::Io { context, source }, Some(p)) => Error::Io {
+                context: format!("{}: {context}", p.display()),
+                source,
+            },
+            (e, _) => e,
+        }
+    }
+
     /// Records a failure after which durability cannot be promised: the image refuses further
     /// requests until reopened.
     pub(super) fn fail(&self, e: Error) -> Error {
@@ -684,6 +697,10 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
+        self.flush_unnamed().map_err(|e| self.named(e))
+    }
+
+    fn flush_unnamed(&self) -> Result<()> {
         self.check_usable()?;
         if !self.writable {
             return Ok(());
@@ -694,6 +711,10 @@ impl Image {
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
     /// refuses it: QED cannot give clusters back.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
+        self.truncate_unnamed(new_size).map_err(|e| self.named(e))
+    }
+
+    fn truncate_unnamed(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let _g = wlock(&self.gate);
         let old = self.size();
@@ -868,6 +889,10 @@ impl Image {
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
+        self.check_unnamed(fix).map_err(|e| self.named(e))
+    }
+
+    fn check_unnamed(&self, fix: CheckFix) -> Result<CheckResult> {
         self.check_usable()?;
         if fix.any() && !self.writable {
             return Err(Error::ReadOnly);
@@ -921,6 +946,10 @@ impl Image {
     /// Flushes, clears the need-check bit and releases the file locks. Later calls fail; calling
     /// it again does nothing. Dropping an image closes it too, ignoring errors.
     pub fn close(&self) -> Result<()> {
+        self.close_unnamed().map_err(|e| self.named(e))
+    }
+
+    fn close_unnamed(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

@@ -38,6 +38,8 @@ struct TimerState {
 
 pub(super) struct WriteBack {
     storage: Arc<dyn Storage>,
+    /// The image file's name, for the failed state's message.
+    label: Option<String>,
     failed: Mutex<Option<String>>,
     is_failed: AtomicBool,
     /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
@@ -59,9 +61,14 @@ pub(super) struct WriteBack {
 }
 
 impl WriteBack {
-    pub(super) fn new(storage: Arc<dyn Storage>, delay: Option<Duration>) -> WriteBack {
+    pub(super) fn new(
+        storage: Arc<dyn Storage>,
+        delay: Option<Duration>,
+        label: Option<String>,
+    ) -> WriteBack {
         WriteBack {
             storage,
+            label,
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             list: Mutex::new(HashMap::new()),
@@ -79,7 +86,10 @@ impl WriteBack {
     pub(super) fn fail(&self, e: Error) -> Error {
         let mut f = lock(&self.failed);
         if f.is_none() {
-            *f = Some(e.to_string());
+            *f = Some(match &self.label {
+                Some(l) => format!("{l}: {e}"),
+                None => e.to_string(),
+            });
         }
         self.is_failed.store(true, Ordering::Release);
         e
