@@ -1,11 +1,11 @@
 /* A full file system: on a 2 MiB tmpfs mounted for the test (as root; a failed mount fails the
  * test with the reason), a filler file takes space first, then an image is written until a write
- * fails. The failure must be -ENOSPC with a message naming the call, what it was writing and
- * the system's reason; every flush before it must have succeeded. After the filler is deleted,
- * the image must reopen read-write (repair), check clean (0 corruptions, 0 leaks) and hold every
- * write acknowledged before a successful flush (elsewhere the old or the new bytes); QEMU must
- * find it clean. Done once with qed_write and once with qed_aio_write. The tmpfs is unmounted on
- * every exit path. */
+ * fails. The failure must be -ENOSPC with a message naming the call, the file, what it was
+ * writing and the system's reason; every flush before it must have succeeded. After the filler
+ * is deleted, the image must reopen read-write (repair), check clean (0 corruptions, 0 leaks)
+ * and hold every write acknowledged before a successful flush (elsewhere the old or the new
+ * bytes); QEMU must find it clean. Done with qed_write and with qed_aio_write, for eight filler
+ * sizes. The tmpfs is unmounted on every exit path. */
 #include "util.h"
 
 #include <fcntl.h>
@@ -151,13 +151,13 @@ static void make_image(const char *path)
     CHECK_RET(qed_create(path, &o), 0);
 }
 
-/* The message must say which call failed, what it was writing and why. */
-static void check_message(const char *msg, const char *fn)
+/* The message must say which call failed, on which file, what it was writing and why. */
+static void check_message(const char *msg, const char *fn, const char *path)
 {
-    if (strstr(msg, fn) == NULL || strstr(msg, "writing") == NULL ||
+    if (strstr(msg, fn) == NULL || strstr(msg, path) == NULL || strstr(msg, "writing") == NULL ||
         strstr(msg, "No space left on device") == NULL) {
-        fprintf(stderr, "the ENOSPC message does not name %s, what was being written and the reason: \"%s\"\n",
-                fn, msg);
+        fprintf(stderr, "the ENOSPC message does not name %s, the file %s, what was being written and the reason: "
+                        "\"%s\"\n", fn, path, msg);
         exit(1);
     }
 }
@@ -196,7 +196,7 @@ static void sync_api(const char *path, const char *filler, size_t filler_len)
     if (verbose) {
         printf("qed_write: write %llu failed with -ENOSPC: %s\n", (unsigned long long)(n - 1), msg);
     }
-    check_message(msg, "qed_write");
+    check_message(msg, "qed_write", path);
     /* The client goes on: a flush and close may fail too (their errors are noted, not fatal). */
     ret = qed_flush(img);
     if (verbose) {
