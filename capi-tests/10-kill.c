@@ -382,7 +382,11 @@ static void trial_once(int backing, uint32_t trial, double delay, stats *st, uin
     if (q != 0 && q != 3) {
         char out[2048];
         test_sh_out(out, sizeof out, "qemu-img check -f qed '%s' 2>&1", path);
-        fail_trial(st, trial, setup, "qemu-img check on the killed image exited %d:\n%s", q, out);
+        struct stat sb;
+        CHECK(stat(path, &sb) == 0);
+        fail_trial(st, trial, setup, "qemu-img check on the killed image exited %d (file length %lld, %s a multiple of "
+                   "the cluster size):\n%s", q, (long long)sb.st_size,
+                   sb.st_size % (backing ? 65536 : 4096) ? "not" : "", out);
     }
 
     /* Reopen read-write: the repair runs if the need-check bit is set. */
