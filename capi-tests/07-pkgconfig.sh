@@ -10,8 +10,11 @@ set -eu
 if [ -z "${QED_PC_REEXEC:-}" ]; then
     QED_PC_REEXEC=1 exec /bin/sh "$0" "$@"
 fi
+# `meson test --setup valgrind` sets QED_TEST_VALGRIND=1 (top-level meson.build): the programs
+# must then really run in valgrind, so a missing valgrind is an error, not a silent plain run.
 run=
-if [ -n "${VALGRIND_OPTS:-}" ] && command -v valgrind >/dev/null; then
+if [ -n "${QED_TEST_VALGRIND:-}" ] && [ "$QED_TEST_VALGRIND" != 0 ]; then
+    command -v valgrind >/dev/null || { echo "07-pkgconfig: QED_TEST_VALGRIND is set but valgrind is not installed" >&2; exit 1; }
     run="valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite"
 fi
 build=$1
