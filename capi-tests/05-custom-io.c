@@ -271,9 +271,6 @@ int main(void)
         m.fail_pwrite = 7; /* neither 0 nor -errno */
         CHECK_ERR(qed_write(img, 0, b, sizeof b), -EIO, "pwrite");
         m.fail_pwrite = 0;
-        m.fail_flush = -EIO;
-        CHECK_RET(qed_flush(img), -EIO);
-        m.fail_flush = 0;
         m.fail_get_length = -EIO;
         CHECK_RET(qed_get_info(img, &info), -EIO); /* file_size comes from get_length */
         m.fail_get_length = 0;
@@ -289,9 +286,27 @@ int main(void)
         /* Still usable. */
         write_pattern(img, shadow, 7 * MiB, 4096, 0x55);
         verify(img, shadow, 0, size);
+        CHECK_RET(qed_flush(img), 0);
+        /* A failed flush is fatal for the handle (after a failed fsync a later one proves
+         * nothing): every later call says so, close writes nothing and keeps the need-check
+         * bit, and the next read-write open repairs. */
+        uint8_t z[4096] = {0};
+        CHECK_RET(qed_write(img, 6 * MiB, z, sizeof z), 0);
+        memset(shadow + 6 * MiB, 0, sizeof z); /* no backing file: survives as written */
+        m.fail_flush = -EIO;
+        CHECK_RET(qed_flush(img), -EIO);
+        m.fail_flush = 0;
+        CHECK_ERR(qed_read(img, 0, b, sizeof b), -EIO, "flushing image");
+        CHECK_ERR(qed_flush(img), -EIO, "flushing image");
+        CHECK_RET(qed_close(img), -EIO);
+        CHECK(m.released == 3);
+        CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), 0);
+        CHECK_RET(qed_check(img, 0, &cr), 0);
+        CHECK(cr.corruptions == 0 && cr.leaks == 0);
+        verify(img, shadow, 0, size); /* everything flushed before the failure is there */
     }
     CHECK_RET(qed_close(img), 0);
-    CHECK(m.released == 3);
+    CHECK(m.released == 4);
     test_write_file(file, m.data, m.len);
     CHECK(test_sh("qemu-img check -q -f qed '%s'", file) == 0);
     CHECK(test_sh("qemu-io -r -f qed -c 'read -P 0x55 %llu 4096' '%s' >/dev/null", 7 * MiB, file) == 0);
@@ -299,11 +314,11 @@ int main(void)
     /* A failing open releases the storage once (it fails after the table was checked). */
     m.fail_get_length = -EIO;
     CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), -EIO);
-    CHECK(m.released == 4);
+    CHECK(m.released == 5);
     m.fail_get_length = 0;
     m.fail_pread = -EIO;
     CHECK_RET(qed_open_with_io(&OPS, &m, 0, &img), -EIO);
-    CHECK(m.released == 5);
+    CHECK(m.released == 6);
     m.fail_pread = 0;
     {
         mem junk;
@@ -314,7 +329,7 @@ int main(void)
         CHECK(junk.released == 1);
         m.fail_set_length = -EIO;
         CHECK_RET(qed_create_with_io(&OPS, &m, &o), -EIO);
-        CHECK(m.released == 6);
+        CHECK(m.released == 7);
         m.fail_set_length = 0;
         mem_free(&junk);
     }

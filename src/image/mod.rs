@@ -667,11 +667,14 @@ impl Image {
         Ok(())
     }
 
-    /// Writes the header; a failure fails the image (the header on disk is then unknown).
+    /// Writes the header's fixed fields (need-check bit, size). A failure is not fatal: the
+    /// sector holds the old or the new fields, and either is consistent with the tables (the
+    /// bit only asks for a check; a grown size is already backed by zeroed clusters); memory
+    /// keeps the old ones and a later call writes them again.
     fn write_header(&self, h: &Header) -> Result<()> {
         self.storage
             .write_at(&h.to_bytes(), 0)
-            .map_err(|e| self.fail(Error::io("writing header", e)))
+            .ctx(|| "writing header".into())
     }
 
     /// Sets the need-check bit and flushes it before the first metadata update after a clean
