@@ -486,7 +486,8 @@ fn crash_states_of_mixed_workloads_are_all_recoverable() {
         total += n;
     }
     println!("crash: {total} crash states explored in all (seed {seed:#x})");
-    assert!(total > 1000);
+    // README promises 13,000+ crash states per run (mixed workloads; repair's are extra).
+    assert!(total >= 13_000, "only {total} crash states explored");
 }
 
 #[test]

@@ -1591,7 +1591,8 @@ fn hostile_corpus() {
     );
     // Straight to the process's stderr: libtest does not capture it, so the table is always shown.
     let _ = std::io::stderr().write_all(table.as_bytes());
-    assert!(hostile >= 40, "only {hostile} hostile images");
+    // README promises 90+ malformed images.
+    assert!(hostile >= 90, "only {hostile} hostile images");
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
