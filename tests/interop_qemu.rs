@@ -612,7 +612,11 @@ fn qemu_written_images_read_back_identically() {
     }
     // 9 cluster sizes x 4 table sizes, less the 8 combinations whose maximum size overflows in
     // QEMU (it refuses them): a QEMU or harness change that drops a geometry must show here.
-    assert_eq!(ran.len(), 28, "geometries ran: {ran:?}; refused: {refused:?}");
+    assert_eq!(
+        ran.len(),
+        28,
+        "geometries ran: {ran:?}; refused: {refused:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
