@@ -20,6 +20,31 @@
  * - Panics: no Rust panic crosses this interface; an internal error returns -EIO with an
  *   "internal error" message.
  *
+ * Durability and storage failures:
+ * - A write that completed before a flush (qed_flush, qed_aio_flush) completed successfully
+ *   survives a power loss or a crash at any point; a write after it reads back afterwards as
+ *   its old or its new bytes, never anything else.
+ * - Process death (kill -9, a crash of the caller): an image without a backing file keeps
+ *   every write that completed, flushed or not, as QEMU does (new table entries are written
+ *   with the write; the kernel holds them). An image with a backing file must flush data
+ *   before the table entry that maps it, so new entries wait in memory for the next flush or
+ *   at most one second (Rust: OpenOptions::writeback_delay), whichever is first: a killed
+ *   process loses at most the allocating writes of that last second that were not flushed.
+ *   Writes into clusters already allocated are never lost.
+ * - A failed write or read returns its errno (-EIO, -ENOSPC, ...) and the handle goes on: a
+ *   full disk is not fatal, retry once there is room.
+ * - A failed flush, or a failed write of metadata (table entries, header), is fatal for the
+ *   handle, as in QEMU and PostgreSQL: after a failed fsync the kernel may have dropped the
+ *   dirty pages, so a later flush that succeeds would prove nothing. Every later call on the
+ *   handle returns -EIO and qed_last_error() names the first failure; nothing more is written
+ *   and nothing is reported durable. qed_close() frees the handle and returns -EIO; it leaves
+ *   the image's need-check bit set, and the next read-write open repairs it (keeping
+ *   everything that was flushed before the failure).
+ * - A failed qed_open() never writes after the failure: the file is left as it was, or, if
+ *   the failure came in the middle of the repair of a dirty image, as the repair left it
+ *   (repairs are ordered so that any prefix of them is safe). A repair that cannot read all
+ *   the tables reclaims nothing (an unreadable table may map any cluster) and fails the open.
+ *
  * Backing files and security: a backing file name is taken from the image header and opened
  * read-only, relative to the image's folder unless absolute. It is always a plain path: names
  * with a protocol prefix (json:, nbd:, file:, ...) are refused with -ENOTSUP, as are chains
@@ -346,6 +371,18 @@ typedef struct qed_io_ops {
 
 
 
+
+
+
+
+
+
+
+
+
+
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -572,8 +609,9 @@ int qed_open(const char *path, unsigned int flags, struct qed_image **out);
  * Outstanding asynchronous requests are drained first: their callbacks run during this call
  * (on library threads, or on this thread in event-loop mode).
  *
- * **Returns:** 0, or `-errno` if the final flush or header write failed; the handle is freed
- * even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
+ * **Returns:** 0, or `-errno` if the final flush or header write failed, or `-EIO` if the
+ * handle had failed before (nothing is written then, and the need-check bit stays set for
+ * the next read-write open to repair); the handle is freed even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
  * and frees nothing.
  *
  * **Ownership:** consumes `img`; it must not be used afterwards.
@@ -662,7 +700,8 @@ int qed_writev(struct qed_image *img, uint64_t offset, const struct iovec *iov, 
 /**
  * Makes every write completed before this call durable.
  *
- * **Returns:** 0 or `-errno` from the storage.
+ * **Returns:** 0 or `-errno` from the storage. A failed flush is fatal for the handle (see
+ * "Durability and storage failures" at the top): this and every later call return `-EIO`.
  *
  * **Thread-safety:** may be called concurrently on the same image from any thread.
  *

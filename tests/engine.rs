@@ -498,8 +498,11 @@ fn failed_l2_write_fails_the_image_and_keeps_it_dirty_for_repair() {
     img.write_at(0, &[1u8; 4096]).unwrap();
     let l2 = peek(&s.inner, 4096);
     s.fail_at.store(l2, std::sync::atomic::Ordering::SeqCst); // the L2 sector of entries 0..63
-    img.write_at(8192, &[2u8; 4096]).unwrap(); // staged
-    let e = img.flush().unwrap_err(); // the write-back of the staged entry fails
+                                                              // Without a backing file the entry is written with the write; with one, at the flush.
+    let e = img
+        .write_at(8192, &[2u8; 4096])
+        .and_then(|_| img.flush())
+        .unwrap_err();
     assert!(e.to_string().contains("writing L2 table"), "{e}");
     // The image refuses further work and close reports the failure without clearing the bit.
     assert!(matches!(

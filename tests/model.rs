@@ -288,6 +288,10 @@ fn open_options(resolver: Option<BackingResolver>) -> OpenOptions {
     OpenOptions {
         writable: true,
         backing_resolver: resolver,
+        // Crashes are simulated by forgetting the handle, which a live write-back thread would
+        // outlive (a dead process takes its threads along): no timer here; tests/faults.rs
+        // covers it.
+        writeback_delay: None,
         ..Default::default()
     }
 }

@@ -270,8 +270,9 @@ pub unsafe extern "C" fn qed_open(
 /// Outstanding asynchronous requests are drained first: their callbacks run during this call
 /// (on library threads, or on this thread in event-loop mode).
 ///
-/// **Returns:** 0, or `-errno` if the final flush or header write failed; the handle is freed
-/// even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
+/// **Returns:** 0, or `-errno` if the final flush or header write failed, or `-EIO` if the
+/// handle had failed before (nothing is written then, and the need-check bit stays set for
+/// the next read-write open to repair); the handle is freed even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
 /// and frees nothing.
 ///
 /// **Ownership:** consumes `img`; it must not be used afterwards.
@@ -453,7 +454,8 @@ pub unsafe extern "C" fn qed_writev(
 
 /// Makes every write completed before this call durable.
 ///
-/// **Returns:** 0 or `-errno` from the storage.
+/// **Returns:** 0 or `-errno` from the storage. A failed flush is fatal for the handle (see
+/// "Durability and storage failures" at the top): this and every later call return `-EIO`.
 ///
 /// **Thread-safety:** may be called concurrently on the same image from any thread.
 ///

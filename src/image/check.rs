@@ -47,7 +47,9 @@ pub struct CheckResult {
     pub corruptions: u64,
     /// Leaked clusters found and not repaired.
     pub leaks: u64,
-    /// Errors that kept the check from completing (unreadable tables).
+    /// Errors that kept the check from completing (unreadable tables). When there are any,
+    /// leaks are not counted (an unreadable table may reference any cluster) and a repair
+    /// reclaims nothing.
     pub check_errors: u64,
     /// Corruptions repaired.
     pub corruptions_fixed: u64,
@@ -323,10 +325,15 @@ pub(crate) fn run(
     let file_len = storage.len().ctx(|| "reading image length".into())?;
     let file_clusters = file_len.div_ceil(cs);
     let first = header.header_size as u64;
+    res.image_end_offset = file_len;
+    if res.check_errors > 0 {
+        // A table that could not be read may reference any cluster: nothing is known to be
+        // leaked, and nothing may be reclaimed or moved (its data would be lost).
+        return Ok(res);
+    }
     let leaks_in = |used: &Bitmap, end: u64| end.saturating_sub(first) - used.count_in(first, end);
     let leaks = leaks_in(&used, file_clusters);
     res.leaks = leaks;
-    res.image_end_offset = file_len;
     if fix.leaks && leaks > 0 {
         let keep = compact(
             storage,

@@ -153,6 +153,11 @@ impl Image {
 
     /// Scatter-gather read: consecutive guest bytes at `offset` into `bufs`.
     pub fn read_sg(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.read_sg_unnamed(offset, bufs)
+            .map_err(|e| self.named(e))
+    }
+
+    fn read_sg_unnamed(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
         self.check_usable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
@@ -225,6 +230,11 @@ impl Image {
 
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.write_sg_unnamed(offset, bufs)
+            .map_err(|e| self.named(e))
+    }
+
+    fn write_sg_unnamed(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
@@ -402,18 +412,29 @@ impl Image {
         if table == 0 && self.create_table(l1i, &segs)? {
             return Ok(());
         }
-        // The table exists (possibly created by another writer just now): stage the entries;
-        // the next flush writes them back after the data is durable.
+        // The table exists (possibly created by another writer just now).
         let table = rlock(&self.l1).entries[l1i];
-        let staged = {
-            let _s = rlock(&self.staging);
-            let mut pending = lock(&self.writeback_list);
+        if self.write_through.load(Ordering::Acquire) {
+            // No backing file: the entries are written now (no flush), so a completed write
+            // survives the death of the process, as with QEMU.
             for &(ci, first, vals) in &segs {
                 let chunk = self.chunk(table, ci)?;
                 chunk.stage(first, vals);
-                pending.entry((table, ci)).or_insert(chunk);
+                self.wb.write_through((table, ci), &chunk)?;
             }
-            pending.len()
+            return Ok(());
+        }
+        // With a backing file, stage them: the next flush (or the write-back timer) writes them
+        // back after the data is durable.
+        let staged = {
+            let _s = rlock(&self.wb.staging);
+            let mut staged = 0;
+            for &(ci, first, vals) in &segs {
+                let chunk = self.chunk(table, ci)?;
+                chunk.stage(first, vals);
+                staged = self.wb.queue((table, ci), &chunk);
+            }
+            staged
         };
         if staged >= WRITEBACK_LIMIT {
             // Bound the memory pinned by staged entries: write them back now.
@@ -466,9 +487,11 @@ impl Image {
             b
         };
         let at = self.l1_offset + sector as u64 * 8;
+        // A failed write may have changed the sector or not: the handle can no longer know
+        // what the file's L1 table says.
         self.storage
             .write_at(&bytes, at)
-            .ctx(|| format!("writing L1 table at {at:#x}"))?;
+            .map_err(|e| self.fail(Error::io(format!("writing L1 table at {at:#x}"), e)))?;
         wlock(&self.l1).entries[l1i] = t;
         Ok(true)
     }
@@ -636,6 +659,11 @@ impl Image {
     /// clusters (no data written); allocated ones are overwritten with zeros in place, as QEMU
     /// does; partial clusters at the ends are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes_unnamed(offset, len)
+            .map_err(|e| self.named(e))
+    }
+
+    fn write_zeroes_unnamed(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let _g = rlock(&self.gate);

@@ -30,6 +30,9 @@ pub struct Chunk {
     bad: Box<[u64]>,
     /// Sectors changed in memory and not yet written (bit i = sector i of the 8).
     dirty: Mutex<u8>,
+    /// Orders the writes of this piece when entries are written through (an older snapshot
+    /// must never land over a newer one).
+    pub io: Mutex<()>,
 }
 
 impl Chunk {
@@ -43,6 +46,7 @@ impl Chunk {
             entries: raw.iter().map(|&e| AtomicU64::new(e)).collect(),
             bad: bits,
             dirty: Mutex::new(0),
+            io: Mutex::new(()),
         }
     }
     /// The raw entry at `i`.

@@ -24,13 +24,14 @@ mod io;
 mod l2cache;
 mod options;
 mod rangelock;
+mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
 pub use io::{Extent, ExtentKind};
 pub use options::{
     BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
-    DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH,
+    DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
 };
 
 use crate::error::{Error, IoContext, Result};
@@ -126,36 +127,21 @@ pub struct Image {
     backing: RwLock<Option<Backing>>,
     dirty: AtomicBool,
     dirty_lock: Mutex<()>,
+    /// A check of this session could not read everything or left corruptions: close keeps the
+    /// need-check bit so that the next read-write open checks (and repairs) again.
+    recheck: AtomicBool,
     /// Shared by I/O, exclusive for repair, resize, backing change and close.
     gate: RwLock<()>,
     closed: AtomicBool,
     lock: Mutex<Option<ImageLock>>,
     /// Whether the storage grows safely under concurrent writes past its end.
     grows_on_write: bool,
-    /// Set when a metadata write failed after memory was updated: the image must be reopened
-    /// (and is repaired then, the need-check bit being set).
-    failed: Mutex<Option<String>>,
-    is_failed: AtomicBool,
-    /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
-    /// them in the cache).
-    writeback_list: Mutex<std::collections::HashMap<l2cache::ChunkKey, Arc<l2cache::Chunk>>>,
-    /// One write-back at a time: two could write their snapshots of a piece of table out of
-    /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
-    /// flush must not return while an earlier write-back is still writing.
-    writeback_one: Mutex<()>,
-    /// Shared by writers staging entries, exclusive while a write-back snapshots them.
-    staging: RwLock<()>,
-    /// Combines concurrent flushes into as few storage flushes as possible.
-    flusher: Mutex<FlushState>,
-    flushed: std::sync::Condvar,
-}
-
-/// Flush combining: a caller needs a flush that starts after it asked.
-#[derive(Default)]
-struct FlushState {
-    started: u64,
-    completed: u64,
-    running: bool,
+    /// Staged entries, flushes, the write-back timer and the failed state.
+    wb: Arc<writeback::WriteBack>,
+    /// New L2 entries are written to the file at once instead of staged until the next flush:
+    /// images without a backing file, whose entries may reach the disk before their data (an
+    /// unwritten cluster reads as zeros, which is what the guest saw there before).
+    write_through: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -387,7 +373,17 @@ impl Image {
 
         if opts.writable && header.needs_check() && !opts.no_repair {
             let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
-            if r.corruptions > 0 || r.check_errors > 0 {
+            if r.check_errors > 0 {
+                return Err(Error::Corrupt {
+                    what: "image",
+                    offset: 0,
+                    reason: format!(
+                        "the need-check bit is set and the repair could not read {} pieces of L2 table; nothing was reclaimed; open read-only, or retry when the storage reads again",
+                        r.check_errors
+                    ),
+                });
+            }
+            if r.corruptions > 0 {
                 return Err(Error::Corrupt {
                     what: "image",
                     offset: 0,
@@ -412,6 +408,8 @@ impl Image {
 
         let writable = opts.writable;
         let grows_on_write = storage.grows_on_write();
+        let has_backing_file = header.has_backing_file();
+        let storage_for_wb = storage.clone();
         let img = Image {
             storage,
             geometry,
@@ -443,19 +441,24 @@ impl Image {
             backing: RwLock::new(backing),
             dirty: AtomicBool::new(false),
             dirty_lock: Mutex::new(()),
+            recheck: AtomicBool::new(false),
             gate: RwLock::new(()),
             closed: AtomicBool::new(false),
             lock: Mutex::new(lock),
             grows_on_write,
-            failed: Mutex::new(None),
-            is_failed: AtomicBool::new(false),
-            writeback_list: Mutex::new(std::collections::HashMap::new()),
-            writeback_one: Mutex::new(()),
-            staging: RwLock::new(()),
-            flusher: Mutex::new(FlushState::default()),
-            flushed: std::sync::Condvar::new(),
+            wb: Arc::new(writeback::WriteBack::new(
+                storage_for_wb,
+                opts.writeback_delay,
+                path.map(|p| p.display().to_string()),
+            )),
+            write_through: AtomicBool::new(!has_backing_file),
         };
-        img.load_metadata()?;
+        if let Err(e) = img.load_metadata() {
+            // Nothing was loaded: the handle must not close like a live one (close squares the
+            // file length with the allocation state, which was never read).
+            img.closed.store(true, Ordering::Release);
+            return Err(e);
+        }
         Ok(img)
     }
 
@@ -472,12 +475,8 @@ impl Image {
             )
         };
         let n = Self::l1_loaded_len(&g, size);
-        // Free the old table first and read in pieces: peak memory stays one table plus 512 KiB.
-        *wlock(&self.l1) = L1 {
-            entries: Vec::new(),
-            bad: Vec::new(),
-        };
-        wlock(&self.l2_tables).clear();
+        // Read in pieces; the old table stays in place until the new one is complete, so a
+        // failed read leaves the handle's state as it was.
         let mut entries = Vec::with_capacity(n as usize);
         let mut bytes = Vec::new();
         let mut done = 0;
@@ -616,88 +615,38 @@ impl Image {
         self.direct
     }
 
-    /// Records a failed metadata write: the image refuses further requests until reopened.
+    /// Puts the image file's name in front of an I/O error's context (the storage does not
+    /// know it), so that a message such as a full disk's says which file.
+    fn named(&self, e: Error) -> Error {
+        match (e, &self.path) {
+            (Error::Io { context, source }, Some(p)) => Error::Io {
+                context: format!("{}: {context}", p.display()),
+                source,
+            },
+            (e, _) => e,
+        }
+    }
+
+    /// Records a failure after which durability cannot be promised: the image refuses further
+    /// requests until reopened.
     pub(super) fn fail(&self, e: Error) -> Error {
-        let mut f = lock(&self.failed);
-        if f.is_none() {
-            *f = Some(e.to_string());
-        }
-        self.is_failed.store(true, Ordering::Release);
-        e
+        self.wb.fail(e)
     }
 
-    /// Writes staged L2 entries back, crash-safely: the data they point to is flushed first,
-    /// then the table sectors are written and flushed. Staging waits only while the snapshot
-    /// is taken, so no entry whose data was not flushed first can reach the disk.
+    /// Writes staged L2 entries back (see [`writeback::WriteBack::writeback`]).
     pub(super) fn writeback(&self) -> Result<()> {
-        let _one = lock(&self.writeback_one);
-        let snapshot: Vec<(l2cache::ChunkKey, Arc<l2cache::Chunk>, u64, Vec<u8>)> = {
-            let _s = wlock(&self.staging);
-            let list = std::mem::take(&mut *lock(&self.writeback_list));
-            if list.is_empty() {
-                drop(_s);
-                return self.sync();
-            }
-            self.sync()?;
-            list.into_iter()
-                .filter_map(|(k, c)| c.take_dirty().map(|(off, bytes)| (k, c, off, bytes)))
-                .collect()
-        };
-        for (i, ((table, ci), chunk, off, bytes)) in snapshot.iter().enumerate() {
-            let at = table + ci * l2cache::CHUNK_BYTES + off;
-            if let Err(e) = self.storage.write_at(bytes, at) {
-                // Keep what was not written staged, and refuse further work: the tables on
-                // disk now lag behind memory.
-                let mut list = lock(&self.writeback_list);
-                for ((t2, c2), ch, o2, b2) in &snapshot[i..] {
-                    ch.redirty(*o2, b2.len());
-                    list.insert((*t2, *c2), ch.clone());
-                }
-                drop(list);
-                let _ = chunk;
-                return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
-            }
-        }
-        self.sync()
+        self.wb.writeback()
     }
 
-    /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
-    /// that started after this call has completed.
+    /// Flushes the storage, sharing one flush among concurrent callers. A failed flush fails
+    /// the image.
     pub(super) fn sync(&self) -> Result<()> {
-        let mut st = lock(&self.flusher);
-        let target = st.started + 1;
-        loop {
-            if st.completed >= target {
-                return Ok(());
-            }
-            if st.running {
-                st = self
-                    .flushed
-                    .wait(st)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            st.running = true;
-            st.started += 1;
-            let mine = st.started;
-            drop(st);
-            let r = self.storage.flush();
-            st = lock(&self.flusher);
-            st.running = false;
-            if r.is_ok() {
-                st.completed = mine;
-            }
-            self.flushed.notify_all();
-            r.ctx(|| "flushing image".into())?;
-        }
+        self.wb.sync()
     }
 
     fn check_usable(&self) -> Result<()> {
-        if self.is_failed.load(Ordering::Acquire) {
-            let why = lock(&self.failed).clone().unwrap_or_default();
-            return Err(Error::Failed(format!(
-                "{why}; reopen the image to repair it"
-            )));
+        if self.wb.is_failed() {
+            return Err(self.wb.failed_error());
         }
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::InvalidArgument {
@@ -718,10 +667,11 @@ impl Image {
         Ok(())
     }
 
+    /// Writes the header; a failure fails the image (the header on disk is then unknown).
     fn write_header(&self, h: &Header) -> Result<()> {
         self.storage
             .write_at(&h.to_bytes(), 0)
-            .ctx(|| "writing header".into())
+            .map_err(|e| self.fail(Error::io("writing header", e)))
     }
 
     /// Sets the need-check bit and flushes it before the first metadata update after a clean
@@ -739,9 +689,7 @@ impl Image {
         let mut h = hs.header.clone();
         h.features |= FEATURE_NEED_CHECK;
         self.write_header(&h)?;
-        self.storage
-            .flush()
-            .ctx(|| "flushing need-check bit".into())?;
+        self.sync()?;
         hs.header = h;
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -749,6 +697,10 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
+        self.flush_unnamed().map_err(|e| self.named(e))
+    }
+
+    fn flush_unnamed(&self) -> Result<()> {
         self.check_usable()?;
         if !self.writable {
             return Ok(());
@@ -759,6 +711,10 @@ impl Image {
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
     /// refuses it: QED cannot give clusters back.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
+        self.truncate_unnamed(new_size).map_err(|e| self.named(e))
+    }
+
+    fn truncate_unnamed(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         let _g = wlock(&self.gate);
         let old = self.size();
@@ -900,14 +856,17 @@ impl Image {
             h.backing_filename_offset = HEADER_LEN as u32;
         }
         let area = header_area(&h, name);
+        // Staged entries go out under the rules of the backing file they were staged under.
+        self.writeback()?;
         self.storage
             .write_at(&area, 0)
-            .ctx(|| "writing header".into())?;
-        self.storage.flush().ctx(|| "flushing header".into())?;
+            .map_err(|e| self.fail(Error::io("writing header", e)))?;
+        self.sync()?;
         let mut hs = lock(&self.hs);
         hs.header = h;
         hs.backing_name = name.map(str::to_owned);
         *wlock(&self.backing) = new_backing;
+        self.write_through.store(name.is_none(), Ordering::Release);
         Ok(())
     }
 
@@ -930,22 +889,42 @@ impl Image {
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
+        self.check_unnamed(fix).map_err(|e| self.named(e))
+    }
+
+    fn check_unnamed(&self, fix: CheckFix) -> Result<CheckResult> {
         self.check_usable()?;
         if fix.any() && !self.writable {
             return Err(Error::ReadOnly);
         }
         let _g = wlock(&self.gate);
+        let r = self.check_locked(fix);
+        match r {
+            // A repair stopped half way: the file may no longer match what this handle holds
+            // in memory, so it may not write again (the next open repairs).
+            Err(e) if fix.any() => Err(self.fail(e)),
+            r => r,
+        }
+    }
+
+    fn check_locked(&self, fix: CheckFix) -> Result<CheckResult> {
         if fix.any() {
             // A crash in the middle of a repair is repaired at the next open.
             self.mark_dirty()?;
         }
         if self.writable {
-            self.square_file_length()?;
             // The check reads the tables from the file: write staged entries back first.
             self.writeback()?;
+            self.square_file_length()?;
         }
         let header = lock(&self.hs).header.clone();
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
+        if r.check_errors > 0 || r.corruptions > 0 {
+            self.recheck.store(true, Ordering::Release);
+            if header.needs_check() {
+                self.dirty.store(true, Ordering::Release);
+            }
+        }
         if fix.any() {
             self.load_metadata()?;
             // A repaired image with nothing left to fix is clean again, as after QEMU's
@@ -956,7 +935,7 @@ impl Image {
                 let mut h = hs.header.clone();
                 h.features &= !FEATURE_NEED_CHECK;
                 self.write_header(&h)?;
-                self.storage.flush().ctx(|| "flushing header".into())?;
+                self.sync()?;
                 hs.header = h;
                 self.dirty.store(false, Ordering::Release);
             }
@@ -967,6 +946,10 @@ impl Image {
     /// Flushes, clears the need-check bit and releases the file locks. Later calls fail; calling
     /// it again does nothing. Dropping an image closes it too, ignoring errors.
     pub fn close(&self) -> Result<()> {
+        self.close_unnamed().map_err(|e| self.named(e))
+    }
+
+    fn close_unnamed(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -977,25 +960,24 @@ impl Image {
     }
 
     fn close_inner(&self) -> Result<()> {
+        self.wb.stop_timer();
         if !self.writable {
             return Ok(());
         }
+        if self.wb.is_failed() {
+            // Nothing more is written: the need-check bit stays set and the next read-write
+            // open repairs the image.
+            return Err(self.wb.failed_error());
+        }
+        self.writeback()?;
         self.square_file_length()?;
-        if !self.is_failed.load(Ordering::Acquire) {
-            self.writeback()?;
-        }
-        self.storage.flush().ctx(|| "flushing image".into())?;
-        if self.is_failed.load(Ordering::Acquire) {
-            // A metadata write failed: leave the need-check bit set so the next open repairs.
-            let why = lock(&self.failed).clone().unwrap_or_default();
-            return Err(Error::Failed(why));
-        }
-        if self.dirty.load(Ordering::Acquire) {
+        self.sync()?;
+        if self.dirty.load(Ordering::Acquire) && !self.recheck.load(Ordering::Acquire) {
             let mut hs = lock(&self.hs);
             let mut h = hs.header.clone();
             h.features &= !FEATURE_NEED_CHECK;
             self.write_header(&h)?;
-            self.storage.flush().ctx(|| "flushing header".into())?;
+            self.sync()?;
             hs.header = h;
             self.dirty.store(false, Ordering::Release);
         }

@@ -10,10 +10,12 @@
 //! - there is no alignment requirement on offsets, lengths or buffers;
 //! - every method may be called from several threads at once.
 
+pub mod fault;
 pub mod file;
 pub mod lock;
 pub mod mem;
 
+pub use fault::{Fault, FaultCalls, FaultMode, FaultStorage};
 pub use file::FileStorage;
 pub use mem::{MemOp, MemStorage};
 

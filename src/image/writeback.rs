@@ -1,0 +1,297 @@
+//! What stands between the engine's memory and the durable file: staged L2 entries and their
+//! write-back, flush combining, the background write-back timer, and the failed state.
+//!
+//! Failure policy (the fsync-after-error trap): once a storage flush or a metadata write fails,
+//! the kernel may already have dropped the dirty pages a later flush would have written, so a
+//! later successful flush proves nothing. The handle therefore enters a failed state: every
+//! later request returns an error naming the first failure, nothing more is written (staged
+//! entries are neither written nor reported durable), close leaves the need-check bit set, and
+//! the next read-write open repairs the image. QEMU's file driver and PostgreSQL treat a failed
+//! fsync the same way.
+//!
+//! Kept apart from the image so that the write-back thread can hold it.
+
+use super::l2cache::{Chunk, ChunkKey, CHUNK_BYTES};
+use super::{lock, wlock};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// Flush combining: a caller needs a flush that starts after it asked.
+#[derive(Default)]
+struct FlushState {
+    started: u64,
+    completed: u64,
+    running: bool,
+}
+
+#[derive(Default)]
+struct TimerState {
+    /// When the oldest entry still staged was staged.
+    staged_since: Option<Instant>,
+    stop: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub(super) struct WriteBack {
+    storage: Arc<dyn Storage>,
+    /// The image file's name, for the failed state's message.
+    label: Option<String>,
+    failed: Mutex<Option<String>>,
+    is_failed: AtomicBool,
+    /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
+    /// them in the cache).
+    list: Mutex<HashMap<ChunkKey, Arc<Chunk>>>,
+    /// One write-back at a time: two could write their snapshots of a piece of table out of
+    /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
+    /// flush must not return while an earlier write-back is still writing.
+    one: Mutex<()>,
+    /// Shared by writers staging entries, exclusive while a write-back snapshots them.
+    pub(super) staging: RwLock<()>,
+    flusher: Mutex<FlushState>,
+    flushed: Condvar,
+    /// Staged entries are written back at most this long after they were staged (`None`: only
+    /// at flush and close).
+    delay: Option<Duration>,
+    timer: Mutex<TimerState>,
+    timer_cv: Condvar,
+}
+
+impl WriteBack {
+    pub(super) fn new(
+        storage: Arc<dyn Storage>,
+        delay: Option<Duration>,
+        label: Option<String>,
+    ) -> WriteBack {
+        WriteBack {
+            storage,
+            label,
+            failed: Mutex::new(None),
+            is_failed: AtomicBool::new(false),
+            list: Mutex::new(HashMap::new()),
+            one: Mutex::new(()),
+            staging: RwLock::new(()),
+            flusher: Mutex::new(FlushState::default()),
+            flushed: Condvar::new(),
+            delay,
+            timer: Mutex::new(TimerState::default()),
+            timer_cv: Condvar::new(),
+        }
+    }
+
+    /// Records a failure after which the handle cannot promise durability; returns `e`.
+    pub(super) fn fail(&self, e: Error) -> Error {
+        let mut f = lock(&self.failed);
+        if f.is_none() {
+            *f = Some(match &self.label {
+                Some(l) => format!("{l}: {e}"),
+                None => e.to_string(),
+            });
+        }
+        self.is_failed.store(true, Ordering::Release);
+        e
+    }
+
+    pub(super) fn is_failed(&self) -> bool {
+        self.is_failed.load(Ordering::Acquire)
+    }
+
+    /// The error every request gets once the handle has failed.
+    pub(super) fn failed_error(&self) -> Error {
+        let why = lock(&self.failed).clone().unwrap_or_default();
+        Error::Failed(format!(
+            "{why}; the image must be closed and reopened (a read-write open repairs it)"
+        ))
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.is_failed() {
+            return Err(self.failed_error());
+        }
+        Ok(())
+    }
+
+    /// Queues `chunk` for the next write-back; `writer` holds `staging` shared. Starts the
+    /// timer when this is the first piece staged since the last write-back.
+    pub(super) fn queue(self: &Arc<Self>, key: ChunkKey, chunk: &Arc<Chunk>) -> usize {
+        let mut list = lock(&self.list);
+        let first = list.is_empty();
+        list.entry(key).or_insert_with(|| chunk.clone());
+        let n = list.len();
+        drop(list);
+        if first {
+            self.arm_timer();
+        }
+        n
+    }
+
+    /// Writes staged L2 entries back, crash-safely: the snapshot of the staged entries is taken
+    /// first (staging waits only for that), then the data they point to is flushed, then the
+    /// table sectors are written and flushed, so no entry reaches the disk before its data.
+    pub(super) fn writeback(&self) -> Result<()> {
+        let _one = lock(&self.one);
+        self.check()?;
+        let snapshot: Vec<(ChunkKey, Arc<Chunk>, u64, Vec<u8>)> = {
+            let _s = wlock(&self.staging);
+            let list = std::mem::take(&mut *lock(&self.list));
+            list.into_iter()
+                .filter_map(|(k, c)| c.take_dirty().map(|(off, bytes)| (k, c, off, bytes)))
+                .collect()
+        };
+        if snapshot.is_empty() {
+            return self.sync();
+        }
+        let requeue = |from: usize| {
+            // Nothing staged is ever dropped: what was not written stays staged (the handle
+            // has failed, so it is not written later either, nor reported durable).
+            let mut list = lock(&self.list);
+            for ((t, ci), ch, off, bytes) in &snapshot[from..] {
+                ch.redirty(*off, bytes.len());
+                list.insert((*t, *ci), ch.clone());
+            }
+        };
+        if let Err(e) = self.sync() {
+            requeue(0);
+            return Err(e);
+        }
+        for (i, ((table, ci), _, off, bytes)) in snapshot.iter().enumerate() {
+            let at = table + ci * CHUNK_BYTES + off;
+            if let Err(e) = self.storage.write_at(bytes, at) {
+                requeue(i);
+                return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+            }
+        }
+        self.sync()
+    }
+
+    /// Writes the staged entries of one piece of table now (images whose entries may reach the
+    /// disk before their data: no backing file). Concurrent writers of one piece share writes:
+    /// the piece's own lock orders them, and a writer whose entries an earlier write already
+    /// carried finds nothing dirty.
+    pub(super) fn write_through(&self, key: ChunkKey, chunk: &Chunk) -> Result<()> {
+        let _io = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check()?;
+        let Some((off, bytes)) = chunk.take_dirty() else {
+            return Ok(());
+        };
+        let at = key.0 + key.1 * CHUNK_BYTES + off;
+        if let Err(e) = self.storage.write_at(&bytes, at) {
+            chunk.redirty(off, bytes.len());
+            return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+        }
+        Ok(())
+    }
+
+    /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
+    /// that started after this call has completed. A failed flush fails the handle.
+    pub(super) fn sync(&self) -> Result<()> {
+        let mut st = lock(&self.flusher);
+        let target = st.started + 1;
+        loop {
+            self.check()?;
+            if st.completed >= target {
+                return Ok(());
+            }
+            if st.running {
+                st = self
+                    .flushed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            st.running = true;
+            st.started += 1;
+            let mine = st.started;
+            drop(st);
+            let r = self.storage.flush();
+            if let Err(e) = r {
+                let err = self.fail(Error::io("flushing image", e));
+                let mut st = lock(&self.flusher);
+                st.running = false;
+                self.flushed.notify_all();
+                return Err(err);
+            }
+            st = lock(&self.flusher);
+            st.running = false;
+            st.completed = mine;
+            self.flushed.notify_all();
+        }
+    }
+
+    /// Starts the timer for the entries just staged (and the thread that runs it, once).
+    fn arm_timer(self: &Arc<Self>) {
+        let Some(_) = self.delay else { return };
+        let mut t = lock(&self.timer);
+        if t.stop {
+            return;
+        }
+        if t.staged_since.is_none() {
+            t.staged_since = Some(Instant::now());
+        }
+        if t.thread.is_none() {
+            let me = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("qed-writeback".into())
+                .stack_size(256 << 10)
+                .spawn(move || timer_thread(me));
+            // Without the thread, entries wait for the next flush, as with no delay set.
+            t.thread = spawned.ok();
+        }
+        self.timer_cv.notify_all();
+    }
+
+    /// Stops the timer thread (at close) and waits for it.
+    pub(super) fn stop_timer(&self) {
+        let thread = {
+            let mut t = lock(&self.timer);
+            t.stop = true;
+            self.timer_cv.notify_all();
+            t.thread.take()
+        };
+        if let Some(h) = thread {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Writes staged entries back once the oldest has waited `delay`; ends when the image closes
+/// (or is gone).
+fn timer_thread(wb: std::sync::Weak<WriteBack>) {
+    loop {
+        let Some(me) = wb.upgrade() else { return };
+        let delay = me.delay.unwrap_or(Duration::MAX);
+        {
+            let mut t = lock(&me.timer);
+            loop {
+                if t.stop || me.is_failed() {
+                    return;
+                }
+                match t.staged_since {
+                    None => {
+                        t = me.timer_cv.wait(t).unwrap_or_else(PoisonError::into_inner);
+                    }
+                    Some(since) => {
+                        let due = since.checked_add(delay).unwrap_or_else(Instant::now);
+                        let now = Instant::now();
+                        if now >= due {
+                            break;
+                        }
+                        t = me
+                            .timer_cv
+                            .wait_timeout(t, due - now)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                }
+            }
+            t.staged_since = None;
+        }
+        // A failure fails the handle; requests report it, and the loop ends above.
+        let _ = me.writeback();
+    }
+}

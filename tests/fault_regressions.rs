@@ -1,0 +1,388 @@
+//! One test for each class of storage-fault defect found in issue 10, each failing on the code
+//! before the fix: a flush that failed once gave up staged entries and a later flush reported
+//! success; a failed read-write open truncated the file; a repair that could not read an L2
+//! table reclaimed its data clusters as leaks; a failed reload after a repair left an empty L1
+//! table that the next request indexed (a panic).
+
+use qed::storage::{Fault, FaultCalls, FaultMode, FaultStorage, MemStorage, Storage};
+use qed::{Backing, BackingFormat, CheckFix, CreateOptions, Image, OpenOptions};
+use std::io;
+use std::sync::Arc;
+
+const CS: u64 = 4096;
+
+fn create(backing: bool) -> Arc<MemStorage> {
+    let s = Arc::new(MemStorage::new());
+    Image::create_on(
+        &*s,
+        &CreateOptions {
+            size: 4 << 20,
+            cluster_size: CS as u32,
+            table_size: 1,
+            backing_file: backing.then(|| "base".into()),
+            backing_format: backing.then_some(BackingFormat::Raw),
+        },
+    )
+    .unwrap();
+    s
+}
+
+fn rw(backing: Option<Arc<MemStorage>>) -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        backing_resolver: backing.map(|b| {
+            Arc::new(move |_: &str, _: Option<BackingFormat>| {
+                Ok(Backing::Raw(b.clone() as Arc<dyn Storage>))
+            }) as qed::image::BackingResolver
+        }),
+        ..Default::default()
+    }
+}
+
+fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    img.read_at(off, &mut v).unwrap();
+    v
+}
+
+/// Class 1: after a failed flush, no later flush may report success unless everything
+/// acknowledged before it is durable.
+#[test]
+fn a_flush_that_failed_once_never_hides_lost_entries() {
+    for with_backing in [true, false] {
+        let base = Arc::new(MemStorage::from_bytes(&vec![0xbb; 4 << 20]));
+        let backing = with_backing.then(|| base.clone());
+        let disk = create(with_backing);
+        let fs = Arc::new(FaultStorage::new(disk.clone()));
+        let img = Image::open_storage(fs.clone(), &rw(backing.clone())).unwrap();
+        img.write_at(0, &[1u8; 512]).unwrap();
+        img.flush().unwrap();
+        // An allocating write into a new cluster of the existing table: its entry is staged
+        // (with a backing file) until the flush that now fails once.
+        img.write_at(8 * CS, &[7u8; 512]).unwrap();
+        fs.arm(Fault {
+            calls: FaultCalls::FLUSH,
+            at: 0,
+            errno: libc::EIO,
+            mode: FaultMode::Once,
+            torn: false,
+        });
+        assert!(
+            img.flush().is_err(),
+            "the injected flush failure was not reported"
+        );
+        let second = img.flush();
+        let closed = img.close();
+        drop(img);
+        let img = Image::open_storage(disk.clone(), &rw(backing.clone())).unwrap();
+        let got = read(&img, 8 * CS, 512);
+        if let (Err(e), Err(_)) = (&second, &closed) {
+            // The policy: the handle failed; later requests say why.
+            let e = e.to_string();
+            assert!(e.contains("flushing image"), "unhelpful error: {e}");
+        } else {
+            assert_eq!(
+                got,
+                vec![7u8; 512],
+                "backing={with_backing}: a flush after the failed one reported success, but the write made before it is gone after reopen"
+            );
+        }
+        assert_eq!(read(&img, 0, 512), vec![1u8; 512]);
+        let r = img.check(CheckFix::ALL).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0));
+    }
+}
+
+/// Class 2: a read-write open that fails, whatever storage call failed, writes nothing after
+/// the failure (it used to truncate the file to 0 bytes from a state it never read).
+#[test]
+fn a_failed_open_never_truncates_or_writes() {
+    for dirty in [false, true] {
+        let disk = create(false);
+        {
+            let fs = Arc::new(FaultStorage::new(disk.clone()));
+            let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
+            for i in 0..40u64 {
+                img.write_at(i * 3 * CS, &[i as u8 + 1; 4096]).unwrap();
+            }
+            img.flush().unwrap();
+            if dirty {
+                fs.cut_off(); // killed: the need-check bit stays set
+            } else {
+                img.close().unwrap();
+            }
+        }
+        let before = disk.to_bytes();
+        let mut failed_opens = 0;
+        for at in 0..64 {
+            for mode in [FaultMode::Once, FaultMode::From] {
+                let d = Arc::new(MemStorage::from_bytes(&before));
+                let fs = Arc::new(FaultStorage::new(d.clone()));
+                fs.arm(Fault {
+                    calls: FaultCalls::ALL,
+                    at,
+                    errno: libc::EIO,
+                    mode,
+                    torn: false,
+                });
+                if let Err(e) = Image::open_storage(fs.clone(), &rw(None)) {
+                    failed_opens += 1;
+                    assert!(
+                        d.len().unwrap() >= before.len() as u64 - 2 * CS,
+                        "dirty={dirty}, fault {mode:?} at call {at} ({e}): file cut to {} bytes",
+                        d.len().unwrap()
+                    );
+                    assert_eq!(
+                        fs.changed_after_fault(),
+                        0,
+                        "dirty={dirty}, fault {mode:?} at call {at} ({e}): the failed open changed the file afterwards"
+                    );
+                    if !dirty {
+                        assert!(
+                            d.to_bytes() == before,
+                            "fault at {at}: a clean image changed"
+                        );
+                    }
+                }
+                let img = Image::open_storage(d, &rw(None)).unwrap();
+                for i in 0..40u64 {
+                    assert_eq!(read(&img, i * 3 * CS, 4096), vec![i as u8 + 1; 4096]);
+                }
+            }
+        }
+        assert!(
+            failed_opens > 4,
+            "dirty={dirty}: only {failed_opens} opens failed"
+        );
+    }
+}
+
+/// Fails the next `fails` reads that touch `[start, end)` (a transient error: the same
+/// bytes read again later).
+struct FailRange {
+    inner: Arc<MemStorage>,
+    start: u64,
+    end: u64,
+    fails: std::sync::atomic::AtomicU32,
+}
+
+impl Storage for FailRange {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if offset < self.end
+            && offset + buf.len() as u64 > self.start
+            && self
+                .fails
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Class 3: a repair that cannot read an L2 table must not reclaim (or move) the clusters it
+/// may reference: they are unknown, never leaks.
+#[test]
+fn a_repair_that_cannot_read_a_table_reclaims_nothing() {
+    let disk = create(false);
+    // The second L2 table maps guest offsets from 2 MiB (512 entries x 4 KiB).
+    let guest = 2 << 20;
+    {
+        let fs = Arc::new(FaultStorage::new(disk.clone()));
+        let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
+        img.write_at(0, &[3u8; 4096]).unwrap();
+        img.write_at(guest, &vec![9u8; 8 * 4096]).unwrap();
+        img.flush().unwrap();
+        fs.cut_off(); // dirty: the next read-write open repairs
+    }
+    let l1 = {
+        let ro = Image::open_storage(
+            disk.clone(),
+            &OpenOptions {
+                no_repair: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let info = ro.info().unwrap();
+        let mut e = [0u8; 8];
+        disk.read_at(&mut e, info.l1_table_offset + 8).unwrap();
+        u64::from_le_bytes(e)
+    };
+    assert!(l1 > 0, "the second L2 table exists");
+    let before = disk.to_bytes();
+    let failing = Arc::new(FailRange {
+        inner: disk.clone(),
+        start: l1,
+        end: l1 + CS,
+        fails: 1.into(),
+    });
+    let opened = Image::open_storage(failing.clone(), &rw(None));
+    assert!(
+        disk.to_bytes() == before,
+        "the repair that could not read a table changed the file (clusters under it reclaimed)"
+    );
+    let e = opened.expect_err("an open whose repair could not read a table must fail");
+    assert!(
+        e.to_string().contains("could not read"),
+        "the error should say what could not be read: {e}"
+    );
+    // An explicit repair on a handle opened without the automatic one: the same rule.
+    failing.fails.store(1, std::sync::atomic::Ordering::SeqCst);
+    let img = Image::open_storage(
+        failing,
+        &OpenOptions {
+            no_repair: true,
+            ..rw(None)
+        },
+    )
+    .unwrap();
+    let r = img.check(CheckFix::ALL).unwrap();
+    assert!(r.check_errors > 0 && r.leaks_fixed == 0, "{r:?}");
+    drop(img);
+    // Healthy again: everything is there.
+    let img = Image::open_storage(disk.clone(), &rw(None)).unwrap();
+    assert_eq!(read(&img, 0, 4096), vec![3u8; 4096]);
+    assert_eq!(read(&img, guest, 8 * 4096), vec![9u8; 8 * 4096]);
+    let r = img.check(CheckFix::NONE).unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0));
+}
+
+/// Class 4: a repair whose reload of the L1 table fails left the handle with an empty table,
+/// and the next request indexed it (a panic the C boundary turned into "internal error").
+#[test]
+fn a_failed_reload_after_repair_never_panics() {
+    let disk = create(false);
+    {
+        let fs = Arc::new(FaultStorage::new(disk.clone()));
+        let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
+        img.write_at(0, &[5u8; 4096]).unwrap();
+        img.flush().unwrap();
+        fs.cut_off();
+    }
+    let bytes = disk.to_bytes();
+    let mut healthy_calls = 0;
+    let mut panics = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut rereads = Vec::new();
+    for at in 0..48 {
+        let d = Arc::new(MemStorage::from_bytes(&bytes));
+        // Two more clusters at the end: leaks for the repair to reclaim.
+        d.write_at(&[0x5a; 2 * CS as usize], d.len().unwrap())
+            .unwrap();
+        let fs = Arc::new(FaultStorage::new(d.clone()));
+        let img = Image::open_storage(
+            fs.clone(),
+            &OpenOptions {
+                no_repair: true,
+                ..rw(None)
+            },
+        )
+        .unwrap();
+        fs.arm(Fault {
+            calls: FaultCalls::ALL,
+            at,
+            errno: libc::EIO,
+            mode: FaultMode::Once,
+            torn: false,
+        });
+        let repaired = img.check(CheckFix::ALL);
+        fs.disarm();
+        if fs.fired() == 0 {
+            healthy_calls += 1;
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut b = [0u8; 4096];
+            let read = img.read_at(0, &mut b);
+            let write = img.write_at(8 * CS, &[6u8; 512]);
+            (read.map(|_| b), write)
+        }));
+        match r {
+            Err(_) => panics.push(at),
+            Ok(rw) => outcomes.push((at, repaired.is_err(), rw)),
+        }
+        drop(img);
+        let reread = Image::open_storage(d, &rw(None)).and_then(|img| {
+            let mut b = vec![0u8; 4096];
+            img.read_at(0, &mut b).map(|_| b)
+        });
+        rereads.push((at, reread));
+    }
+    assert!(
+        panics.is_empty(),
+        "requests panicked after faults at calls {panics:?}"
+    );
+    for (at, r) in rereads {
+        match r {
+            Ok(b) => assert_eq!(
+                b,
+                vec![5u8; 4096],
+                "fault at {at}: data changed after reopen"
+            ),
+            Err(e) => panic!("fault at {at}: reopen and read failed: {e}"),
+        }
+    }
+    for (at, failed, (read, write)) in outcomes {
+        if failed {
+            // The policy: a repair stopped half way fails the handle.
+            assert!(
+                read.is_err() && write.is_err(),
+                "fault at {at}: failed handle served"
+            );
+        } else {
+            assert_eq!(read.unwrap(), [5u8; 4096]);
+        }
+    }
+    assert!(
+        healthy_calls > 0,
+        "the sweep reached past the repair's last call"
+    );
+}
+
+/// A write that hits a full disk returns ENOSPC (not a generic error) with the file offset,
+/// and the handle goes on once there is room again.
+#[test]
+fn enospc_is_reported_and_transient() {
+    let disk = create(false);
+    let fs = Arc::new(FaultStorage::new(disk.clone()));
+    let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
+    img.write_at(0, &[1u8; 4096]).unwrap();
+    img.flush().unwrap();
+    fs.arm(Fault {
+        calls: FaultCalls::WRITE,
+        at: 0,
+        errno: libc::ENOSPC,
+        mode: FaultMode::From,
+        torn: true,
+    });
+    let e = img.write_at(16 * CS, &[2u8; 8192]).unwrap_err();
+    match e.root() {
+        qed::Error::Io { source, context } => {
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+            assert!(context.contains("writing new clusters at"), "{context}");
+        }
+        other => panic!("not an I/O error: {other}"),
+    }
+    fs.disarm();
+    img.write_at(16 * CS, &[2u8; 8192]).unwrap();
+    img.flush().unwrap();
+    img.close().unwrap();
+    let img = Image::open_storage(disk, &rw(None)).unwrap();
+    assert_eq!(read(&img, 16 * CS, 8192), vec![2u8; 8192]);
+    let r = img.check(CheckFix::ALL).unwrap();
+    assert_eq!(r.corruptions, 0);
+}
