@@ -4,6 +4,10 @@
 //! torn at 512-byte granularity in many combinations. Each disk must open read-write (repairing
 //! itself), pass our check with no corruptions and no leaks, keep every write completed before
 //! the last flush, and show every other byte with its old or its new value, never a third.
+//!
+//! Also: QEMU-openable geometries whose sampled crash states qemu-img must judge clean and read
+//! as we do, and workloads of concurrent writers and flushes whose crash points are judged by
+//! each guest op's start and end in the storage log.
 
 #[path = "support/rng.rs"]
 mod rng;
@@ -663,7 +667,7 @@ fn crash_states_judged_by_qemu_img() {
         let n = explore(&setup, &rec, &mut rng, 8, stride, false);
         let q = setup.qemu.as_ref().unwrap();
         println!(
-            "crash: geometry {}K/ts{} backing={} : {} storage ops, every {stride}th crash state: {n} checked by us, {} by qemu-img",
+            "crash: geometry {}K/ts{} backing={} : {} storage ops, 1 in {stride} crash states: {n} checked by us, {} by qemu-img",
             cs / 1024,
             ts,
             setup.backing.is_some(),
