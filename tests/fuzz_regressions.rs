@@ -149,3 +149,68 @@ fn leak_repair_never_grows_the_file_and_is_idempotent() {
         "the second repair changed the image"
     );
 }
+
+/// A check on a read-write handle first cut the file back to its allocation end, and that
+/// also *grew* a file ending inside a cluster to the cluster's end: an L1 entry whose table had
+/// ended past the end of the file (refused, so read-only opens served the data cluster it
+/// overlaps) then looked valid, and the repair cleared the data entry in its favour: guest data
+/// lost. Found by `check_repair` with its guest-bytes rule (issue 10). The file now only ever
+/// shrinks there.
+///
+/// Hand-made twin: 4 KiB clusters, L1 at cluster 1, data at 2, L2 at 3, data at 4 (0xaa);
+/// L1[1] = 0x4000 (a "table" over that data cluster) and the file cut to 0x4800.
+#[test]
+fn check_never_grows_a_file_into_a_refused_table() {
+    for name in ["check-square-extends-file.qed", ""] {
+        let s = if name.is_empty() {
+            let s = Arc::new(MemStorage::new());
+            qed::Image::create_on(
+                &*s,
+                &qed::CreateOptions {
+                    size: 8 << 20,
+                    cluster_size: 4096,
+                    table_size: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let img = open(&s, true);
+            img.write_at(0, &[0x11; 4096]).unwrap();
+            img.write_at(4096, &[0xaa; 4096]).unwrap();
+            img.close().unwrap();
+            assert_eq!(s.len().unwrap(), 0x5000);
+            s.write_at(&0x4000u64.to_le_bytes(), 0x1008).unwrap();
+            s.set_len(0x4800).unwrap();
+            s
+        } else {
+            Arc::new(MemStorage::from_bytes(&input(name)))
+        };
+        let size = open(&s, false).size() as usize;
+        // What a read-only open serves, cluster by cluster (refused clusters stay None).
+        let served = |img: &Image| -> Vec<Option<Vec<u8>>> {
+            (0..size.div_ceil(4096))
+                .map(|c| {
+                    let mut b = vec![0u8; 4096.min(size - c * 4096)];
+                    img.read_at((c * 4096) as u64, &mut b).ok().map(|_| b)
+                })
+                .collect()
+        };
+        let before = served(&open(&s, false));
+        let len0 = s.len().unwrap();
+        let img = open(&s, true);
+        img.check(CheckFix::NONE).expect("check");
+        assert!(s.len().unwrap() <= len0, "{name}: a check grew the file");
+        img.check(CheckFix::ALL).expect("repair");
+        drop(img);
+        let after = served(&open(&s, false));
+        for (c, (b, a)) in before.iter().zip(&after).enumerate() {
+            if let Some(b) = b {
+                assert_eq!(
+                    Some(b),
+                    a.as_ref(),
+                    "{name}: guest cluster {c} changed by repair"
+                );
+            }
+        }
+    }
+}

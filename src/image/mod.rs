@@ -873,19 +873,21 @@ impl Image {
         Ok(())
     }
 
-    /// Data clusters are allocated without extending the file (their writes grow it, possibly
-    /// not to the end of the last cluster), or, on storage that cannot grow by writes, inside a
-    /// stretch the file was extended by ahead of time. Make the file end on the allocation end
-    /// again (for QEMU, which allocates at the file's end, and for check).
+    /// The allocator extends the file ahead of its allocations (a stretch); cut it back to the
+    /// end of the last allocated cluster (for QEMU, which allocates at the file's end, and for
+    /// check). Never grows the file: a file that ends inside a cluster (from elsewhere) keeps
+    /// its length, since growing it could make a table entry that pointed past the end (and
+    /// was refused as such) look valid, and a repair would then trust it over the data a
+    /// read-only open serves there.
     fn square_file_length(&self) -> Result<()> {
         let next = lock(&self.alloc);
         let len = self.storage.len().ctx(|| "reading image length".into())?;
-        if len != *next {
+        if len > *next {
             self.storage
                 .set_len(*next)
                 .ctx(|| format!("setting image length to {:#x}", *next))?;
+            self.extended_to.store(*next, Ordering::Release);
         }
-        self.extended_to.store(*next, Ordering::Release);
         Ok(())
     }
 
