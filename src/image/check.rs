@@ -192,6 +192,7 @@ pub(crate) fn run(
     meta.set_range(0, header.header_size as u64);
     meta.set_range(l1_off >> cb, ts);
     let mut wrote = false;
+    let mut pad = false;
     let mut append_at = g.cluster_ceil(file_len);
 
     // Pass 1: the L1 table; mark every table so that data entries pointing at one are caught
@@ -279,6 +280,19 @@ pub(crate) fn run(
                 let in_file = g.is_cluster_aligned(*e) && *e >= header_bytes && *e < file_len;
                 if in_file && !used.get(*e >> cb) {
                     used.set(*e >> cb);
+                    if *e + cs > file_len {
+                        // The file ends inside this cluster (a crash cut the write that grew
+                        // it). We read the rest as zeros, but QEMU takes the file as ending
+                        // before the cluster and its repair would drop the entry: pad the file
+                        // (after pass 1 cleared the tables that ended past it, so that growing
+                        // it cannot make one of them valid).
+                        if fix.errors {
+                            pad = true;
+                            res.corruptions_fixed += 1;
+                        } else {
+                            res.corruptions += 1;
+                        }
+                    }
                     continue;
                 }
                 if !fix.errors {
@@ -319,6 +333,16 @@ pub(crate) fn run(
         }
     }
 
+    if pad {
+        // Only ever grows: copies of shared clusters may already lie past the old end.
+        let end = g.cluster_ceil(file_len);
+        if storage.len().ctx(|| "reading image length".into())? < end {
+            storage
+                .set_len(end)
+                .ctx(|| format!("padding the file to {end:#x}"))?;
+        }
+        wrote = true;
+    }
     if wrote {
         storage.flush().ctx(|| "flushing repairs".into())?;
     }

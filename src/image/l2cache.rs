@@ -79,17 +79,18 @@ impl Chunk {
         }
     }
 
-    /// Takes the dirty sectors: the offset in the chunk and the bytes of the span covering them
-    /// (encoded now, so the snapshot is consistent), or `None` when nothing is dirty.
+    /// Takes the dirty sectors: `Some((0, bytes))` with the whole piece encoded now (so the
+    /// snapshot is consistent), or `None` when nothing is dirty. The whole 4 KiB is written,
+    /// not just the changed 512-byte sectors: it is aligned for O_DIRECT (a sector would need
+    /// a read-modify-write that stalls every other write of the file), costs a page-cache
+    /// write no more, and unchanged sectors are written with the bytes they already hold.
     pub fn take_dirty(&self) -> Option<(u64, Vec<u8>)> {
         let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
         let d = std::mem::take(&mut *dirty);
         if d == 0 {
             return None;
         }
-        let lo = d.trailing_zeros() as usize;
-        let hi = 8 - d.leading_zeros() as usize;
-        Some((lo as u64 * 512, self.encode(lo * 64..hi * 64)))
+        Some((0, self.encode(0..CHUNK_ENTRIES as usize)))
     }
 
     /// Marks sectors dirty again after a failed write-back.

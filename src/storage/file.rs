@@ -118,6 +118,17 @@ impl FileStorage {
         let head = (offset - start) as usize;
         let span = (head + total).next_multiple_of(DIRECT_ALIGN);
         let mut bounce = AlignedBuf::new(span);
+        if head == 0 && span == total {
+            // Only the memory is unaligned (a buffer from the heap): copy it, and write like an
+            // aligned request, beside the others (no read-modify-write to exclude them from).
+            let mut pos = 0;
+            for b in bufs {
+                bounce.as_mut_slice()[pos..pos + b.len()].copy_from_slice(b);
+                pos += b.len();
+            }
+            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            return pwritev_full(&self.file, &[bounce.as_slice()], start);
+        }
         let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         if head != 0 || span != head + total {
             preadv_full(&self.file, &mut [bounce.as_mut_slice()], start)?;
