@@ -299,18 +299,7 @@ fn verify(
     let bs = backing_storage(backing);
     let img = Image::open_storage(disk.clone(), &opts(&bs, true))
         .unwrap_or_else(|e| panic!("{what}: healthy read-write open failed: {e}"));
-    let r = img
-        .check(CheckFix::ALL)
-        .unwrap_or_else(|e| panic!("{what}: repair failed: {e}"));
-    assert!(
-        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
-        "{what}: repair left {r:?}"
-    );
-    let r = img.check(CheckFix::NONE).unwrap();
-    assert!(
-        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
-        "{what}: not clean after repair: {r:?}"
-    );
+    repairs_clean(what, &img);
     let size = img.size();
     assert!(
         model.sizes.contains(&size) || size == model.size,
@@ -350,6 +339,22 @@ fn verify(
         return true;
     }
     false
+}
+
+/// A repair leaves nothing to fix, and a check after it finds the image clean.
+fn repairs_clean(what: &str, img: &Image) {
+    let r = img
+        .check(CheckFix::ALL)
+        .unwrap_or_else(|e| panic!("{what}: repair failed: {e}"));
+    assert!(
+        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
+        "{what}: repair left {r:?}"
+    );
+    let r = img.check(CheckFix::NONE).unwrap();
+    assert!(
+        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
+        "{what}: not clean after repair: {r:?}"
+    );
 }
 
 /// `qemu-img check` of the repaired image must agree: no corruptions, no leaks.
@@ -661,16 +666,7 @@ fn healthy_reopen(
     let img = Image::open_storage(disk.clone(), &opts(&backing_storage(backing), true))
         .unwrap_or_else(|e| panic!("{what}: healthy read-write open failed: {e}"));
     check_guest(what, &img, want);
-    let r = img.check(CheckFix::ALL).unwrap();
-    assert!(
-        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
-        "{what}: repair left {r:?}"
-    );
-    let r = img.check(CheckFix::NONE).unwrap();
-    assert!(
-        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
-        "{what}: not clean after repair: {r:?}"
-    );
+    repairs_clean(what, &img);
     check_guest(what, &img, want);
     img.close().unwrap();
 }
