@@ -242,6 +242,9 @@ impl Storage for LockedStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> std::io::Result<()> {
         self.inner.write_vectored_at(bufs, offset)
     }
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_metadata_at(buf, offset)
+    }
     fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> std::io::Result<bool> {
         self.inner.read_vectored_nowait(bufs, offset)
     }

@@ -471,7 +471,7 @@ impl Image {
             let s1 = (first + vals.len()).next_multiple_of(64);
             let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
             self.storage
-                .write_at(&chunk.encode(s0..s1), at)
+                .write_metadata_at(&chunk.encode(s0..s1), at)
                 .ctx(|| format!("writing new L2 table at {t:#x}"))?;
             chunks.push((ci, chunk));
         }
@@ -492,7 +492,7 @@ impl Image {
         // A failed write may have changed the sector or not: the handle can no longer know
         // what the file's L1 table says.
         self.storage
-            .write_at(&bytes, at)
+            .write_metadata_at(&bytes, at)
             .map_err(|e| self.fail(Error::io(format!("writing L1 table at {at:#x}"), e)))?;
         wlock(&self.l1).entries[l1i] = t;
         Ok(true)

@@ -159,7 +159,7 @@ impl WriteBack {
         }
         for (i, ((table, ci), _, off, bytes)) in snapshot.iter().enumerate() {
             let at = table + ci * CHUNK_BYTES + off;
-            if let Err(e) = self.storage.write_at(bytes, at) {
+            if let Err(e) = self.storage.write_metadata_at(bytes, at) {
                 requeue(i);
                 return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
             }
@@ -178,7 +178,7 @@ impl WriteBack {
             return Ok(());
         };
         let at = key.0 + key.1 * CHUNK_BYTES + off;
-        if let Err(e) = self.storage.write_at(&bytes, at) {
+        if let Err(e) = self.storage.write_metadata_at(&bytes, at) {
             chunk.redirty(off, bytes.len());
             return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
         }

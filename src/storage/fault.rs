@@ -211,6 +211,21 @@ impl<S: Storage> Storage for FaultStorage<S> {
         }
     }
 
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self.judge(FaultCalls::WRITE) {
+            Verdict::Pass => self.inner.write_metadata_at(buf, offset),
+            Verdict::Fail(e, torn) => {
+                if torn {
+                    let n = torn_len(offset, buf.len());
+                    if n > 0 {
+                        self.inner.write_metadata_at(&buf[..n], offset)?;
+                    }
+                }
+                Err(err(e))
+            }
+        }
+    }
+
     fn read_vectored_at(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
         match self.judge(FaultCalls::READ) {
             Verdict::Pass => self.inner.read_vectored_at(bufs, offset),

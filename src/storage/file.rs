@@ -29,6 +29,12 @@ pub struct FileStorage {
     buffered_writes: Mutex<()>,
     /// Cleared when the kernel or file system refuses `RWF_NOWAIT` reads.
     nowait_reads: std::sync::atomic::AtomicBool,
+    /// O_DIRECT read-write only: the same file opened without O_DIRECT, for table writes
+    /// (`write_metadata_at`). They then cost a copy into the page cache, not a device round
+    /// trip each, and survive the death of the process as data writes do. The kernel keeps the
+    /// two coherent: an O_DIRECT read or write of a range first writes back (and drops) its
+    /// cached pages, and data and tables never share a block (clusters are 4 KiB or more).
+    meta: Option<File>,
 }
 
 impl FileStorage {
@@ -40,6 +46,11 @@ impl FileStorage {
             o.custom_flags(libc::O_DIRECT);
         }
         let file = o.open(path)?;
+        let meta = if direct && writable {
+            Some(OpenOptions::new().read(true).write(true).open(path)?)
+        } else {
+            None
+        };
         Ok(FileStorage {
             file,
             direct,
@@ -47,6 +58,7 @@ impl FileStorage {
             rmw: RwLock::new(()),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            meta,
         })
     }
 
@@ -66,6 +78,7 @@ impl FileStorage {
             rmw: RwLock::new(()),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            meta: None,
         })
     }
 
@@ -78,6 +91,7 @@ impl FileStorage {
             rmw: RwLock::new(()),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            meta: None,
         }
     }
 
@@ -363,6 +377,17 @@ impl Storage for FileStorage {
             self.nowait_reads.store(false, Relaxed);
         }
         Ok(false)
+    }
+
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.meta {
+            Some(m) => {
+                use std::os::unix::fs::FileExt;
+                to_off(offset.saturating_add(buf.len() as u64))?;
+                m.write_all_at(buf, offset)
+            }
+            None => self.write_at(buf, offset),
+        }
     }
 
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {

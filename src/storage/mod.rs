@@ -43,6 +43,14 @@ pub trait Storage: Send + Sync {
         }
         Ok(())
     }
+    /// Writes a small piece of image metadata (table entries). Same contract and durability as
+    /// `write_at` (made durable by the next `flush`); a backend whose data I/O bypasses the
+    /// page cache may route these through it, so that a table update costs no device round
+    /// trip and needs no read-modify-write of a partly written block. The default is
+    /// `write_at`.
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// Reads like `read_vectored_at`, but only if that needs no waiting for a device (data in
     /// the page cache, memory): `Ok(false)` means nothing useful was read and the caller must
     /// do a normal read (the buffers may have been written). The default never can.
@@ -93,6 +101,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         (**self).write_vectored_at(bufs, offset)
+    }
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_metadata_at(buf, offset)
     }
     fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
         (**self).read_vectored_nowait(bufs, offset)
