@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * qedbench: `qemu-img bench` for libqed.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * qedcheck: `qemu-img check -f qed` for libqed, for timing qed_check against qemu-img check.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * qedcreate: `qemu-img create -f qed` for libqed, for timing qed_create against qemu-img create.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Create, open, info, close; close(NULL); version and error strings. */
 #include "util.h"
 

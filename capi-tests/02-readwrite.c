@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Reads and writes of every shape (sub-sector, unaligned, cluster-, chunk- and L2-table-crossing,
  * large, vectored with odd and empty iovecs and more than IOV_MAX of them, write_zeroes aligned
  * and not, writes past the old end after qed_truncate grows the disk), checked against a

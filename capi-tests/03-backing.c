@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Backing files: a chain top.qed -> mid.qed -> base.raw; reads through to the backing data,
  * copy-on-write of partial clusters, backing files shorter than the overlay, QED_OPEN_NO_BACKING,
  * qed_get_backing_file, qed_change_backing_file; checked against qemu-img info / check / convert. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Error paths: NULL arguments of every entry point, bad flags and ranges, read-only handles,
  * bad create options, locks, qed_last_error() contents and per-thread scope, and ~20 hostile
  * headers patched into a qemu-img-made image, each refused with the header field named and the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* qed_create_with_io / qed_open_with_io on an in-memory storage written in C (a growable buffer
  * behind a mutex): the release callback runs exactly once per create and per handle; data
  * written through it is a valid image for qemu-img and qemu-io once dumped to a file (and the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Eight threads share one qed_image: each writes its own region (whose ends share clusters with
  * its neighbours', so allocations race) in shuffled pieces with qed_write, qed_writev and
  * qed_write_zeroes, all write self-describing sectors into one shared region, and all read a

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT OR Apache-2.0
 # Builds a C program against the uninstalled libqed the way a user would, with
 # `cc $(pkg-config --cflags --libs qed)` and meson-uninstalled/qed-uninstalled.pc, runs it, and
 # links it statically too (libqed.a + Libs.private). Nothing is installed.

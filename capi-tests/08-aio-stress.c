@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Async stress: 64 requests in flight, random mixed reads, writes, write-zeroes and flushes of
  * random sizes over one image for a bounded time, checked against a shadow copy; then checked
  * with qemu-img check and qemu-img compare. Runs once with callbacks on library threads and

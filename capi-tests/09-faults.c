@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Storage faults through qed_io_ops: a fault-injecting in-memory storage fails the Nth call (of
  * any kind, or of one kind) once or from then on, with -EIO or -ENOSPC, sometimes after writing
  * part of the data. For every N, a mixed workload (create, open, allocating and in-place writes,

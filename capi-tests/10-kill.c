@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Process death: a child process (this program re-executed, so that under valgrind it runs
  * natively) opens a real image file read-write and runs asynchronous writes (qed_aio_write,
  * many in flight, allocating and overwriting, random sector ranges; each 512-byte sector is

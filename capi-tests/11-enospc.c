@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* A full file system: on a 2 MiB tmpfs mounted for the test (as root; a failed mount fails the
  * test with the reason), a filler file takes space first, then an image is written until a write
  * fails. The failure must be -ENOSPC with a message naming the call, the file, what it was

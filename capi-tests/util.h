@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* Shared helpers for the C API tests: CHECK() that survives NDEBUG, temp dirs, shell-outs. */
 #ifndef QED_TEST_UTIL_H
 #define QED_TEST_UTIL_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /* The README's main job: create a QED image, write to it, check it and read it back, through
  * the installed library found with pkg-config:
  *   cc quickstart.c $(pkg-config --cflags --libs qed) -o quickstart && ./quickstart disk.qed */

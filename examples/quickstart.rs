@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Creates an image, writes to it, checks it and reads it back: the README's main job in Rust.
 
 use qed::{CheckFix, CreateOptions, Image, OpenOptions};

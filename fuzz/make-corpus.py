@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """Builds the seed corpora of the fuzz targets into fuzz/corpus/<target>/.
 
 Images come from qemu-img/qemu-io (tiny geometries, so that every file stays under 50 KiB), plus

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT OR Apache-2.0
 """Structural minimiser for crashing inputs of the image targets (complements `cargo fuzz tmin`,
 which mostly shortens): zeroes blocks of the file (4 KiB down to 8 bytes) and cuts its tail while
 the target still fails with the same message.

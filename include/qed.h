@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * libqed: QEMU's QED disk-image format, as a C library.
  *

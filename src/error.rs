@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The crate's one error type. Every variant names what was wrong and, where there is one, the
 //! value; the C layer maps each variant to a negative errno in one place (`capi`).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! libqed: an independent implementation of QEMU's QED disk-image format.
 //!
 //! Layers, each depending only on the ones before it:

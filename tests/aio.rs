@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Ordering and delivery rules of the asynchronous queue.
 
 use qed::aio::{AioOptions, AioQueue, Delivery, Op, RawBuf};

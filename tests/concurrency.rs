@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Concurrency tests: several threads sharing one `Image`, allocating into the same fresh L2
 //! tables, writing the same unallocated clusters, and reading clusters while they are allocated.
 //!

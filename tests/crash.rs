@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Crash-point enumeration: every write and flush of a workload is recorded on the in-memory
 //! storage, then for every point in that record we build the disks a power loss could leave:
 //! everything before the last completed flush kept, and the writes after it kept, dropped or

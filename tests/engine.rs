@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Engine behaviour that the QEMU oracle cannot show: the order of writes and flushes that makes
 //! crashes safe, metadata-overlap protection, and memory bounds on hostile geometry.
 

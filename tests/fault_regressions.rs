@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! One test for each class of storage-fault defect found in issue 10, each failing on the code
 //! before the fix: a flush that failed once gave up staged entries and a later flush reported
 //! success; a failed read-write open truncated the file; a repair that could not read an L2

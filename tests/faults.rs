@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Storage-fault sweep: mixed workloads run on a storage that fails one call (the Nth, for
 //! every N) with EIO or ENOSPC, once or from then on, sometimes leaving a torn write. The
 //! client goes on as a real one would (later calls may succeed), then closes the image or

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Inputs found by the fuzz targets in `fuzz/` (see `fuzz/CAMPAIGN.md`), minimised, kept as
 //! plain tests. Each input lives in `fuzz/regressions/<name>`; the comment on each test gives
 //! the image's layout (clusters of 4 KiB) and what went wrong.

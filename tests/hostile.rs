@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Hostile input (issue 4, item 5): a corpus of malformed QED images, generated here from small
 //! valid bases (made by `Image::create` + `write_at`, a few by `qemu-img create`), each opened
 //! through the Rust API (read-only and read-write) and the C API (`qed_open`).

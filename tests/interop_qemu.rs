@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Interoperability of libqed with QEMU's own QED driver (qemu-img / qemu-io 10.x).
 //!
 //! Every test runs the real QEMU tools and fails, never skips, when they are missing (install

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Interoperability of `qed::storage::lock` with QEMU's own image locking.
 //!
 //! Runs the real `qemu-img` / `qemu-io` (Debian package `qemu-utils`); the

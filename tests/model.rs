@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Model-based tests of the engine: random sequences of guest operations on in-memory images,
 //! checked against a byte model of the guest disk.
 //!

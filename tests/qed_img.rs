@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img` against `qemu-img` 10.x as the oracle: every subcommand runs on images qemu-img and
 //! qemu-io made, and its results are checked with qemu-img (identical `map` and `check` output,
 //! identical `convert` files, `qemu-img compare` after our convert / commit / rebase).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Opens arbitrary bytes read-write (no backing file; the open repairs an image whose need-check
 //! bit is set), then: check (report only), check and repair everything, check again, which must
 //! find no corruption and exactly the leaks the repair reported as left (none when the L1 table

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Header::parse + Header::validate on arbitrary bytes.
 //!
 //! Input: the 64 header bytes, then optionally 8 bytes (little-endian) giving the file length

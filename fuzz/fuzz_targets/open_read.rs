@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Opens arbitrary bytes as an image (read-only, no backing file, a small L2 cache) and reads it.
 //!
 //! Reads every cluster-sized piece (pieces capped at 1 MiB) of the first 64 MiB of the virtual

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Sequences of guest operations on a fresh image of a fuzzer-chosen geometry (optionally over a
 //! raw backing file), compared with a flat byte model of the guest disk.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Asynchronous requests on top of the engine: a bounded queue per image, worker threads that
 //! run the engine's synchronous calls in parallel, and completion delivery either on the
 //! workers (the default) or on the caller's event loop through an eventfd.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The asynchronous entry points: `qed_aio_*`, callbacks `cb(opaque, ret)` called exactly once.
 
 use super::image::{buf_mut, buf_ref, image, iovecs, qed_image};

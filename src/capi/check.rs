@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_check`.
 
 use super::image::{image, qed_image};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_create`.
 
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};

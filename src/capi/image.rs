@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Open, close, read, write, flush, write-zeroes, truncate, info, block status and backing
 //! changes.
 

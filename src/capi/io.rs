@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_open_with_io` / `qed_create_with_io`: images on caller-provided storage (NBD, RBD,
 //! iSCSI through the host's own drivers), through a table of callbacks adapted to [`Storage`].
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The C face of libqed: `extern "C"` functions that check their arguments, call the public Rust
 //! API, and turn its errors into negative errno values (in [`errno_of`], the only place that
 //! mapping lives) with a message for `qed_last_error`. Every entry point runs its body inside

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_version`, `qed_strerror`, `qed_last_error`.
 
 use std::ffi::{c_char, c_int};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Numbers fixed by the QED format and by the limits we (and QEMU) enforce.
 
 /// `QED\0` read as a little-endian u32.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The geometry of an image: cluster and table sizes and the arithmetic of guest addresses.
 //!
 //! All address arithmetic of the engine goes through here, with shifts and masks derived once from

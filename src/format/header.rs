@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The QED header: the first 64 bytes of cluster 0, little-endian.
 //!
 //! | offset | size | field                   |

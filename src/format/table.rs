@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! L1 and L2 table entries: arrays of little-endian u64 file offsets.
 //!
 //! An L1 entry is 0 (no L2 table) or the file offset of an L2 table. An L2 entry is 0

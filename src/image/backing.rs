@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Backing files: what unallocated clusters read through to. A backing file is a raw file or
 //! another QED image (whose own backing file is opened the same way, up to a depth limit).
 

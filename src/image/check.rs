@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Consistency check and repair, streaming over the tables so memory stays bounded whatever the
 //! image claims: tables are read in pieces of at most 512 KiB, and referenced clusters are kept
 //! in a sparse bitmap that grows only with clusters actually referenced.

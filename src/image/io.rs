@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Guest I/O: mapping guest ranges to where their bytes live, reads, writes (in place and
 //! allocating, with copy-on-write from the backing file), write-zeroes and block status.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A bounded cache of L2 table pieces.
 //!
 //! Changed entries are staged in memory and written back at the next flush (see the engine's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The engine: create and open images, map guest ranges through the L1/L2 tables, read, write,
 //! allocate, write zeroes, resize, change the backing file, check and repair, flush and close.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Options for creating and opening images.
 
 use super::backing::Backing;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Locks on ranges of guest clusters, held while those clusters are being allocated, so that two
 //! writers never allocate the same cluster twice.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! What stands between the engine's memory and the durable file: staged L2 entries and their
 //! write-back, flush combining, the background write-back timer, and the failed state.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A [`Storage`] wrapper that injects faults, for testing what an engine does when its storage
 //! fails: the Nth call (of chosen kinds) fails with an errno, once or from then on, a failing
 //! write may land torn, and the whole storage can be cut off as a killed process would be.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! A [`Storage`] on a file: `preadv`/`pwritev` at offsets, `fdatasync` for flush, and an optional
 //! O_DIRECT mode that bounces unaligned requests through aligned buffers.
 

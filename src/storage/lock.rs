@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! QEMU-compatible advisory image locking.
 //!
 //! This module owns the inter-process locking of image files: it takes the

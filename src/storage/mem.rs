@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! An in-memory, sparse [`Storage`], optionally recording every write, flush and length change so
 //! that tests can rebuild the disk as it could be after a power loss at any point.
 

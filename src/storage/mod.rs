@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Where the bytes of an image live. The engine talks only to the [`Storage`] trait, so files,
 //! memory and caller-provided I/O (the C API's `qed_open_with_io`) are interchangeable.
 //!

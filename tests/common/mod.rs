@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Helpers shared by the QEMU interop tests: running `qemu-img` / `qemu-io` with a time limit,
 //! a tiny JSON reader for their `--output=json`, a deterministic RNG, extent normalisation and
 //! byte comparisons with useful failure messages.

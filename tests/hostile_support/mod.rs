@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Helpers for the hostile-input corpus (`tests/hostile.rs`): raw header and table patching,
 //! a tiny image builder for layouts `Image::create` does not make (header_size > 1), file
 //! fingerprints (to prove that a refused or read-only open changed nothing), and getrusage.

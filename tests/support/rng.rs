@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! The deterministic PRNG every test uses (SplitMix64): small, reproducible from a seed, good
 //! enough for test data and workloads. Included by path (`#[path = ...] mod rng;`).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img bench` with qemu-img bench's flags and output.
 //!
 //! QED images go through libqed's asynchronous queue ([`AioQueue`], the engine behind the C

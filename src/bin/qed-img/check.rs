@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img check [-r leaks|all] [--output=human|json] [-q] [-U] FILE`, with qemu-img's output and
 //! exit codes: 0 clean, 1 the check could not complete, 2 corruptions, 3 leaks only.
 

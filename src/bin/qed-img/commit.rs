@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img commit [-p] [-d] FILE`: writes every cluster the overlay holds (data, and zero
 //! clusters as zeros) into its backing file, raw or QED, growing the backing file to the
 //! overlay's size if it is shorter. The overlay is left as it is (qemu-img cannot empty a QED

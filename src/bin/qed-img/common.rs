@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! Shared pieces: errors and exit codes, qemu-style size parsing and printing, format probing,
 //! progress display.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img compare [-f FMT] [-F FMT] [-s] [-p] [-q] A B`: exit 0 when the guest contents are the
 //! same, 1 with the first differing offset (a 512-byte sector, as qemu-img reports it),
 //! 2 when an image cannot be opened, 4 on read errors.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img convert [-f FMT] -O raw|qed [-o ...] [-p] [-n] [-S SIZE] SRC DST`.
 //!
 //! Walks the source the way qemu-img convert does (block status, 2 MiB buffers, zero detection

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img create [-f qed|raw] [-o cluster_size=N,table_size=N] [-b BACKING [-F FMT]] [-u]
 //! FILE [SIZE]`.
 

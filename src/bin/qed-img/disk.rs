@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! An opened image (QED or raw) and its backing chain, with reads, writes and block status the
 //! way QEMU's block layer reports it, so that `map`, `convert` and `compare` walk an image as
 //! qemu-img does.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`: qemu-img's fields
 //! and JSON keys, plus QED's table and header sizes under `format-specific`.
 

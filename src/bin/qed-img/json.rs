@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! JSON as qemu-img prints it: QEMU's pretty printer (4-space indent, `"key": value`) with the
 //! key order of a QDict, which iterates its 512 hash buckets in order and, inside a bucket, the
 //! most recently inserted key first. Matching that order makes `--output=json` byte-identical.

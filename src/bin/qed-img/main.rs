@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img`: qemu-img's commands for QED (and raw) images, on libqed.
 //!
 //! Options are spelled as qemu-img spells them and exit codes follow qemu-img where it has them

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img map [--output=human|json] [-s START] [-l LEN] FILE`: where each guest range lives,
 //! through the backing chain, printed and merged exactly as `qemu-img map` does.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img rebase [-u] -b BACKING [-F FMT] [-p] FILE`: `-u` rewrites the header only; without
 //! it, every cluster the image does not hold itself and whose contents differ between the old
 //! and the new backing file is first copied into the image (zeros as zero clusters).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img resize [-f FMT] [--shrink] FILE [+|-]SIZE`: QED images grow only (a header rewrite);
 //! raw files may also shrink with `--shrink`.
 
