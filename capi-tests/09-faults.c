@@ -17,9 +17,6 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <unistd.h>
-#ifdef HAVE_VALGRIND_H
-#include <valgrind/valgrind.h>
-#endif
 
 #define KiB 1024ull
 #define MiB (1024ull * 1024ull)
@@ -941,22 +938,9 @@ static const variant VARIANTS[] = {
 };
 #define NVARIANTS (sizeof VARIANTS / sizeof VARIANTS[0])
 
-static int under_valgrind(void)
-{
-    const char *e = getenv("QED_TEST_VALGRIND");
-    if (e && *e && strcmp(e, "0") != 0) {
-        return 1;
-    }
-#ifdef RUNNING_ON_VALGRIND
-    return RUNNING_ON_VALGRIND != 0;
-#else
-    return 0;
-#endif
-}
-
 int main(void)
 {
-    int vg = under_valgrind();
+    int vg = test_under_valgrind();
     const char *st = getenv("QED_FAULTS_STRIDE");
     unsigned long stride = st ? strtoul(st, NULL, 10) : vg ? 3 : 1;
     if (stride == 0) {

@@ -27,9 +27,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef HAVE_VALGRIND_H
-#include <valgrind/valgrind.h>
-#endif
 
 #define SECTOR 512u
 #define DISK (8u << 20)            /* virtual size */
@@ -481,19 +478,6 @@ out:
     free(rs.r);
 }
 
-static int under_valgrind(void)
-{
-    const char *e = getenv("QED_TEST_VALGRIND");
-    if (e && *e && strcmp(e, "0") != 0) {
-        return 1;
-    }
-#ifdef RUNNING_ON_VALGRIND
-    return RUNNING_ON_VALGRIND != 0;
-#else
-    return 0;
-#endif
-}
-
 int main(int argc, char **argv)
 {
     if (argc == 6 && strcmp(argv[1], "--child") == 0) {
@@ -504,7 +488,7 @@ int main(int argc, char **argv)
     static char exe[4096];
     CHECK(realpath(argv[0], exe) != NULL);
     self_exe = exe;
-    int vg = under_valgrind();
+    int vg = test_under_valgrind();
     const char *e = getenv("QED_KILL_TRIALS");
     long trials = e ? atol(e) : vg ? 30 : 150;
     e = getenv("QED_KILL_SEED");

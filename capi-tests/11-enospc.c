@@ -163,6 +163,23 @@ static void check_message(const char *msg, const char *fn, const char *path)
     }
 }
 
+/* The end of a round: close (a clean close also makes the writes durable), free the room,
+ * then check the reopened image. */
+static void close_free_verify(qed_image *img, const char *path, const char *filler, wstate *w,
+                              uint64_t n, const char *api)
+{
+    int ret = qed_close(img);
+    if (verbose) {
+        printf("%s: close: %d %s\n", api, ret, ret ? qed_last_error() : "");
+    }
+    if (ret == 0) {
+        promise(w, n);
+    }
+    CHECK(unlink(filler) == 0);
+    verify(path, w, n, api);
+    CHECK(unlink(path) == 0);
+}
+
 static void sync_api(const char *path, const char *filler, size_t filler_len)
 {
     make_filler(filler, filler_len);
@@ -206,16 +223,7 @@ static void sync_api(const char *path, const char *filler, size_t filler_len)
     if (ret == 0) {
         promise(w, n);
     }
-    ret = qed_close(img);
-    if (verbose) {
-        printf("qed_write: close: %d %s\n", ret, ret ? qed_last_error() : "");
-    }
-    if (ret == 0) {
-        promise(w, n);
-    }
-    CHECK(unlink(filler) == 0);
-    verify(path, w, n, "qed_write");
-    CHECK(unlink(path) == 0);
+    close_free_verify(img, path, filler, w, n, "qed_write");
     free(w);
     free(buf);
 }
@@ -294,16 +302,7 @@ static void async_api(const char *path, const char *filler, size_t filler_len)
     if (ret == 0) {
         promise(w, n);
     }
-    ret = qed_close(img);
-    if (verbose) {
-        printf("qed_aio_write: close: %d %s\n", ret, ret ? qed_last_error() : "");
-    }
-    if (ret == 0) {
-        promise(w, n);
-    }
-    CHECK(unlink(filler) == 0);
-    verify(path, w, n, "qed_aio_write");
-    CHECK(unlink(path) == 0);
+    close_free_verify(img, path, filler, w, n, "qed_aio_write");
     free(w);
     free(buf);
 }

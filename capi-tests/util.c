@@ -5,6 +5,9 @@
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#ifdef HAVE_VALGRIND_H
+#include <valgrind/valgrind.h>
+#endif
 
 int test_failures;
 
@@ -157,4 +160,17 @@ int test_all(const uint8_t *buf, size_t len, uint8_t v)
         }
     }
     return 1;
+}
+
+int test_under_valgrind(void)
+{
+    const char *e = getenv("QED_TEST_VALGRIND");
+    if (e && *e && strcmp(e, "0") != 0) {
+        return 1;
+    }
+#ifdef RUNNING_ON_VALGRIND
+    return RUNNING_ON_VALGRIND != 0;
+#else
+    return 0;
+#endif
 }

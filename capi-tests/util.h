@@ -94,5 +94,8 @@ void test_pwrite_file(const char *path, const void *buf, size_t len, uint64_t of
 long test_first_diff(const uint8_t *a, const uint8_t *b, size_t len);
 /* Whether len bytes of buf all equal v. */
 int test_all(const uint8_t *buf, size_t len, uint8_t v);
+/* Whether the test runs under valgrind (QED_TEST_VALGRIND, set by the valgrind test setup, or
+ * valgrind's own client request), so that it can do less work there, never skip. */
+int test_under_valgrind(void);
 
 #endif

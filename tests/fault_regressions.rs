@@ -61,13 +61,7 @@ fn a_flush_that_failed_once_never_hides_lost_entries() {
         // An allocating write into a new cluster of the existing table: its entry is staged
         // (with a backing file) until the flush that now fails once.
         img.write_at(8 * CS, &[7u8; 512]).unwrap();
-        fs.arm(Fault {
-            calls: FaultCalls::FLUSH,
-            at: 0,
-            errno: libc::EIO,
-            mode: FaultMode::Once,
-            torn: false,
-        });
+        fs.arm(Fault::new(FaultCalls::FLUSH, 0, libc::EIO));
         assert!(
             img.flush().is_err(),
             "the injected flush failure was not reported"
@@ -129,13 +123,7 @@ fn a_failed_open_never_truncates_or_writes() {
             for mode in [FaultMode::Once, FaultMode::From] {
                 let d = Arc::new(MemStorage::from_bytes(&before));
                 let fs = Arc::new(FaultStorage::new(d.clone()));
-                fs.arm(Fault {
-                    calls: FaultCalls::ALL,
-                    at,
-                    errno: libc::EIO,
-                    mode,
-                    torn: false,
-                });
+                fs.arm(Fault::new(FaultCalls::ALL, at, libc::EIO).with_mode(mode));
                 if let Err(e) = Image::open_storage(fs.clone(), &rw(None)) {
                     failed_opens += 1;
                     assert!(
@@ -304,13 +292,7 @@ fn a_failed_reload_after_repair_never_panics() {
             },
         )
         .unwrap();
-        fs.arm(Fault {
-            calls: FaultCalls::ALL,
-            at,
-            errno: libc::EIO,
-            mode: FaultMode::Once,
-            torn: false,
-        });
+        fs.arm(Fault::new(FaultCalls::ALL, at, libc::EIO));
         let repaired = img.check(CheckFix::ALL);
         fs.disarm();
         if fs.fired() == 0 {
@@ -373,13 +355,11 @@ fn enospc_is_reported_and_transient() {
     let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
     img.write_at(0, &[1u8; 4096]).unwrap();
     img.flush().unwrap();
-    fs.arm(Fault {
-        calls: FaultCalls::WRITE,
-        at: 0,
-        errno: libc::ENOSPC,
-        mode: FaultMode::From,
-        torn: true,
-    });
+    fs.arm(
+        Fault::new(FaultCalls::WRITE, 0, libc::ENOSPC)
+            .with_mode(FaultMode::From)
+            .with_torn(true),
+    );
     let e = img.write_at(16 * CS, &[2u8; 8192]).unwrap_err();
     match e.root() {
         qed::Error::Io { source, context } => {
@@ -396,4 +376,85 @@ fn enospc_is_reported_and_transient() {
     assert_eq!(read(&img, 16 * CS, 8192), vec![2u8; 8192]);
     let r = img.check(CheckFix::ALL).unwrap();
     assert_eq!(r.corruptions, 0);
+}
+
+/// A crash can leave the file ending inside a cluster an entry points at (the write that grew
+/// the file cut short); repair pads the file to the cluster's end (QEMU would otherwise take
+/// the entry as pointing past the end). A fault at any call of that repairing open loses
+/// nothing: the bytes the file held read back after a healthy reopen, whose check is clean.
+#[test]
+fn padding_a_file_cut_inside_a_cluster_survives_faults() {
+    let disk = create(false);
+    {
+        let fs = Arc::new(FaultStorage::new(disk.clone()));
+        let img = Image::open_storage(fs.clone(), &rw(None)).unwrap();
+        img.write_at(0, &[0x21; 4096]).unwrap();
+        img.write_at(9 * CS, &[0x22; 4096]).unwrap();
+        img.flush().unwrap();
+        fs.cut_off(); // killed: the need-check bit stays set
+    }
+    // Cut the file 512 bytes into the last data cluster (and drop the allocator's stretch).
+    let last = Image::open_storage(
+        disk.clone(),
+        &OpenOptions {
+            no_repair: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .map(0, 4 << 20)
+    .unwrap()
+    .iter()
+    .filter_map(|e| match e.kind {
+        qed::ExtentKind::Data { host_offset } => Some(host_offset),
+        _ => None,
+    })
+    .max()
+    .unwrap();
+    disk.set_len(last + 512).unwrap();
+    let cut = disk.to_bytes();
+    let want = |img: &Image| {
+        assert_eq!(read(img, 0, 4096), vec![0x21; 4096]);
+        let mut b = read(img, 9 * CS, 4096);
+        assert_eq!(&b[..512], &[0x22; 512][..], "the bytes the file held");
+        b.drain(..512);
+        assert!(b.iter().all(|&x| x == 0), "past the cut: zeros");
+    };
+    // The healthy repair pads the file to whole clusters.
+    {
+        let d = Arc::new(MemStorage::from_bytes(&cut));
+        let img = Image::open_storage(d.clone(), &rw(None)).unwrap();
+        want(&img);
+        assert_eq!(d.len().unwrap() % CS, 0, "not padded");
+    }
+    let mut failed = 0;
+    for at in 0..40 {
+        for mode in [FaultMode::Once, FaultMode::From] {
+            let d = Arc::new(MemStorage::from_bytes(&cut));
+            let fs = Arc::new(FaultStorage::new(d.clone()));
+            fs.arm(Fault::new(FaultCalls::ALL, at, libc::EIO).with_mode(mode));
+            if let Ok(img) = Image::open_storage(fs.clone(), &rw(None)) {
+                fs.disarm();
+                want(&img);
+                drop(img);
+            } else {
+                failed += 1;
+                assert_eq!(fs.changed_after_fault(), 0, "fault at {at}: wrote after it");
+            }
+            let img = Image::open_storage(d.clone(), &rw(None)).unwrap();
+            want(&img);
+            let r = img.check(CheckFix::NONE).unwrap();
+            assert_eq!(
+                (r.corruptions, r.leaks, r.check_errors),
+                (0, 0, 0),
+                "fault at {at}"
+            );
+            assert_eq!(
+                d.len().unwrap() % CS,
+                0,
+                "fault at {at}: not padded after reopen"
+            );
+        }
+    }
+    assert!(failed > 4, "only {failed} opens failed");
 }

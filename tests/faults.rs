@@ -430,13 +430,11 @@ fn sweep_setup(setup: &Setup, seed: u64, workload_len: usize, qemu_every: usize)
                 let fs = Arc::new(FaultStorage::new(disk.clone()));
                 let bs = backing_storage(&backing);
                 let img = Image::open_storage(fs.clone(), &opts(&bs, true)).unwrap();
-                fs.arm(Fault {
-                    calls: FaultCalls::ALL,
-                    at,
-                    errno,
-                    mode,
-                    torn,
-                });
+                fs.arm(
+                    Fault::new(FaultCalls::ALL, at, errno)
+                        .with_mode(mode)
+                        .with_torn(torn),
+                );
                 let mut model = Model::new(sectors, setup.size);
                 let min_len = run(&img, &disk, &ops, &mut model);
                 let closed_ok = match end {
@@ -486,13 +484,7 @@ fn sweep_setup(setup: &Setup, seed: u64, workload_len: usize, qemu_every: usize)
             let fb = Arc::new(FaultStorage::new(b.clone()));
             let bs: Option<Arc<dyn Storage>> = Some(fb.clone());
             let img = Image::open_storage(disk.clone(), &opts(&bs, true)).unwrap();
-            fb.arm(Fault {
-                calls: FaultCalls::READ,
-                at,
-                errno: libc::EIO,
-                mode: FaultMode::Once,
-                torn: false,
-            });
+            fb.arm(Fault::new(FaultCalls::READ, at, libc::EIO));
             let mut model = Model::new(sectors, setup.size);
             run(&img, &disk, &ops, &mut model);
             let mut buf = vec![0u8; 4096];
@@ -718,13 +710,11 @@ fn sweep_repair(setup: &Setup, seed: u64) -> usize {
                     ..opts(&bs, true)
                 };
                 if !explicit {
-                    fs.arm(Fault {
-                        calls: FaultCalls::ALL,
-                        at,
-                        errno,
-                        mode,
-                        torn,
-                    });
+                    fs.arm(
+                        Fault::new(FaultCalls::ALL, at, errno)
+                            .with_mode(mode)
+                            .with_torn(torn),
+                    );
                 }
                 match Image::open_storage(fs.clone(), &o) {
                     Err(_) => {
@@ -737,13 +727,11 @@ fn sweep_repair(setup: &Setup, seed: u64) -> usize {
                     Ok(img) => {
                         let mut failed = false;
                         if explicit {
-                            fs.arm(Fault {
-                                calls: FaultCalls::ALL,
-                                at,
-                                errno,
-                                mode,
-                                torn,
-                            });
+                            fs.arm(
+                                Fault::new(FaultCalls::ALL, at, errno)
+                                    .with_mode(mode)
+                                    .with_torn(torn),
+                            );
                             failed = img.check(CheckFix::ALL).is_err();
                         }
                         fs.disarm();
@@ -862,13 +850,7 @@ fn writeback_timer_bounds_what_process_death_loses() {
     )
     .unwrap();
     img.write_at(40 * cs, &[9u8; 512]).unwrap();
-    fs.arm(Fault {
-        calls: FaultCalls::FLUSH,
-        at: 0,
-        errno: libc::EIO,
-        mode: FaultMode::Once,
-        torn: false,
-    });
+    fs.arm(Fault::new(FaultCalls::FLUSH, 0, libc::EIO));
     let t0 = std::time::Instant::now();
     while fs.fired() == 0 && t0.elapsed() < std::time::Duration::from_secs(10) {
         std::thread::sleep(std::time::Duration::from_millis(5));

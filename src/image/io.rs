@@ -154,8 +154,7 @@ impl Image {
 
     /// Scatter-gather read: consecutive guest bytes at `offset` into `bufs`.
     pub fn read_sg(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        self.read_sg_unnamed(offset, bufs)
-            .map_err(|e| self.named(e))
+        self.named(self.read_sg_unnamed(offset, bufs))
     }
 
     fn read_sg_unnamed(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
@@ -231,8 +230,7 @@ impl Image {
 
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
-        self.write_sg_unnamed(offset, bufs)
-            .map_err(|e| self.named(e))
+        self.named(self.write_sg_unnamed(offset, bufs))
     }
 
     fn write_sg_unnamed(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
@@ -305,7 +303,7 @@ impl Image {
             ExtentKind::Unallocated => rlock(&self.backing).clone(),
             _ => None,
         };
-        let host = self.allocate_clusters(n, false)?;
+        let host = self.allocate_clusters(n)?;
         let cstart = c0 << cb;
         let head = pos - cstart;
         let end = pos + len;
@@ -357,9 +355,8 @@ impl Image {
     /// cannot (O_DIRECT) reserved blocks, so that most allocations need no syscall of their own
     /// and their writes run in parallel in the file system. Close and check cut the file back
     /// to the last cluster; after a crash the repair on open reclaims the stretch as trailing
-    /// leaked clusters (QEMU reports them as leaks, harmless). `_table` marks allocations of L2
-    /// tables (extended the same way).
-    pub(super) fn allocate_clusters(&self, n: u64, _table: bool) -> Result<u64> {
+    /// leaked clusters (QEMU reports them as leaks, harmless).
+    pub(super) fn allocate_clusters(&self, n: u64) -> Result<u64> {
         let bytes = n << self.geometry.cluster_bits();
         let mut next = lock(&self.alloc);
         let start = *next;
@@ -454,7 +451,7 @@ impl Image {
         if rlock(&self.l1).entries[l1i] != 0 {
             return Ok(false);
         }
-        let t = self.allocate_clusters(g.table_size as u64, true)?;
+        let t = self.allocate_clusters(g.table_size as u64)?;
         {
             let mut tables = wlock(&self.l2_tables);
             let i = tables.partition_point(|&v| v < t);
@@ -662,8 +659,7 @@ impl Image {
     /// clusters (no data written); allocated ones are overwritten with zeros in place, as QEMU
     /// does; partial clusters at the ends are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes_unnamed(offset, len)
-            .map_err(|e| self.named(e))
+        self.named(self.write_zeroes_unnamed(offset, len))
     }
 
     fn write_zeroes_unnamed(&self, offset: u64, len: u64) -> Result<()> {

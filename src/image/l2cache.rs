@@ -29,8 +29,8 @@ pub struct Chunk {
     entries: Box<[AtomicU64]>,
     /// Entries that failed validation when loaded (bitmap); requests through them fail.
     bad: Box<[u64]>,
-    /// Sectors changed in memory and not yet written (bit i = sector i of the 8).
-    dirty: Mutex<u8>,
+    /// Entries changed in memory and not yet written.
+    dirty: Mutex<bool>,
     /// Orders the writes of this piece when entries are written through (an older snapshot
     /// must never land over a newer one).
     pub io: Mutex<()>,
@@ -46,7 +46,7 @@ impl Chunk {
         Chunk {
             entries: raw.iter().map(|&e| AtomicU64::new(e)).collect(),
             bad: bits,
-            dirty: Mutex::new(0),
+            dirty: Mutex::new(false),
             io: Mutex::new(()),
         }
     }
@@ -68,38 +68,24 @@ impl Chunk {
         crate::format::table::encode_entries(range.map(|i| self.get(i)), &mut out);
         out
     }
-    /// Sets entries `first..first + values.len()` in memory and marks their 512-byte sectors
-    /// dirty; [`Chunk::take_dirty`] later hands them to the write-back.
+    /// Sets entries `first..first + values.len()` in memory and marks the piece dirty;
+    /// [`Chunk::take_dirty`] later hands it to the write-back.
     pub fn stage(&self, first: usize, values: &[u64]) {
         let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, &v) in values.iter().enumerate() {
             self.entries[first + i].store(v, Ordering::Release);
         }
-        for sector in first / 64..=(first + values.len() - 1) / 64 {
-            *dirty |= 1 << sector;
-        }
+        *dirty = true;
     }
 
-    /// Takes the dirty sectors: `Some((0, bytes))` with the whole piece encoded now (so the
-    /// snapshot is consistent), or `None` when nothing is dirty. The whole 4 KiB is written,
-    /// not just the changed 512-byte sectors: it is aligned for O_DIRECT (a sector would need
-    /// a read-modify-write that stalls every other write of the file), costs a page-cache
-    /// write no more, and unchanged sectors are written with the bytes they already hold.
-    pub fn take_dirty(&self) -> Option<(u64, Vec<u8>)> {
+    /// The whole piece encoded now (so the snapshot is consistent) if anything changed since
+    /// the last call, `None` otherwise. The whole 4 KiB is written, not just the changed
+    /// 512-byte sectors: it is aligned for O_DIRECT (a sector would need a read-modify-write
+    /// that stalls every other write of the file), costs a page-cache write no more, and
+    /// unchanged sectors are written with the bytes they already hold.
+    pub fn take_dirty(&self) -> Option<Vec<u8>> {
         let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        let d = std::mem::take(&mut *dirty);
-        if d == 0 {
-            return None;
-        }
-        Some((0, self.encode(0..CHUNK_ENTRIES as usize)))
-    }
-
-    /// Marks sectors dirty again after a failed write-back.
-    pub fn redirty(&self, offset: u64, len: usize) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        for sector in offset / 512..(offset + len as u64).div_ceil(512) {
-            *dirty |= 1 << sector;
-        }
+        std::mem::take(&mut *dirty).then(|| self.encode(0..CHUNK_ENTRIES as usize))
     }
 }
 

@@ -374,24 +374,16 @@ impl Image {
 
         if opts.writable && header.needs_check() && !opts.no_repair {
             let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
-            if r.check_errors > 0 {
+            if r.check_errors > 0 || r.corruptions > 0 {
+                let reason = if r.check_errors > 0 {
+                    format!("the need-check bit is set and the repair could not read {} pieces of L2 table; nothing was reclaimed; open read-only, or retry when the storage reads again", r.check_errors)
+                } else {
+                    format!("{} corruptions remain after repair; open read-only or repair with a check tool", r.corruptions)
+                };
                 return Err(Error::Corrupt {
                     what: "image",
                     offset: 0,
-                    reason: format!(
-                        "the need-check bit is set and the repair could not read {} pieces of L2 table; nothing was reclaimed; open read-only, or retry when the storage reads again",
-                        r.check_errors
-                    ),
-                });
-            }
-            if r.corruptions > 0 {
-                return Err(Error::Corrupt {
-                    what: "image",
-                    offset: 0,
-                    reason: format!(
-                        "{} corruptions remain after repair ({} check errors); open read-only or repair with a check tool",
-                        r.corruptions, r.check_errors
-                    ),
+                    reason,
                 });
             }
             header.features &= !FEATURE_NEED_CHECK;
@@ -618,14 +610,14 @@ impl Image {
 
     /// Puts the image file's name in front of an I/O error's context (the storage does not
     /// know it), so that a message such as a full disk's says which file.
-    fn named(&self, e: Error) -> Error {
-        match (e, &self.path) {
+    fn named<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| match (e, &self.path) {
             (Error::Io { context, source }, Some(p)) => Error::Io {
                 context: format!("{}: {context}", p.display()),
                 source,
             },
             (e, _) => e,
-        }
+        })
     }
 
     /// Records a failure after which durability cannot be promised: the image refuses further
@@ -701,21 +693,17 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        self.flush_unnamed().map_err(|e| self.named(e))
-    }
-
-    fn flush_unnamed(&self) -> Result<()> {
         self.check_usable()?;
         if !self.writable {
             return Ok(());
         }
-        self.writeback()
+        self.named(self.writeback())
     }
 
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
     /// refuses it: QED cannot give clusters back.
     pub fn truncate(&self, new_size: u64) -> Result<()> {
-        self.truncate_unnamed(new_size).map_err(|e| self.named(e))
+        self.named(self.truncate_unnamed(new_size))
     }
 
     fn truncate_unnamed(&self, new_size: u64) -> Result<()> {
@@ -895,22 +883,17 @@ impl Image {
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
-        self.check_unnamed(fix).map_err(|e| self.named(e))
-    }
-
-    fn check_unnamed(&self, fix: CheckFix) -> Result<CheckResult> {
         self.check_usable()?;
         if fix.any() && !self.writable {
             return Err(Error::ReadOnly);
         }
         let _g = wlock(&self.gate);
-        let r = self.check_locked(fix);
-        match r {
+        self.named(match self.check_locked(fix) {
             // A repair stopped half way: the file may no longer match what this handle holds
             // in memory, so it may not write again (the next open repairs).
             Err(e) if fix.any() => Err(self.fail(e)),
             r => r,
-        }
+        })
     }
 
     fn check_locked(&self, fix: CheckFix) -> Result<CheckResult> {
@@ -927,9 +910,6 @@ impl Image {
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
         if r.check_errors > 0 || r.corruptions > 0 {
             self.recheck.store(true, Ordering::Release);
-            if header.needs_check() {
-                self.dirty.store(true, Ordering::Release);
-            }
         }
         if fix.any() {
             self.load_metadata()?;
@@ -952,17 +932,13 @@ impl Image {
     /// Flushes, clears the need-check bit and releases the file locks. Later calls fail; calling
     /// it again does nothing. Dropping an image closes it too, ignoring errors.
     pub fn close(&self) -> Result<()> {
-        self.close_unnamed().map_err(|e| self.named(e))
-    }
-
-    fn close_unnamed(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let _g = wlock(&self.gate);
         let r = self.close_inner();
         lock(&self.lock).take();
-        r
+        self.named(r)
     }
 
     fn close_inner(&self) -> Result<()> {

@@ -115,7 +115,7 @@ impl WriteBack {
         Ok(())
     }
 
-    /// Queues `chunk` for the next write-back; `writer` holds `staging` shared. Starts the
+    /// Queues `chunk` for the next write-back; the caller holds `staging` shared. Starts the
     /// timer when this is the first piece staged since the last write-back.
     pub(super) fn queue(self: &Arc<Self>, key: ChunkKey, chunk: &Arc<Chunk>) -> usize {
         let mut list = lock(&self.list);
@@ -131,38 +131,22 @@ impl WriteBack {
 
     /// Writes staged L2 entries back, crash-safely: the snapshot of the staged entries is taken
     /// first (staging waits only for that), then the data they point to is flushed, then the
-    /// table sectors are written and flushed, so no entry reaches the disk before its data.
+    /// table pieces are written and flushed, so no entry reaches the disk before its data. A
+    /// failure fails the handle: what was not written is never written nor reported durable.
     pub(super) fn writeback(&self) -> Result<()> {
         let _one = lock(&self.one);
         self.check()?;
-        let snapshot: Vec<(ChunkKey, Arc<Chunk>, u64, Vec<u8>)> = {
+        let snapshot: Vec<(ChunkKey, Vec<u8>)> = {
             let _s = wlock(&self.staging);
             let list = std::mem::take(&mut *lock(&self.list));
             list.into_iter()
-                .filter_map(|(k, c)| c.take_dirty().map(|(off, bytes)| (k, c, off, bytes)))
+                .filter_map(|(k, c)| c.take_dirty().map(|bytes| (k, bytes)))
                 .collect()
         };
-        if snapshot.is_empty() {
-            return self.sync();
-        }
-        let requeue = |from: usize| {
-            // Nothing staged is ever dropped: what was not written stays staged (the handle
-            // has failed, so it is not written later either, nor reported durable).
-            let mut list = lock(&self.list);
-            for ((t, ci), ch, off, bytes) in &snapshot[from..] {
-                ch.redirty(*off, bytes.len());
-                list.insert((*t, *ci), ch.clone());
-            }
-        };
-        if let Err(e) = self.sync() {
-            requeue(0);
-            return Err(e);
-        }
-        for (i, ((table, ci), _, off, bytes)) in snapshot.iter().enumerate() {
-            let at = table + ci * CHUNK_BYTES + off;
-            if let Err(e) = self.storage.write_metadata_at(bytes, at) {
-                requeue(i);
-                return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+        if !snapshot.is_empty() {
+            self.sync()?;
+            for ((table, ci), bytes) in &snapshot {
+                self.write_piece(*table, *ci, bytes)?;
             }
         }
         self.sync()
@@ -172,18 +156,20 @@ impl WriteBack {
     /// disk before their data: no backing file). Concurrent writers of one piece share writes:
     /// the piece's own lock orders them, and a writer whose entries an earlier write already
     /// carried finds nothing dirty.
-    pub(super) fn write_through(&self, key: ChunkKey, chunk: &Chunk) -> Result<()> {
+    pub(super) fn write_through(&self, (table, ci): ChunkKey, chunk: &Chunk) -> Result<()> {
         let _io = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
         self.check()?;
-        let Some((off, bytes)) = chunk.take_dirty() else {
-            return Ok(());
-        };
-        let at = key.0 + key.1 * CHUNK_BYTES + off;
-        if let Err(e) = self.storage.write_metadata_at(&bytes, at) {
-            chunk.redirty(off, bytes.len());
-            return Err(self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)));
+        match chunk.take_dirty() {
+            Some(bytes) => self.write_piece(table, ci, &bytes),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    fn write_piece(&self, table: u64, ci: u64, bytes: &[u8]) -> Result<()> {
+        let at = table + ci * CHUNK_BYTES;
+        self.storage
+            .write_metadata_at(bytes, at)
+            .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))
     }
 
     /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
@@ -233,7 +219,7 @@ impl WriteBack {
             t.staged_since = Some(Instant::now());
         }
         if t.thread.is_none() {
-            let me = Arc::downgrade(self);
+            let me = Arc::clone(self);
             let spawned = std::thread::Builder::new()
                 .name("qed-writeback".into())
                 .stack_size(256 << 10)
@@ -261,11 +247,10 @@ impl WriteBack {
 }
 
 /// Writes staged entries back once the oldest has waited `delay`; ends when the image closes
-/// (or is gone).
-fn timer_thread(wb: std::sync::Weak<WriteBack>) {
+/// (`stop_timer`) or fails.
+fn timer_thread(me: Arc<WriteBack>) {
+    let delay = me.delay.unwrap_or(Duration::MAX);
     loop {
-        let Some(me) = wb.upgrade() else { return };
-        let delay = me.delay.unwrap_or(Duration::MAX);
         {
             let mut t = lock(&me.timer);
             loop {

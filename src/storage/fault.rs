@@ -38,6 +38,7 @@ impl FaultCalls {
 
 /// When an armed fault fires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FaultMode {
     /// The one matching call fails; later calls succeed (a transient error, or a flush that
     /// fails once and then succeeds).
@@ -46,8 +47,10 @@ pub enum FaultMode {
     From,
 }
 
-/// One fault to inject.
+/// One fault to inject: `Fault::new(FaultCalls::FLUSH, 0, libc::EIO)` fails the first flush
+/// once; `.with_mode(FaultMode::From)` and `.with_torn(true)` change how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Fault {
     /// Which calls count and can fail.
     pub calls: FaultCalls,
@@ -60,6 +63,28 @@ pub struct Fault {
     /// A failing write first writes the first half of its 512-byte sectors (a torn write, as a
     /// device that lost power or ran out of space mid-request may leave).
     pub torn: bool,
+}
+
+impl Fault {
+    /// Fails the call numbered `at` (0-based) among calls of the kinds `calls`, once, with
+    /// `errno`, not torn.
+    pub fn new(calls: FaultCalls, at: u64, errno: i32) -> Fault {
+        Fault {
+            calls,
+            at,
+            errno,
+            mode: FaultMode::Once,
+            torn: false,
+        }
+    }
+    /// The same fault, firing once or from then on.
+    pub fn with_mode(self, mode: FaultMode) -> Fault {
+        Fault { mode, ..self }
+    }
+    /// The same fault, with failing writes torn or not.
+    pub fn with_torn(self, torn: bool) -> Fault {
+        Fault { torn, ..self }
+    }
 }
 
 #[derive(Default)]
@@ -299,26 +324,22 @@ mod tests {
     fn fails_the_nth_matching_call_once_or_from_then_on() {
         let s = FaultStorage::new(MemStorage::new());
         s.write_at(b"abcd", 0).unwrap();
-        s.arm(Fault {
-            calls: FaultCalls::FLUSH,
-            at: 1,
-            errno: libc::EIO,
-            mode: FaultMode::Once,
-            torn: false,
-        });
+        s.arm(Fault::new(FaultCalls::FLUSH, 1, libc::EIO));
         s.flush().unwrap();
         s.write_at(b"x", 0).unwrap();
         assert_eq!(s.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
         s.flush().unwrap();
         assert_eq!((s.calls(), s.fired()), (4, 1));
 
-        s.arm(Fault {
-            calls: FaultCalls::WRITE.union(FaultCalls::SET_LEN),
-            at: 0,
-            errno: libc::ENOSPC,
-            mode: FaultMode::From,
-            torn: true,
-        });
+        s.arm(
+            Fault::new(
+                FaultCalls::WRITE.union(FaultCalls::SET_LEN),
+                0,
+                libc::ENOSPC,
+            )
+            .with_mode(FaultMode::From)
+            .with_torn(true),
+        );
         // 1536 bytes at 256: sectors end at 512, 1024, 1536, 1792; the torn write keeps the
         // first partial sector and half of the three after it.
         let data = vec![7u8; 1536];
