@@ -612,8 +612,8 @@ int qed_open(const char *path, unsigned int flags, struct qed_image **out);
  *
  * **Returns:** 0, or `-errno` if the final flush or header write failed, or `-EIO` if the
  * handle had failed before (nothing is written then, and the need-check bit stays set for
- * the next read-write open to repair); the handle is freed even then, like `fclose`. From inside one of the image's own callbacks it returns `-EDEADLK`
- * and frees nothing.
+ * the next read-write open to repair); the handle is freed even then, like `fclose`. From
+ * inside one of the image's own callbacks it returns `-EDEADLK` and frees nothing.
  *
  * **Ownership:** consumes `img`; it must not be used afterwards.
  *
