@@ -506,13 +506,14 @@ int main(int argc, char **argv)
         if (r < 0) {
             die("Could not open '%s': %s", filename, qed_last_error());
         }
-        struct qed_info info;
+        struct qed_info info = QED_INIT(qed_info);
         r = qed_get_info(b->img, &info);
         if (r < 0) {
             die("qed_get_info: %s", qed_last_error());
         }
         b->image_size = info.virtual_size;
         struct qed_aio_options ao = {
+            .struct_size = sizeof(struct qed_aio_options),
             .workers = workers,
             /* DEPTH requests, plus the one whose callback is refilling, plus undrained flushes
              * (--no-drain lets them pile up behind the writes) */

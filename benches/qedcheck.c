@@ -69,7 +69,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "qedcheck: %s\n", qed_last_error());
         return 1;
     }
-    qed_check_result res;
+    qed_check_result res = QED_INIT(qed_check_result);
     double t0 = now_s();
     r = qed_check(img, fix, &res);
     double t1 = now_s();

@@ -60,8 +60,7 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-    qed_create_options opts;
-    memset(&opts, 0, sizeof opts);
+    qed_create_options opts = QED_INIT(qed_create_options);
     int timing = 0, c;
 
     while ((c = getopt(argc, argv, "ho:b:F:T")) != -1) {

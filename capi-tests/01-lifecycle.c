@@ -5,15 +5,14 @@
 int main(void)
 {
     const char *p = test_path("life.qed");
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = 1 << 30;
     CHECK_RET(qed_create(p, &o), 0);
 
     qed_image *img = NULL;
     CHECK_RET(qed_open(p, QED_OPEN_RDWR, &img), 0);
     CHECK(img != NULL);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     CHECK_RET(qed_get_info(img, &info), 0);
     CHECK(info.virtual_size == 1u << 30);
     CHECK(info.cluster_size == 65536);

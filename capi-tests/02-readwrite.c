@@ -257,8 +257,9 @@ static void check_status(model *m)
 {
     uint64_t pos = 0, n = 0;
     while (pos < m->size) {
-        qed_extent e;
+        qed_extent e = QED_INIT(qed_extent);
         memset(&e, 0xab, sizeof e);
+        e.struct_size = sizeof e;
         CHECK_RET(qed_block_status(m->img, pos, m->size - pos, &e), 0);
         CHECK(e.offset == pos);
         CHECK(e.length > 0 && e.length <= m->size - pos);
@@ -285,7 +286,7 @@ static void check_status(model *m)
     CHECK(n > 3);
 
     /* Sub-cluster queries: offset and length as asked, host offset inside the cluster. */
-    qed_extent e;
+    qed_extent e = QED_INIT(qed_extent);
     CHECK_RET(qed_block_status(m->img, 1, 10, &e), 0);
     CHECK(e.offset == 1 && e.length == 10 && e.status == QED_BLOCK_DATA);
     CHECK(e.host_offset == m->host[0] + 1);
@@ -418,14 +419,13 @@ static void run(const char *name, uint32_t cs, uint32_t ts, uint64_t size, int q
         CHECK(m.w[i].buf != NULL);
     }
 
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = size;
     o.cluster_size = cs;
     o.table_size = ts;
     CHECK_RET(qed_create(m.path, &o), 0);
     CHECK_RET(qed_open(m.path, QED_OPEN_RDWR, &m.img), 0);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     CHECK_RET(qed_get_info(m.img, &info), 0);
     CHECK(info.virtual_size == size && info.cluster_size == want_cs && info.table_size == want_ts);
 
@@ -521,7 +521,7 @@ static void run(const char *name, uint32_t cs, uint32_t ts, uint64_t size, int q
 
     verify_all(&m);
     check_status(&m);
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_check(m.img, 0, &cr), 0);
     CHECK(cr.corruptions == 0 && cr.leaks == 0 && cr.check_errors == 0);
     CHECK_RET(qed_close(m.img), 0);
@@ -564,8 +564,7 @@ static void check_pattern(qed_image *img, uint64_t off, size_t len, uint8_t v)
 static void run_grow(void)
 {
     const char *p = test_path("grow.qed");
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = 16 * MiB;
     o.cluster_size = 4096;
     o.table_size = 2; /* at most 4096 * 1024 * 1024 = 4 GiB */
@@ -582,14 +581,14 @@ static void run_grow(void)
     memset(b, 0x7c, sizeof b);
     CHECK_RET(qed_write(img, 600 * MiB + 100, b, sizeof b), 0);
     for (int pass = 0; pass < 2; pass++) {
-        qed_info info;
+        qed_info info = QED_INIT(qed_info);
         CHECK_RET(qed_get_info(img, &info), 0);
         CHECK(info.virtual_size == 4 * GiB);
         check_pattern(img, MiB, 4096, 0x5a);
         check_pattern(img, 4 * GiB - 4096, 4096, 0x6b);
         check_pattern(img, 600 * MiB + 100, 4096, 0x7c);
         check_pattern(img, 3 * GiB, 65536, 0);
-        qed_extent e;
+        qed_extent e = QED_INIT(qed_extent);
         CHECK_RET(qed_block_status(img, 4 * GiB - 4096, 4096, &e), 0);
         CHECK(e.status == QED_BLOCK_DATA);
         CHECK_RET(qed_block_status(img, 2 * GiB, GiB, &e), 0);

@@ -106,7 +106,7 @@ static void zero(image *m, uint64_t off, uint64_t len)
 static void check_status(image *m)
 {
     for (uint64_t pos = 0; pos < m->size;) {
-        qed_extent e;
+        qed_extent e = QED_INIT(qed_extent);
         CHECK_RET(qed_block_status(m->img, pos, m->size - pos, &e), 0);
         CHECK(e.offset == pos && e.length > 0);
         CHECK(e.length % m->cs == 0 || pos + e.length == m->size);
@@ -189,15 +189,14 @@ int main(void)
     mid.state = calloc((MID_SIZE + mid.cs - 1) / mid.cs, 1);
     CHECK(mid.shadow && mid.state);
     memcpy(mid.shadow, raw, RAW_LEN);
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = MID_SIZE;
     o.backing_file = "base.raw";
     o.backing_format = "raw";
     CHECK_RET(qed_create(mid.path, &o), 0);
     CHECK_RET(qed_open(mid.path, QED_OPEN_RDWR, &mid.img), 0);
 
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     CHECK_RET(qed_get_info(mid.img, &info), 0);
     CHECK(info.has_backing_file == 1);
     CHECK((info.features & 1) && (info.features & 4)); /* backing file, no-probe (raw) */
@@ -263,8 +262,7 @@ int main(void)
 
     /* Size 0 takes the backing file's size (rounded up to a sector). */
     {
-        qed_create_options z;
-        memset(&z, 0, sizeof z);
+        qed_create_options z = QED_INIT(qed_create_options);
         z.backing_file = "base.raw";
         z.backing_format = "raw";
         const char *p = test_path("sized.qed");
@@ -293,7 +291,7 @@ int main(void)
     top.state = calloc(TOP_SIZE / top.cs, 1);
     CHECK(top.shadow && top.state);
     memcpy(top.shadow, mid.shadow, MID_SIZE);
-    memset(&o, 0, sizeof o);
+    o = QED_INIT(qed_create_options);
     o.size = TOP_SIZE;
     o.cluster_size = 4096;
     o.table_size = 2;
@@ -337,7 +335,7 @@ int main(void)
     verify_all(&top);
     check_status(&top);
     {
-        qed_extent e;
+        qed_extent e = QED_INIT(qed_extent);
         CHECK_RET(qed_block_status(top.img, 8192, 8192, &e), 0);
         CHECK(e.status == QED_BLOCK_ZERO && e.length == 8192);
         CHECK_RET(qed_block_status(top.img, 64 * KiB, 4096, &e), 0);
@@ -432,7 +430,7 @@ int main(void)
     /* A chain that loops back to itself is refused. */
     {
         const char *p = test_path("loop.qed");
-        memset(&o, 0, sizeof o);
+        o = QED_INIT(qed_create_options);
         o.size = MiB;
         CHECK_RET(qed_create(p, &o), 0);
         qed_image *img;

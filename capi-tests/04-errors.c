@@ -59,12 +59,11 @@ static void null_arguments(const char *p, qed_image *img)
 {
     uint8_t b[512];
     struct iovec iov[3] = {{b, 10}, {NULL, 5}, {b, 1}};
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = MiB;
-    qed_info info;
-    qed_extent ext;
-    qed_check_result cr;
+    qed_info info = QED_INIT(qed_info);
+    qed_extent ext = QED_INIT(qed_extent);
+    qed_check_result cr = QED_INIT(qed_check_result);
     char name[64], fmt[16];
     qed_image *out = SENTINEL;
 
@@ -107,13 +106,13 @@ static void null_arguments(const char *p, qed_image *img)
     EXPECT_ERR(qed_check(NULL, 0, &cr), -EINVAL, "img");
     EXPECT_ERR(qed_check(img, 0, NULL), -EINVAL, "result");
 
-    qed_io_ops ops = {dummy_pread, dummy_pwrite, dummy_flush, dummy_get_length, dummy_set_length,
+    qed_io_ops ops = {sizeof(qed_io_ops), dummy_pread, dummy_pwrite, dummy_flush, dummy_get_length, dummy_set_length,
                       dummy_release};
-    EXPECT_ERR(qed_open_with_io(NULL, NULL, 0, &out), -EINVAL, "ops");
-    EXPECT_ERR(qed_open_with_io(&ops, NULL, 0, NULL), -EINVAL, "out");
+    EXPECT_ERR(qed_open_with_io(NULL, NULL, OPEN_OPTS(0), &out), -EINVAL, "ops");
+    EXPECT_ERR(qed_open_with_io(&ops, NULL, OPEN_OPTS(0), NULL), -EINVAL, "out");
     EXPECT_ERR(qed_create_with_io(NULL, NULL, &o), -EINVAL, "ops");
     EXPECT_ERR(qed_create_with_io(&ops, NULL, NULL), -EINVAL, "opts");
-    EXPECT_ERR(qed_open_with_io(&ops, NULL, 1u << 20, &out), -EINVAL, "flags");
+    EXPECT_ERR(qed_open_with_io(&ops, NULL, OPEN_OPTS(1u << 20), &out), -EINVAL, "flags");
     EXPECT(out == SENTINEL);
     /* Once ops is accepted, release runs on every failure: NULL opts, unknown flags. */
     EXPECT(released == 2);
@@ -156,8 +155,8 @@ static void flags_and_ranges(const char *p, qed_image *img, uint64_t size)
     qed_image *out = SENTINEL;
     uint8_t b[1024] = {0};
     struct iovec iov[2] = {{b, 512}, {b + 512, 512}};
-    qed_extent ext;
-    qed_check_result cr;
+    qed_extent ext = QED_INIT(qed_extent);
+    qed_check_result cr = QED_INIT(qed_check_result);
 
     EXPECT_ERR(qed_open(p, 1u << 20, &out), -EINVAL, "flags");
     EXPECT_ERR(qed_open(p, 0x80000000u, &out), -EINVAL, "flags");
@@ -191,7 +190,7 @@ static void flags_and_ranges(const char *p, qed_image *img, uint64_t size)
     EXPECT_ERR(qed_truncate(img, UINT64_MAX - 511), -EINVAL, "size");
     EXPECT_ERR(qed_truncate(img, size), 0, NULL);
     EXPECT_ERR(qed_truncate(img, size + MiB), 0, NULL);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     EXPECT_ERR(qed_get_info(img, &info), 0, NULL);
     EXPECT(info.virtual_size == size + MiB);
     memset(z, 0xff, sizeof z);
@@ -205,7 +204,7 @@ static void read_only(const char *p)
     qed_image *img;
     uint8_t b[512] = {0};
     struct iovec iov = {b, sizeof b};
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_open(p, 0, &img), 0);
     EXPECT_ERR(qed_write(img, 0, b, sizeof b), -EROFS, "read-only");
     EXPECT_ERR(qed_writev(img, 0, &iov, 1), -EROFS, "qed_writev");
@@ -218,7 +217,7 @@ static void read_only(const char *p)
     EXPECT_ERR(qed_read(img, 0, b, sizeof b), 0, NULL);
     EXPECT_ERR(qed_check(img, 0, &cr), 0, NULL);
     EXPECT_ERR(qed_flush(img), 0, NULL);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     EXPECT_ERR(qed_get_info(img, &info), 0, NULL);
     EXPECT(info.writable == 0);
     CHECK_RET(qed_close(img), 0);
@@ -282,8 +281,7 @@ static void create_options(const char *dir_file)
         {MiB, 0, 0, "", "raw", -EINVAL, "backing_file"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        qed_create_options o;
-        memset(&o, 0, sizeof o);
+        qed_create_options o = QED_INIT(qed_create_options);
         o.size = cases[i].size;
         o.cluster_size = cases[i].cluster_size;
         o.table_size = cases[i].table_size;
@@ -298,8 +296,7 @@ static void create_options(const char *dir_file)
     free(before);
     free(after);
     /* The boundaries themselves are fine. */
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = 1ull << 30;
     o.cluster_size = 4096;
     o.table_size = 1;
@@ -333,8 +330,7 @@ static void *error_thread(void *arg)
         ok &= qed_flush(NULL) == -EINVAL;
         ok &= strstr(qed_last_error(), "qed_flush") != NULL;
     } else {
-        qed_create_options o;
-        memset(&o, 0, sizeof o);
+        qed_create_options o = QED_INIT(qed_create_options);
         o.size = 1000;
         ok &= qed_create(thread_path, &o) == -EINVAL;
         ok &= strstr(qed_last_error(), "qed_create") != NULL && strstr(qed_last_error(), "size") != NULL;
@@ -546,8 +542,7 @@ int main(void)
     char *p = strdup(test_path("err.qed")); /* test_path's buffers rotate */
     CHECK(p != NULL);
     const uint64_t size = 16 * MiB;
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = size;
     CHECK_RET(qed_create(p, &o), 0);
     qed_image *img;

@@ -131,7 +131,7 @@ static void m_release(void *opaque)
     pthread_mutex_unlock(&m->mu);
 }
 
-static const qed_io_ops OPS = {m_pread, m_pwrite, m_flush, m_get_length, m_set_length, m_release};
+static const qed_io_ops OPS = {sizeof(qed_io_ops), m_pread, m_pwrite, m_flush, m_get_length, m_set_length, m_release};
 
 static void write_pattern(qed_image *img, uint8_t *shadow, uint64_t off, size_t len, uint8_t v)
 {
@@ -165,8 +165,7 @@ int main(void)
     mem_init(&m);
 
     /* Create: release runs once, before qed_create_with_io returns. */
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = size;
     o.cluster_size = 4096;
     o.table_size = 2;
@@ -179,9 +178,9 @@ int main(void)
 
     /* Open, write, read, check. */
     qed_image *img;
-    CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), 0);
+    CHECK_RET(qed_open_with_io(&OPS, &m, OPEN_OPTS(QED_OPEN_RDWR), &img), 0);
     CHECK(m.released == 1);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     CHECK_RET(qed_get_info(img, &info), 0);
     CHECK(info.virtual_size == size && info.cluster_size == 4096 && info.table_size == 2);
     CHECK(info.file_size == m.len);
@@ -201,7 +200,7 @@ int main(void)
     CHECK_RET(qed_write_zeroes(img, 6 * MiB, 8 * 4096), 0); /* zero clusters */
     CHECK_RET(qed_flush(img), 0);
     verify(img, shadow, 0, size);
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_check(img, 0, &cr), 0);
     CHECK(cr.corruptions == 0 && cr.leaks == 0 && cr.check_errors == 0);
     CHECK(cr.image_end_offset == m.len);
@@ -240,7 +239,7 @@ int main(void)
         memcpy(q_mem.data, bytes, n);
         free(bytes);
         qed_image *qi;
-        CHECK_RET(qed_open_with_io(&OPS, &q_mem, 0, &qi), 0);
+        CHECK_RET(qed_open_with_io(&OPS, &q_mem, OPEN_OPTS(0), &qi), 0);
         uint8_t b[12000];
         CHECK_RET(qed_read(qi, 0, b, sizeof b), 0);
         CHECK(test_all(b, 1000, 0) && test_all(b + 1000, 10000, 0x5a) && test_all(b + 11000, 1000, 0));
@@ -251,7 +250,7 @@ int main(void)
     }
 
     /* Callback errors propagate. */
-    CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), 0);
+    CHECK_RET(qed_open_with_io(&OPS, &m, OPEN_OPTS(QED_OPEN_RDWR), &img), 0);
     {
         uint8_t b[4096];
         memset(b, 0x44, sizeof b);
@@ -301,7 +300,7 @@ int main(void)
         CHECK_ERR(qed_flush(img), -EIO, "flushing image");
         CHECK_RET(qed_close(img), -EIO);
         CHECK(m.released == 3);
-        CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), 0);
+        CHECK_RET(qed_open_with_io(&OPS, &m, OPEN_OPTS(QED_OPEN_RDWR), &img), 0);
         CHECK_RET(qed_check(img, 0, &cr), 0);
         CHECK(cr.corruptions == 0 && cr.leaks == 0);
         verify(img, shadow, 0, size); /* everything flushed before the failure is there */
@@ -314,11 +313,11 @@ int main(void)
 
     /* A failing open releases the storage once (it fails after the table was checked). */
     m.fail_get_length = -EIO;
-    CHECK_RET(qed_open_with_io(&OPS, &m, QED_OPEN_RDWR, &img), -EIO);
+    CHECK_RET(qed_open_with_io(&OPS, &m, OPEN_OPTS(QED_OPEN_RDWR), &img), -EIO);
     CHECK(m.released == 5);
     m.fail_get_length = 0;
     m.fail_pread = -EIO;
-    CHECK_RET(qed_open_with_io(&OPS, &m, 0, &img), -EIO);
+    CHECK_RET(qed_open_with_io(&OPS, &m, OPEN_OPTS(0), &img), -EIO);
     CHECK(m.released == 6);
     m.fail_pread = 0;
     {
@@ -326,7 +325,7 @@ int main(void)
         mem_init(&junk);
         grow(&junk, 65536);
         memcpy(junk.data, "QCOW", 4);
-        CHECK_ERR(qed_open_with_io(&OPS, &junk, 0, &img), -EINVAL, "magic");
+        CHECK_ERR(qed_open_with_io(&OPS, &junk, OPEN_OPTS(0), &img), -EINVAL, "magic");
         CHECK(junk.released == 1);
         m.fail_set_length = -EIO;
         CHECK_RET(qed_create_with_io(&OPS, &m, &o), -EIO);
@@ -345,9 +344,9 @@ int main(void)
         bo.backing_format = "raw";
         CHECK_RET(qed_create_with_io(&OPS, &b, &bo), 0);
         CHECK(b.released == 1);
-        CHECK_RET(qed_open_with_io(&OPS, &b, 0, &img), -EINVAL);
+        CHECK_RET(qed_open_with_io(&OPS, &b, OPEN_OPTS(0), &img), -EINVAL);
         CHECK(b.released == 2);
-        CHECK_RET(qed_open_with_io(&OPS, &b, QED_OPEN_NO_BACKING, &img), 0);
+        CHECK_RET(qed_open_with_io(&OPS, &b, OPEN_OPTS(QED_OPEN_NO_BACKING), &img), 0);
         char name[32], fmt[8];
         CHECK_RET(qed_get_backing_file(img, name, sizeof name, fmt, sizeof fmt), 8);
         CHECK(strcmp(name, "base.raw") == 0 && strcmp(fmt, "raw") == 0);
@@ -371,7 +370,7 @@ int main(void)
         snprintf(want, sizeof want, "ops->%s", names[i]);
         int before = m.released;
         img = NULL;
-        CHECK_ERR(qed_open_with_io(&ops, &m, 0, &img), -EINVAL, want);
+        CHECK_ERR(qed_open_with_io(&ops, &m, OPEN_OPTS(0), &img), -EINVAL, want);
         CHECK(img == NULL);
         CHECK_ERR(qed_create_with_io(&ops, &m, &o), -EINVAL, want);
         CHECK(m.released == before);
@@ -380,7 +379,7 @@ int main(void)
         qed_io_ops ops = OPS;
         ops.release = NULL;
         int before = m.released;
-        CHECK_RET(qed_open_with_io(&ops, &m, 0, &img), 0);
+        CHECK_RET(qed_open_with_io(&ops, &m, OPEN_OPTS(0), &img), 0);
         verify(img, shadow, 0, 65536);
         CHECK_RET(qed_close(img), 0);
         CHECK(m.released == before);

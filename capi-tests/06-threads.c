@@ -165,11 +165,11 @@ static void *run(void *arg)
         own_verify(w, w->base + rnd(&s) % (REGION - ol), ol, rbuf);
 
         if (k % 16 == 0) {
-            qed_extent e;
+            qed_extent e = QED_INIT(qed_extent);
             uint64_t bl = 1 + rnd(&s) % MiB, bo = rnd(&s) % (SIZE - bl);
             CHECK_RET(qed_block_status(img, bo, bl, &e), 0);
             CHECK(e.offset == bo && e.length > 0 && e.length <= bl);
-            qed_info info;
+            qed_info info = QED_INIT(qed_info);
             CHECK_RET(qed_get_info(img, &info), 0);
             CHECK(info.virtual_size == SIZE && info.writable == 1);
         }
@@ -221,8 +221,7 @@ int main(void)
 {
     char *p = strdup(test_path("threads.qed"));
     CHECK(p != NULL);
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = SIZE;
     o.cluster_size = 4096;
     o.table_size = 2; /* an L2 table maps 4 MiB: the regions span three tables */
@@ -252,7 +251,7 @@ int main(void)
     uint8_t *all = malloc(SIZE), *again = malloc(SIZE);
     CHECK(all && again);
     verify_final(ws, all);
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_check(img, 0, &cr), 0);
     if (cr.corruptions || cr.leaks || cr.check_errors) {
         fprintf(stderr, "06-threads: check: %llu corruptions, %llu leaks, %llu check errors, image end %llu\n",

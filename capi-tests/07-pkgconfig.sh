@@ -44,7 +44,7 @@ cat > "$tmp/prog.c" <<'PROG'
 
 int main(int argc, char **argv)
 {
-    qed_create_options o;
+    qed_create_options o = QED_INIT(qed_create_options);
     qed_image *img;
     unsigned char w[4096], r[4096];
     size_t i;
@@ -56,7 +56,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "library version %s\n", qed_version());
         return 1;
     }
-    memset(&o, 0, sizeof o);
     o.size = 1 << 20;
     for (i = 0; i < sizeof w; i++) {
         w[i] = (unsigned char)(i * 7 + 3);

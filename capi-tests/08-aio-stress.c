@@ -164,14 +164,14 @@ static int submit_one(qed_image *img, int slot)
 static void run(const char *name, uint32_t cluster_size, uint32_t table_size, uint64_t size, int event_loop, double seconds)
 {
     const char *p = test_path(name);
-    qed_create_options o = {0};
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = size;
     o.cluster_size = cluster_size;
     o.table_size = table_size;
     CHECK_RET(qed_create(p, &o), 0);
     qed_image *img;
     CHECK_RET(qed_open(p, QED_OPEN_RDWR, &img), 0);
-    qed_aio_options ao = {0};
+    qed_aio_options ao = QED_INIT(qed_aio_options);
     ao.flags = event_loop ? QED_AIO_EVENT_LOOP : 0;
     CHECK_RET(qed_aio_setup(img, &ao), 0);
     int fd = qed_aio_get_fd(img);
@@ -230,7 +230,7 @@ static void run(const char *name, uint32_t cluster_size, uint32_t table_size, ui
     CHECK(back != NULL);
     CHECK_RET(qed_read(img, 0, back, size), 0);
     CHECK(memcmp(back, S.shadow, size) == 0);
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_check(img, 0, &cr), 0);
     CHECK(cr.corruptions == 0 && cr.leaks == 0);
     CHECK_RET(qed_close(img), 0);

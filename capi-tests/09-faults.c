@@ -243,7 +243,7 @@ static int s_set_length(void *opaque, uint64_t len)
     return r;
 }
 
-static const qed_io_ops OPS = {s_pread, s_pwrite, s_flush, s_get_length, s_set_length, NULL};
+static const qed_io_ops OPS = {sizeof(qed_io_ops), s_pread, s_pwrite, s_flush, s_get_length, s_set_length, NULL};
 
 /* ---- The model: what the client did and what each call returned ------------------------- */
 
@@ -536,7 +536,7 @@ static void w_trunc(run *r, uint64_t size)
 static void w_check(run *r)
 {
     if (r->img) {
-        qed_check_result cr;
+        qed_check_result cr = QED_INIT(qed_check_result);
         r->s->exempt = 1;
         op *o = model_add(r->m, OP_CHECK, 0, 0);
         o->ret = qed_check(r->img, QED_FIX_LEAKS | QED_FIX_ERRORS, &cr);
@@ -571,7 +571,7 @@ static void w_open(run *r)
     blob before = {0};
     for (int attempt = 0; attempt < 2 && !r->img; attempt++) {
         blob_copy(&before, &r->s->cur);
-        int ret = qed_open_with_io(&OPS, r->s, QED_OPEN_RDWR, &r->img);
+        int ret = qed_open_with_io(&OPS, r->s, OPEN_OPTS(QED_OPEN_RDWR), &r->img);
         done("open", -1, 0, 0, ret);
         if (ret != 0) {
             r->img = NULL;
@@ -587,8 +587,7 @@ static void w_open(run *r)
 
 static void workload(run *r)
 {
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = SIZE0;
     o.cluster_size = CS;
     o.table_size = 1;
@@ -651,7 +650,7 @@ static void verify_reopen(run *r, const blob *content)
     if (tracing) {
         fprintf(stderr, "reopen on healthy storage (%zu bytes)\n", content->len);
     }
-    int ret = qed_open_with_io(&OPS, &h, QED_OPEN_RDWR, &img);
+    int ret = qed_open_with_io(&OPS, &h, OPEN_OPTS(QED_OPEN_RDWR), &img);
     done("healthy reopen", -1, 0, 0, ret);
     if (ret != 0) {
         violation("the reopen on healthy storage failed", "the read-write reopen on healthy storage failed: %d (%s)", ret, qed_last_error());
@@ -659,7 +658,7 @@ static void verify_reopen(run *r, const blob *content)
         return;
     }
     int sure = last_flush(r->m);
-    qed_info info;
+    qed_info info = QED_INIT(qed_info);
     CHECK_RET(qed_get_info(img, &info), 0);
     /* The resize is sure once a flush follows it; until then either size may be on disk. */
     int trunc_sure = 0, trunc_tried = 0;
@@ -679,7 +678,7 @@ static void verify_reopen(run *r, const blob *content)
         violation("need-check bit left set", "the need-check bit is still set after a read-write open");
     }
     read_all_and_check(r, img, size, sure, "after reopen");
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     ret = qed_check(img, QED_FIX_LEAKS | QED_FIX_ERRORS, &cr);
     done("healthy check with repair", -1, 0, 0, ret);
     if (ret != 0 || cr.corruptions || cr.leaks || cr.check_errors) {
@@ -818,13 +817,12 @@ static void make_dirty(blob *out, model *m, uint8_t *buf, uint8_t *exp)
     r.m = m;
     r.buf = buf;
     r.exp = exp;
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = SIZE0;
     o.cluster_size = CS;
     o.table_size = 1;
     CHECK_RET(qed_create_with_io(&OPS, &s, &o), 0);
-    CHECK_RET(qed_open_with_io(&OPS, &s, QED_OPEN_RDWR, &r.img), 0);
+    CHECK_RET(qed_open_with_io(&OPS, &s, OPEN_OPTS(QED_OPEN_RDWR), &r.img), 0);
     w_write(&r, 0, 16 * KiB, 0);
     w_write(&r, 100 * KiB, 8 * KiB, 0);
     w_flush(&r);
@@ -871,7 +869,7 @@ static void open_state(const scen *sc, const blob *dirty, model *m, uint8_t *buf
     r.exp = exp;
     int sure = last_flush(m);
     qed_image *img = NULL;
-    int ret = qed_open_with_io(&OPS, &s, QED_OPEN_RDWR, &img);
+    int ret = qed_open_with_io(&OPS, &s, OPEN_OPTS(QED_OPEN_RDWR), &img);
     done("faulty open", -1, 0, 0, ret);
     t->states++;
     t->faults_fired += s.fired != 0;
@@ -902,11 +900,11 @@ static void open_state(const scen *sc, const blob *dirty, model *m, uint8_t *buf
             }
         }
     } else {
-        qed_info info;
+        qed_info info = QED_INIT(qed_info);
         CHECK_RET(qed_get_info(img, &info), 0);
         s.f_err = 0; /* from here on the storage is healthy: check what the open left */
         read_all_and_check(&r, img, SIZE0, sure, "after the faulty open succeeded");
-        qed_check_result cr;
+        qed_check_result cr = QED_INIT(qed_check_result);
         ret = qed_check(img, 0, &cr);
         if (ret != 0 || cr.corruptions || cr.leaks || cr.check_errors) {
             violation("a faulty open succeeded but left the image unclean", "the faulty open succeeded but left: ret %d, %llu corruptions, %llu leaks, %llu check errors",
@@ -989,7 +987,7 @@ int main(void)
         store_init(&a, &dirty);
         a.trace = otrace;
         qed_image *img;
-        CHECK_RET(qed_open_with_io(&OPS, &a, QED_OPEN_RDWR, &img), 0);
+        CHECK_RET(qed_open_with_io(&OPS, &a, OPEN_OPTS(QED_OPEN_RDWR), &img), 0);
         otrace_n = a.calls;
         memcpy(okind, a.kcalls, sizeof okind);
         CHECK(otrace_n <= MAX_TRACE);

@@ -317,8 +317,7 @@ static void trial_once(int backing, uint32_t trial, double delay, stats *st, uin
 {
     const char *setup = backing ? "raw backing file" : "no backing file";
     const char *path = test_path(backing ? "kill-b.qed" : "kill.qed");
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     if (backing) {
         o.backing_file = "base.raw"; /* 64 KiB clusters: copy-on-write around partial writes */
         o.backing_format = "raw";
@@ -394,7 +393,7 @@ static void trial_once(int backing, uint32_t trial, double delay, stats *st, uin
         fail_trial(st, trial, setup, "the read-write reopen failed: %s", qed_last_error());
         goto out;
     }
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     ret = qed_check(img, QED_FIX_LEAKS | QED_FIX_ERRORS, &cr);
     if (ret != 0 || cr.corruptions || cr.leaks || cr.check_errors) {
         fail_trial(st, trial, setup, "qed_check with repair: ret %d, %llu corruptions, %llu leaks, %llu check errors (%s)",

@@ -77,7 +77,7 @@ static void verify(const char *path, const wstate *w, uint64_t nw, const char *a
 {
     qed_image *img;
     CHECK_RET(qed_open(path, QED_OPEN_RDWR, &img), 0);
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     CHECK_RET(qed_check(img, QED_FIX_LEAKS | QED_FIX_ERRORS, &cr), 0);
     if (cr.corruptions || cr.leaks || cr.check_errors) {
         fprintf(stderr, "%s: after repair: %llu corruptions, %llu leaks, %llu check errors\n", api,
@@ -144,8 +144,7 @@ static void make_filler(const char *path, size_t len)
 
 static void make_image(const char *path)
 {
-    qed_create_options o;
-    memset(&o, 0, sizeof o);
+    qed_create_options o = QED_INIT(qed_create_options);
     o.size = DISK;
     o.cluster_size = CS;
     o.table_size = 2;

@@ -11,6 +11,9 @@
 #include <string.h>
 #include <qed.h>
 
+/* Open options with only `flags` set, for calls that take a `const qed_open_options *`. */
+#define OPEN_OPTS(f) (&(qed_open_options){.struct_size = sizeof(qed_open_options), .flags = (f)})
+
 #define CHECK(cond)                                                                      \
     do {                                                                                 \
         if (!(cond)) {                                                                   \

@@ -16,7 +16,7 @@ static int fail(const char *what, int ret)
 int main(int argc, char **argv)
 {
     const char *path = argc > 1 ? argv[1] : "quickstart.qed";
-    qed_create_options opts = {0};
+    qed_create_options opts = QED_INIT(qed_create_options);
     opts.size = 1ull << 30; /* 1 GiB; cluster and table sizes take QEMU's defaults */
     int r = qed_create(path, &opts);
     if (r < 0) return fail("qed_create", r);
@@ -32,7 +32,7 @@ int main(int argc, char **argv)
     if ((r = qed_write(img, 123456, data, len)) < 0) return fail("qed_write", r);
     if ((r = qed_flush(img)) < 0) return fail("qed_flush", r);
 
-    qed_check_result cr;
+    qed_check_result cr = QED_INIT(qed_check_result);
     if ((r = qed_check(img, 0, &cr)) < 0) return fail("qed_check", r);
     printf("check: %llu corruptions, %llu leaks, %llu/%llu clusters allocated\n",
            (unsigned long long)cr.corruptions, (unsigned long long)cr.leaks,

@@ -21,6 +21,33 @@
  * - Panics: no Rust panic crosses this interface; an internal error returns -EIO with an
  *   "internal error" message.
  *
+ * Structs that grow: every struct passed to or filled by the library (qed_open_options,
+ * qed_create_options, qed_aio_options, qed_io_ops, qed_info, qed_extent, qed_check_result, ...)
+ * begins with `uint32_t struct_size`, which the caller sets to sizeof the struct as this header
+ * declares it; QED_INIT(type) gives a zeroed struct with it set:
+ *     qed_info info = QED_INIT(qed_info);
+ * New fields are only ever appended, in later releases. A program built against an older
+ * header passes a smaller struct_size and keeps working: the library reads only the fields it
+ * was given (the others take their defaults, as if zero) and fills only the fields it was
+ * given. A program built against a newer header, run with an older library, gets -ENOTSUP
+ * from a call whose input struct sets a field the library does not know (zero fields are
+ * fine), and finds the output fields the library does not know untouched (zero-initialise to
+ * tell). A struct_size that is not a multiple of 4 from 8 to 4096 is refused with -EINVAL.
+ * Handles (qed_image) are opaque and grow freely.
+ *
+ * Versions and symbols: libqed.so.0 is the SONAME of every 0.x release. Each release adds its
+ * new functions in its own symbol version node (QED_0.1, QED_0.2, ...) and never changes or
+ * removes a published function, struct field or constant; a change that must break binaries
+ * bumps the SONAME (libqed.so.1), and CI's ABI check (abidiff against abi/) fails on any break
+ * the SONAME does not announce. qed_version() and QED_VERSION_* give the version.
+ *
+ * Fork, exec and signals: file descriptors the library opens are close-on-exec. Threads the
+ * library starts (the asynchronous queue's workers, the write-back timer) block every signal,
+ * so signals go to the application's threads. After fork(), the child must not use or close
+ * any qed_image inherited from the parent: library threads do not exist in the child, and
+ * the image file's locks are shared with the parent's descriptors until the child execs or
+ * exits. The child may open images of its own (not ones the parent holds read-write).
+ *
  * Durability and storage failures:
  * - A write that completed before a flush (qed_flush, qed_aio_flush) completed successfully
  *   survives a power loss or a crash at any point; a write after it reads back afterwards as
@@ -29,7 +56,7 @@
  *   every write that completed, flushed or not, as QEMU does (new table entries are written
  *   with the write; the kernel holds them). An image with a backing file must flush data
  *   before the table entry that maps it, so new entries wait in memory for the next flush or
- *   at most one second (Rust: OpenOptions::writeback_delay), whichever is first: a killed
+ *   at most one second (qed_open_options.writeback_delay_ms), whichever is first: a killed
  *   process loses at most the allocating writes of that last second that were not flushed.
  *   Writes into clusters already allocated are never lost.
  * - A failed write or read returns its errno (-EIO, -ENOSPC, ...) and the handle goes on: a
@@ -65,6 +92,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+
+/* A zeroed struct of `type` with its struct_size set (see "Structs that grow"). C99 and later;
+ * in C++ write `type v{}; v.struct_size = sizeof v;`. */
+#define QED_INIT(type) ((type){.struct_size = sizeof(type)})
 
 /**
  * `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
@@ -145,6 +176,12 @@
 #define QED_BLOCK_ZERO 2
 
 /**
+ * `qed_open_options.writeback_delay_ms`: write staged table entries back only at flush and
+ * close, never by timer.
+ */
+#define QED_WRITEBACK_AT_FLUSH UINT32_MAX
+
+/**
  * Major version of this library.
  */
 #define QED_VERSION_MAJOR 0
@@ -165,9 +202,14 @@
 typedef struct qed_image qed_image;
 
 /**
- * Settings of an image's asynchronous queue. Zero-initialised fields take the defaults.
+ * Settings of an image's asynchronous queue. Zero-initialised fields take the defaults; set
+ * `struct_size` first (see "Structs that grow" at the top).
  */
 typedef struct qed_aio_options {
+  /**
+   * `sizeof(struct qed_aio_options)`, set by the caller.
+   */
+  uint32_t struct_size;
   /**
    * Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
    * times the CPUs, between 8 and 32, as each waits for the device).
@@ -189,9 +231,14 @@ typedef struct qed_aio_options {
 typedef void (*qed_completion_fn)(void *opaque, int ret);
 
 /**
- * What `qed_check` found and repaired, with QEMU's fields.
+ * What `qed_check` found and repaired, with QEMU's fields. Set `struct_size` first (see
+ * "Structs that grow" at the top).
  */
 typedef struct qed_check_result {
+  /**
+   * `sizeof(struct qed_check_result)`, set by the caller.
+   */
+  uint32_t struct_size;
   /**
    * Corruptions found and not repaired.
    */
@@ -231,17 +278,22 @@ typedef struct qed_check_result {
 } qed_check_result;
 
 /**
- * How to create an image. Zero-initialised fields take the defaults.
+ * How to create an image. Zero-initialised fields take the defaults; set `struct_size` first
+ * (see "Structs that grow" at the top).
  */
 typedef struct qed_create_options {
   /**
-   * Virtual size in bytes, a multiple of 512; 0 with a backing file takes its size.
+   * `sizeof(struct qed_create_options)`, set by the caller.
    */
-  uint64_t size;
+  uint32_t struct_size;
   /**
    * Cluster size in bytes: a power of two from 4096 to 64 MiB; 0 means 65536.
    */
   uint32_t cluster_size;
+  /**
+   * Virtual size in bytes, a multiple of 512; 0 with a backing file takes its size.
+   */
+  uint64_t size;
   /**
    * Table size in clusters: a power of two from 1 to 16; 0 means 4.
    */
@@ -258,17 +310,77 @@ typedef struct qed_create_options {
 } qed_create_options;
 
 /**
- * Information about an open image (filled by `qed_get_info`).
+ * Approves a backing file before it is opened (`qed_open_options.backing_approve`). `path` is
+ * the file's canonical path (symbolic links resolved), `name` the name the header stores,
+ * `depth` 1 for the image's own backing file, 2 for that file's backing file, and so on. Return
+ * 0 to open it, or a negative errno to refuse: the open then fails with -EACCES and
+ * `qed_last_error()` names the file. Called on the thread that opens, during the open only;
+ * the strings are valid for the call only. It must not call libqed on the image being opened.
+ */
+typedef int (*qed_backing_approve_fn)(void *opaque, const char *path, const char *name, unsigned int depth);
+
+/**
+ * How to open an image (`qed_open_ext`, `qed_open_with_io`). Zero-initialised fields take the
+ * defaults; set `struct_size` first (see "Structs that grow" at the top).
+ */
+typedef struct qed_open_options {
+  /**
+   * `sizeof(struct qed_open_options)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * `QED_OPEN_*` flags: read-write, O_DIRECT, locking (`QED_OPEN_NO_LOCK`,
+   * `QED_OPEN_FORCE_SHARE`), backing-file policy.
+   */
+  unsigned int flags;
+  /**
+   * Byte budget of the L2 table cache (0: 128 MiB, which maps 1 TiB at the default geometry).
+   */
+  uint64_t l2_cache_size;
+  /**
+   * Longest backing chain accepted (0: 16).
+   */
+  uint32_t max_backing_depth;
+  /**
+   * Images with a backing file: milliseconds after which staged table entries are written
+   * back by a library thread if no flush came first (0: 1000; `QED_WRITEBACK_AT_FLUSH`: only
+   * at flush and close). It bounds what a killed process loses (see "Durability").
+   */
+  uint32_t writeback_delay_ms;
+  /**
+   * Called for each backing file of the chain before it is opened; NULL approves all
+   * (within `flags`' policy). Not called on images opened with `qed_open_with_io`, which
+   * open no backing file.
+   */
+  qed_backing_approve_fn backing_approve;
+  /**
+   * Passed to `backing_approve`.
+   */
+  void *backing_approve_opaque;
+  /**
+   * Settings of the image's asynchronous queue, started at open when not NULL (else the
+   * first `qed_aio_*` call starts one with the defaults). Copied during the call.
+   */
+  const struct qed_aio_options *aio;
+} qed_open_options;
+
+/**
+ * Information about an open image (filled by `qed_get_info`). Set `struct_size` first (see
+ * "Structs that grow" at the top).
  */
 typedef struct qed_info {
   /**
-   * Virtual disk size in bytes.
+   * `sizeof(struct qed_info)`, set by the caller.
    */
-  uint64_t virtual_size;
+  uint32_t struct_size;
   /**
    * Cluster size in bytes.
    */
   uint32_t cluster_size;
+  /**
+   * Virtual disk size in bytes.
+   */
+  uint64_t virtual_size;
   /**
    * L1/L2 table size in clusters.
    */
@@ -277,10 +389,6 @@ typedef struct qed_info {
    * Header size in clusters.
    */
   uint32_t header_size;
-  /**
-   * 1 if the image is open read-write.
-   */
-  uint32_t writable;
   /**
    * Incompatible feature bits as stored in the header.
    */
@@ -298,6 +406,14 @@ typedef struct qed_info {
    */
   uint64_t file_size;
   /**
+   * File offset of the L1 table.
+   */
+  uint64_t l1_table_offset;
+  /**
+   * 1 if the image is open read-write.
+   */
+  uint32_t writable;
+  /**
    * 1 if the need-check (dirty) bit is set.
    */
   uint32_t needs_check;
@@ -305,16 +421,20 @@ typedef struct qed_info {
    * 1 if the header names a backing file (see `qed_get_backing_file`).
    */
   uint32_t has_backing_file;
-  /**
-   * File offset of the L1 table.
-   */
-  uint64_t l1_table_offset;
 } qed_info;
 
 /**
- * One extent reported by `qed_block_status`.
+ * One extent reported by `qed_block_status`. Set `struct_size` first.
  */
 typedef struct qed_extent {
+  /**
+   * `sizeof(struct qed_extent)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * `QED_BLOCK_DATA`, `QED_BLOCK_ZERO` or `QED_BLOCK_UNALLOCATED`.
+   */
+  unsigned int status;
   /**
    * Guest offset of the extent (the offset asked for).
    */
@@ -324,10 +444,6 @@ typedef struct qed_extent {
    */
   uint64_t length;
   /**
-   * `QED_BLOCK_DATA`, `QED_BLOCK_ZERO` or `QED_BLOCK_UNALLOCATED`.
-   */
-  unsigned int status;
-  /**
    * File offset of the first byte for `QED_BLOCK_DATA`, else 0.
    */
   uint64_t host_offset;
@@ -336,9 +452,13 @@ typedef struct qed_extent {
 /**
  * Callbacks through which the library reaches caller-provided storage. Each returns 0 or a
  * negative errno. **They may be called from several library threads at once**, with the same
- * `opaque`.
+ * `opaque`. Set `struct_size` first (see "Structs that grow" at the top).
  */
 typedef struct qed_io_ops {
+  /**
+   * `sizeof(struct qed_io_ops)`, set by the caller.
+   */
+  uint32_t struct_size;
   /**
    * Read `len` bytes at `offset` into `buf`; bytes past the end must read as zeros.
    */
@@ -605,6 +725,28 @@ int qed_create(const char *path, const struct qed_create_options *opts);
 int qed_open(const char *path, unsigned int flags, struct qed_image **out);
 
 /**
+ * Opens the QED image at `path` with the settings in `opts` (NULL: the defaults, read-only):
+ * everything `qed_open` does, plus the L2 cache budget, the backing chain's depth limit, a
+ * callback that approves each backing file, the write-back delay and the asynchronous queue.
+ * An `opts` from a newer header that sets a field this library does not know is refused with
+ * -ENOTSUP; one from an older header gets the defaults for the fields it lacks.
+ *
+ * **Returns:** as `qed_open`; `-EINVAL` also for a bad `opts->struct_size` or `opts->aio`;
+ * `-EACCES` when `backing_approve` refuses a backing file (nothing is written then).
+ *
+ * **Ownership:** `opts` and `opts->aio` are borrowed for the call; `backing_approve_opaque`
+ * is used only during the call. `*out` must eventually be released with `qed_close`.
+ *
+ * **Thread-safety:** may be called from any thread.
+ *
+ * **NULL:** `path` and `out` must not be NULL; `opts` may be.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above.
+ */
+int qed_open_ext(const char *path, const struct qed_open_options *opts, struct qed_image **out);
+
+/**
  * Flushes, clears the need-check bit, releases the locks and frees the handle.
  *
  * Outstanding asynchronous requests are drained first: their callbacks run during this call
@@ -810,25 +952,27 @@ int qed_block_status(struct qed_image *img, uint64_t offset, uint64_t len, struc
 int qed_change_backing_file(struct qed_image *img, const char *backing_file, const char *backing_format);
 
 /**
- * Opens an image on caller-provided storage. An image that names a backing file needs
- * `QED_OPEN_NO_BACKING` here. No file locks are taken: the caller's storage is its own.
+ * Opens an image on caller-provided storage, with the settings in `opts` (NULL: the defaults,
+ * read-only; see `qed_open_ext`). An image that names a backing file needs
+ * `QED_OPEN_NO_BACKING` here. No file locks are taken and `QED_OPEN_DIRECT` has no effect:
+ * the caller's storage is its own.
  *
- * **Returns:** as `qed_open`; `-EINVAL` also when a required callback is NULL.
+ * **Returns:** as `qed_open_ext`; `-EINVAL` also when a required callback is NULL.
  *
- * **Ownership:** `ops` is copied; `opaque` is passed to every callback until `release` (if
- * set) is called, once, when the handle is closed or when this call fails after checking
- * `ops`. The handle must eventually be released with `qed_close`.
+ * **Ownership:** `ops` and `opts` are copied; `opaque` is passed to every callback until
+ * `release` (if set) is called, once, when the handle is closed or when this call fails after
+ * checking `ops`. The handle must eventually be released with `qed_close`.
  *
  * **Thread-safety:** may be called from any thread. **The callbacks may be called from several
  * library threads at once.**
  *
- * **NULL:** `ops` and `out` must not be NULL; `opaque` may be.
+ * **NULL:** `ops` and `out` must not be NULL; `opaque` and `opts` may be.
  *
  * # Safety
  * Pointers must be NULL where allowed or valid for the access described above; a handle
  * must come from `qed_open*` and not have been closed.
  */
-int qed_open_with_io(const struct qed_io_ops *ops, void *opaque, unsigned int flags, struct qed_image **out);
+int qed_open_with_io(const struct qed_io_ops *ops, void *opaque, const struct qed_open_options *opts, struct qed_image **out);
 
 /**
  * Creates an image on caller-provided storage (its old content is discarded). The backing file

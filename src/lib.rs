@@ -23,6 +23,7 @@ pub mod error;
 pub mod format;
 pub mod image;
 pub mod storage;
+mod thread;
 
 pub mod capi;
 

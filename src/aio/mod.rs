@@ -420,10 +420,11 @@ impl AioQueue {
         let mut workers = Vec::with_capacity(opts.workers);
         for i in 0..opts.workers {
             let s = shared.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("qed-aio-{i}"))
-                .spawn(move || s.worker())
-                .map_err(|e| Error::io("starting worker thread", e))?;
+            let h = crate::thread::spawn(
+                std::thread::Builder::new().name(format!("qed-aio-{i}")),
+                move || s.worker(),
+            )
+            .map_err(|e| Error::io("starting worker thread", e))?;
             workers.push(h);
         }
         Ok(AioQueue {

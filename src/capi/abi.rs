@@ -7,6 +7,9 @@
 
 use super::{CError, CResult};
 
+/// The smallest `struct_size` taken: the size field and one more 4-byte field. Any release's
+/// layout is at least that, and the smallest release of a struct is its first.
+const MIN_STRUCT_SIZE: u32 = 8;
 /// The largest `struct_size` taken: anything bigger is an uninitialised field, not a struct.
 const MAX_STRUCT_SIZE: u32 = 4096;
 
@@ -18,9 +21,6 @@ const MAX_STRUCT_SIZE: u32 = 4096;
 pub(crate) unsafe trait Extensible: Copy {
     /// The C name, for messages.
     const NAME: &'static str;
-    /// `sizeof` the struct in release 0.1, the smallest layout a caller may pass. Never change
-    /// it: binaries built against 0.1 pass this size forever.
-    const MIN_SIZE: usize;
 }
 
 /// Reads the caller's `struct_size` and checks it is one we can serve.
@@ -30,7 +30,7 @@ pub(crate) unsafe trait Extensible: Copy {
 unsafe fn struct_size<T: Extensible>(func: &str, arg: &str, p: *const T) -> CResult<usize> {
     // SAFETY: per the caller's contract; struct_size is the first field of every Extensible.
     let size = unsafe { p.cast::<u32>().read() };
-    if (size as usize) < T::MIN_SIZE || size > MAX_STRUCT_SIZE {
+    if !(MIN_STRUCT_SIZE..=MAX_STRUCT_SIZE).contains(&size) || size % 4 != 0 {
         return Err(CError::arg(
             func,
             format_args!(
@@ -153,7 +153,6 @@ mod tests {
     // SAFETY: repr(C), u32 size first, integers only.
     unsafe impl Extensible for Two {
         const NAME: &'static str = "two";
-        const MIN_SIZE: usize = 8;
     }
 
     #[test]
@@ -181,7 +180,7 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        for size in [0u32, 4, 7, 4097, u32::MAX] {
+        for size in [0u32, 4, 7, 10, 4097, 8192, u32::MAX] {
             let raw = [size as u64, 0, 0, 0];
             // SAFETY: 32 readable bytes; sizes above that are refused before any read.
             let e = unsafe { read_in("f", "o", raw.as_ptr().cast::<Two>()) }.unwrap_err();

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! The asynchronous entry points: `qed_aio_*`, callbacks `cb(opaque, ret)` called exactly once.
 
+use super::abi::{read_in, Extensible};
 use super::image::{buf_mut, buf_ref, image, iovecs, qed_image};
 use super::{errno_of, qed_boundary, qed_completion_fn, CError, CResult, InFn};
 use crate::aio::{AioOptions, AioQueue, Completion, Delivery, Op, RawBuf, SubmitError};
@@ -18,10 +19,13 @@ pub const QED_AIO_EVENT_LOOP: c_uint = 1;
 /// `-EAGAIN`. (Never inside a completion callback of the same image: there it returns -EAGAIN.)
 pub const QED_AIO_BLOCK_WHEN_FULL: c_uint = 2;
 
-/// Settings of an image's asynchronous queue. Zero-initialised fields take the defaults.
+/// Settings of an image's asynchronous queue. Zero-initialised fields take the defaults; set
+/// `struct_size` first (see "Structs that grow" at the top).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_aio_options {
+    /// `sizeof(struct qed_aio_options)`, set by the caller.
+    pub struct_size: u32,
     /// Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
     /// times the CPUs, between 8 and 32, as each waits for the device).
     pub workers: u32,
@@ -31,7 +35,24 @@ pub struct qed_aio_options {
     pub flags: c_uint,
 }
 
-fn options(o: &qed_aio_options, img: &crate::image::Image) -> AioOptions {
+// SAFETY: repr(C), struct_size first, integers only.
+unsafe impl Extensible for qed_aio_options {
+    const NAME: &'static str = "qed_aio_options";
+}
+
+/// Refuses settings this library does not know.
+pub(crate) fn check_options(func: &str, o: &qed_aio_options) -> CResult<()> {
+    let unknown = o.flags & !(QED_AIO_EVENT_LOOP | QED_AIO_BLOCK_WHEN_FULL);
+    if unknown != 0 {
+        return Err(CError::arg(
+            func,
+            format_args!("unknown aio flags {unknown:#x}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn options(o: &qed_aio_options, img: &crate::image::Image) -> AioOptions {
     let d = AioOptions::for_image(img);
     AioOptions {
         workers: if o.workers == 0 {
@@ -152,14 +173,9 @@ pub unsafe extern "C" fn qed_aio_setup(img: *mut qed_image, opts: *const qed_aio
     qed_boundary!(F, {
         // SAFETY: handle contract.
         let h = unsafe { handle(F, img) }?;
-        if opts.is_null() {
-            return Err(CError::arg(F, "opts is NULL"));
-        }
-        // SAFETY: non-NULL, valid per the contract.
-        let o = unsafe { *opts };
-        if o.flags & !(QED_AIO_EVENT_LOOP | QED_AIO_BLOCK_WHEN_FULL) != 0 {
-            return Err(CError::arg(F, format_args!("unknown flags {:#x}", o.flags)));
-        }
+        // SAFETY: valid per the size-prefix rule, or NULL (refused).
+        let o = unsafe { read_in(F, "opts", opts) }?;
+        check_options(F, &o)?;
         let mut slot = h.aio.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(old) = slot.take() {
             if let Err(e) = old.shutdown() {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_check`.
 
+use super::abi::{check_out, write_out, Extensible};
 use super::image::{image, qed_image};
 use super::{qed_boundary, CError, InFn};
 use crate::image::CheckFix;
@@ -11,10 +12,13 @@ pub const QED_FIX_LEAKS: c_uint = 1;
 /// Repair corrupt table entries.
 pub const QED_FIX_ERRORS: c_uint = 2;
 
-/// What `qed_check` found and repaired, with QEMU's fields.
+/// What `qed_check` found and repaired, with QEMU's fields. Set `struct_size` first (see
+/// "Structs that grow" at the top).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_check_result {
+    /// `sizeof(struct qed_check_result)`, set by the caller.
+    pub struct_size: u32,
     /// Corruptions found and not repaired.
     pub corruptions: u64,
     /// Leaked clusters not reclaimed.
@@ -33,6 +37,11 @@ pub struct qed_check_result {
     pub fragmented_clusters: u64,
     /// File length after the check.
     pub image_end_offset: u64,
+}
+
+// SAFETY: repr(C), struct_size first, integers only.
+unsafe impl Extensible for qed_check_result {
+    const NAME: &'static str = "qed_check_result";
 }
 
 /// Checks the image and, with `fix` (`QED_FIX_LEAKS | QED_FIX_ERRORS`), repairs it.
@@ -58,9 +67,8 @@ pub unsafe extern "C" fn qed_check(
     qed_boundary!(F, {
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
-        if result.is_null() {
-            return Err(CError::arg(F, "result is NULL"));
-        }
+        // SAFETY: NULL or valid per the size-prefix rule.
+        unsafe { check_out(F, "result", result) }?;
         if fix & !(QED_FIX_LEAKS | QED_FIX_ERRORS) != 0 {
             return Err(CError::arg(F, format_args!("unknown fix bits {fix:#x}")));
         }
@@ -70,6 +78,7 @@ pub unsafe extern "C" fn qed_check(
         };
         let r = img.check(f).in_fn(F)?;
         let out = qed_check_result {
+            struct_size: 0,
             corruptions: r.corruptions,
             leaks: r.leaks,
             check_errors: r.check_errors,
@@ -80,8 +89,8 @@ pub unsafe extern "C" fn qed_check(
             fragmented_clusters: r.fragmented_clusters,
             image_end_offset: r.image_end_offset,
         };
-        // SAFETY: result is non-NULL and writable.
-        unsafe { result.write(out) };
+        // SAFETY: valid per the size-prefix rule (checked above).
+        unsafe { write_out(F, "result", result, out) }?;
         Ok(0)
     })
 }

@@ -1,19 +1,23 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_create`.
 
-use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
+use super::abi::{read_in, Extensible};
+use super::{c_str, opt_c_str, qed_boundary, CResult, InFn};
 use crate::format::{DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE};
 use crate::image::{BackingFormat, CreateOptions, Image};
 use std::ffi::{c_char, c_int};
 
-/// How to create an image. Zero-initialised fields take the defaults.
+/// How to create an image. Zero-initialised fields take the defaults; set `struct_size` first
+/// (see "Structs that grow" at the top).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct qed_create_options {
-    /// Virtual size in bytes, a multiple of 512; 0 with a backing file takes its size.
-    pub size: u64,
+    /// `sizeof(struct qed_create_options)`, set by the caller.
+    pub struct_size: u32,
     /// Cluster size in bytes: a power of two from 4096 to 64 MiB; 0 means 65536.
     pub cluster_size: u32,
+    /// Virtual size in bytes, a multiple of 512; 0 with a backing file takes its size.
+    pub size: u64,
     /// Table size in clusters: a power of two from 1 to 16; 0 means 4.
     pub table_size: u32,
     /// Backing file name, stored as given (relative names resolve against the image's folder);
@@ -21,6 +25,11 @@ pub struct qed_create_options {
     pub backing_file: *const c_char,
     /// `"raw"` or `"qed"`; NULL lets the format be probed at open.
     pub backing_format: *const c_char,
+}
+
+// SAFETY: repr(C), struct_size first, integers and raw pointers.
+unsafe impl Extensible for qed_create_options {
+    const NAME: &'static str = "qed_create_options";
 }
 
 /// Converts C options to Rust ones.
@@ -31,11 +40,8 @@ pub(crate) unsafe fn create_options(
     func: &str,
     o: *const qed_create_options,
 ) -> CResult<CreateOptions> {
-    if o.is_null() {
-        return Err(CError::arg(func, "opts is NULL"));
-    }
-    // SAFETY: non-NULL and valid per the contract.
-    let o = unsafe { &*o };
+    // SAFETY: NULL (refused) or valid per the size-prefix rule.
+    let o = unsafe { read_in(func, "opts", o) }?;
     // SAFETY: NULL or NUL-terminated.
     let backing_file =
         unsafe { opt_c_str(func, "opts->backing_file", o.backing_file) }?.map(str::to_owned);

@@ -2,6 +2,7 @@
 //! Open, close, read, write, flush, write-zeroes, truncate, info, block status and backing
 //! changes.
 
+use super::abi::{read_in_opt, write_out, Extensible};
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
 use crate::image::{BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions};
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -38,20 +39,21 @@ pub struct qed_image {
     pub(crate) aio: std::sync::Mutex<Option<Arc<crate::aio::AioQueue>>>,
 }
 
-/// Information about an open image (filled by `qed_get_info`).
+/// Information about an open image (filled by `qed_get_info`). Set `struct_size` first (see
+/// "Structs that grow" at the top).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_info {
-    /// Virtual disk size in bytes.
-    pub virtual_size: u64,
+    /// `sizeof(struct qed_info)`, set by the caller.
+    pub struct_size: u32,
     /// Cluster size in bytes.
     pub cluster_size: u32,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
     /// L1/L2 table size in clusters.
     pub table_size: u32,
     /// Header size in clusters.
     pub header_size: u32,
-    /// 1 if the image is open read-write.
-    pub writable: u32,
     /// Incompatible feature bits as stored in the header.
     pub features: u64,
     /// Compatible feature bits.
@@ -60,12 +62,19 @@ pub struct qed_info {
     pub autoclear_features: u64,
     /// Length of the image file in bytes.
     pub file_size: u64,
+    /// File offset of the L1 table.
+    pub l1_table_offset: u64,
+    /// 1 if the image is open read-write.
+    pub writable: u32,
     /// 1 if the need-check (dirty) bit is set.
     pub needs_check: u32,
     /// 1 if the header names a backing file (see `qed_get_backing_file`).
     pub has_backing_file: u32,
-    /// File offset of the L1 table.
-    pub l1_table_offset: u64,
+}
+
+// SAFETY: repr(C), struct_size first, integers only.
+unsafe impl Extensible for qed_info {
+    const NAME: &'static str = "qed_info";
 }
 
 /// The range is not allocated in this image: it reads from the backing file, or as zeros.
@@ -75,18 +84,167 @@ pub const QED_BLOCK_DATA: c_uint = 1;
 /// The range is made of zero clusters: it reads as zeros whatever the backing file holds.
 pub const QED_BLOCK_ZERO: c_uint = 2;
 
-/// One extent reported by `qed_block_status`.
+/// One extent reported by `qed_block_status`. Set `struct_size` first.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_extent {
+    /// `sizeof(struct qed_extent)`, set by the caller.
+    pub struct_size: u32,
+    /// `QED_BLOCK_DATA`, `QED_BLOCK_ZERO` or `QED_BLOCK_UNALLOCATED`.
+    pub status: c_uint,
     /// Guest offset of the extent (the offset asked for).
     pub offset: u64,
     /// Length in bytes (at most the length asked for).
     pub length: u64,
-    /// `QED_BLOCK_DATA`, `QED_BLOCK_ZERO` or `QED_BLOCK_UNALLOCATED`.
-    pub status: c_uint,
     /// File offset of the first byte for `QED_BLOCK_DATA`, else 0.
     pub host_offset: u64,
+}
+
+// SAFETY: repr(C), struct_size first, integers only.
+unsafe impl Extensible for qed_extent {
+    const NAME: &'static str = "qed_extent";
+}
+
+/// `qed_open_options.writeback_delay_ms`: write staged table entries back only at flush and
+/// close, never by timer.
+pub const QED_WRITEBACK_AT_FLUSH: u32 = u32::MAX;
+
+/// Approves a backing file before it is opened (`qed_open_options.backing_approve`). `path` is
+/// the file's canonical path (symbolic links resolved), `name` the name the header stores,
+/// `depth` 1 for the image's own backing file, 2 for that file's backing file, and so on. Return
+/// 0 to open it, or a negative errno to refuse: the open then fails with -EACCES and
+/// `qed_last_error()` names the file. Called on the thread that opens, during the open only;
+/// the strings are valid for the call only. It must not call libqed on the image being opened.
+pub type qed_backing_approve_fn = Option<
+    unsafe extern "C" fn(
+        opaque: *mut c_void,
+        path: *const c_char,
+        name: *const c_char,
+        depth: c_uint,
+    ) -> c_int,
+>;
+
+/// How to open an image (`qed_open_ext`, `qed_open_with_io`). Zero-initialised fields take the
+/// defaults; set `struct_size` first (see "Structs that grow" at the top).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qed_open_options {
+    /// `sizeof(struct qed_open_options)`, set by the caller.
+    pub struct_size: u32,
+    /// `QED_OPEN_*` flags: read-write, O_DIRECT, locking (`QED_OPEN_NO_LOCK`,
+    /// `QED_OPEN_FORCE_SHARE`), backing-file policy.
+    pub flags: c_uint,
+    /// Byte budget of the L2 table cache (0: 128 MiB, which maps 1 TiB at the default geometry).
+    pub l2_cache_size: u64,
+    /// Longest backing chain accepted (0: 16).
+    pub max_backing_depth: u32,
+    /// Images with a backing file: milliseconds after which staged table entries are written
+    /// back by a library thread if no flush came first (0: 1000; `QED_WRITEBACK_AT_FLUSH`: only
+    /// at flush and close). It bounds what a killed process loses (see "Durability").
+    pub writeback_delay_ms: u32,
+    /// Called for each backing file of the chain before it is opened; NULL approves all
+    /// (within `flags`' policy). Not called on images opened with `qed_open_with_io`, which
+    /// open no backing file.
+    pub backing_approve: qed_backing_approve_fn,
+    /// Passed to `backing_approve`.
+    pub backing_approve_opaque: *mut c_void,
+    /// Settings of the image's asynchronous queue, started at open when not NULL (else the
+    /// first `qed_aio_*` call starts one with the defaults). Copied during the call.
+    pub aio: *const super::aio::qed_aio_options,
+}
+
+// SAFETY: repr(C), struct_size first, integers, raw pointers and an optional function pointer.
+unsafe impl Extensible for qed_open_options {
+    const NAME: &'static str = "qed_open_options";
+}
+
+struct Approver {
+    f: unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char, c_uint) -> c_int,
+    opaque: *mut c_void,
+}
+// SAFETY: the approver runs only during the open, on the opening thread; `Send`/`Sync` are
+// needed only because OpenOptions may be shared, and the header says what the callback may do.
+unsafe impl Send for Approver {}
+// SAFETY: as above.
+unsafe impl Sync for Approver {}
+
+impl Approver {
+    fn approve(&self, path: &std::path::Path, name: &str, depth: u32) -> crate::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let refused = |reason: String| crate::Error::BackingRefused {
+            name: name.to_owned(),
+            reason,
+        };
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| refused("its path contains a NUL byte".into()))?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| refused("its name contains a NUL byte".into()))?;
+        // SAFETY: the caller's callback with its own opaque pointer and two strings valid for
+        // the call, as the header documents.
+        let r = unsafe { (self.f)(self.opaque, cpath.as_ptr(), cname.as_ptr(), depth) };
+        if r == 0 {
+            Ok(())
+        } else {
+            let err = std::io::Error::from_raw_os_error(r.checked_neg().unwrap_or(libc::EIO));
+            Err(refused(format!(
+                "the backing_approve callback refused {} (returned {r}: {err})",
+                path.display()
+            )))
+        }
+    }
+}
+
+/// Open options from C, checked, and the queue settings to start at open (if any).
+pub(crate) struct COpen {
+    pub opts: OpenOptions,
+    pub aio: Option<super::aio::qed_aio_options>,
+}
+
+/// Converts `qed_open_options` (NULL: the defaults, read-only).
+///
+/// # Safety
+/// `o` is NULL or valid per the size-prefix rule; `o->aio` NULL or valid likewise.
+pub(crate) unsafe fn c_open_options(func: &str, o: *const qed_open_options) -> CResult<COpen> {
+    // SAFETY: forwarded contract.
+    let Some(o) = unsafe { read_in_opt(func, "opts", o) }? else {
+        return Ok(COpen {
+            opts: open_options(func, 0)?,
+            aio: None,
+        });
+    };
+    let mut opts = open_options(func, o.flags)?;
+    if o.l2_cache_size != 0 {
+        opts.l2_cache_bytes = usize::try_from(o.l2_cache_size).map_err(|_| {
+            CError::arg(
+                func,
+                format_args!(
+                    "opts->l2_cache_size {} does not fit in memory",
+                    o.l2_cache_size
+                ),
+            )
+        })?;
+    }
+    if o.max_backing_depth != 0 {
+        opts.max_backing_depth = o.max_backing_depth;
+    }
+    opts.writeback_delay = match o.writeback_delay_ms {
+        0 => Some(crate::image::DEFAULT_WRITEBACK_DELAY),
+        QED_WRITEBACK_AT_FLUSH => None,
+        ms => Some(std::time::Duration::from_millis(ms.into())),
+    };
+    if let Some(f) = o.backing_approve {
+        let a = Approver {
+            f,
+            opaque: o.backing_approve_opaque,
+        };
+        opts.backing_approver = Some(Arc::new(move |p, n, d| a.approve(p, n, d)));
+    }
+    // SAFETY: forwarded contract.
+    let aio = unsafe { read_in_opt(func, "opts->aio", o.aio) }?;
+    if let Some(a) = &aio {
+        super::aio::check_options(func, a)?;
+    }
+    Ok(COpen { opts, aio })
 }
 
 pub(crate) fn open_options(func: &str, flags: c_uint) -> CResult<OpenOptions> {
@@ -128,14 +286,34 @@ pub(crate) unsafe fn image<'a>(func: &str, img: *const qed_image) -> CResult<&'a
 ///
 /// # Safety
 /// `out` is a valid pointer to write to.
-pub(crate) unsafe fn give(out: *mut *mut qed_image, img: Image) -> c_int {
+pub(crate) unsafe fn give(
+    func: &str,
+    out: *mut *mut qed_image,
+    img: Image,
+    aio: Option<super::aio::qed_aio_options>,
+) -> CResult<c_int> {
+    let img = Arc::new(img);
+    let queue = match aio {
+        Some(o) => {
+            let q = crate::aio::AioQueue::new(img.clone(), super::aio::options(&o, &img));
+            match q {
+                Ok(q) => Some(Arc::new(q)),
+                Err(e) => {
+                    // The caller gets no handle, so the image is closed here.
+                    let _ = img.close();
+                    return Err(CError::core(func, e));
+                }
+            }
+        }
+        None => None,
+    };
     let h = Box::into_raw(Box::new(qed_image {
-        img: Arc::new(img),
-        aio: std::sync::Mutex::new(None),
+        img,
+        aio: std::sync::Mutex::new(queue),
     }));
     // SAFETY: out was checked non-NULL by the caller and points to writable memory.
     unsafe { *out = h };
-    0
+    Ok(0)
 }
 
 /// Builds slices from a buffer argument; `(NULL, 0)` is an empty buffer.
@@ -262,7 +440,46 @@ pub unsafe extern "C" fn qed_open(
         let opts = open_options(F, flags)?;
         let img = Image::open(path, &opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
-        Ok(unsafe { give(out, img) })
+        unsafe { give(F, out, img, None) }
+    })
+}
+
+/// Opens the QED image at `path` with the settings in `opts` (NULL: the defaults, read-only):
+/// everything `qed_open` does, plus the L2 cache budget, the backing chain's depth limit, a
+/// callback that approves each backing file, the write-back delay and the asynchronous queue.
+/// An `opts` from a newer header that sets a field this library does not know is refused with
+/// -ENOTSUP; one from an older header gets the defaults for the fields it lacks.
+///
+/// **Returns:** as `qed_open`; `-EINVAL` also for a bad `opts->struct_size` or `opts->aio`;
+/// `-EACCES` when `backing_approve` refuses a backing file (nothing is written then).
+///
+/// **Ownership:** `opts` and `opts->aio` are borrowed for the call; `backing_approve_opaque`
+/// is used only during the call. `*out` must eventually be released with `qed_close`.
+///
+/// **Thread-safety:** may be called from any thread.
+///
+/// **NULL:** `path` and `out` must not be NULL; `opts` may be.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_open_ext(
+    path: *const c_char,
+    opts: *const qed_open_options,
+    out: *mut *mut qed_image,
+) -> c_int {
+    const F: &str = "qed_open_ext";
+    qed_boundary!(F, {
+        // SAFETY: caller passes a NUL-terminated path.
+        let path = unsafe { c_str(F, "path", path) }?;
+        if out.is_null() {
+            return Err(CError::arg(F, "out is NULL"));
+        }
+        // SAFETY: opts valid per the size-prefix rule, or NULL.
+        let o = unsafe { c_open_options(F, opts) }?;
+        let img = Image::open(path, &o.opts).in_fn(F)?;
+        // SAFETY: out is non-NULL.
+        unsafe { give(F, out, img, o.aio) }
     })
 }
 
@@ -531,11 +748,11 @@ pub unsafe extern "C" fn qed_get_info(img: *mut qed_image, info: *mut qed_info) 
     qed_boundary!(F, {
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
-        if info.is_null() {
-            return Err(CError::arg(F, "info is NULL"));
-        }
+        // SAFETY: NULL or valid per the size-prefix rule.
+        unsafe { super::abi::check_out(F, "info", info) }?;
         let i = img.info().in_fn(F)?;
         let out = qed_info {
+            struct_size: 0,
             virtual_size: i.virtual_size,
             cluster_size: i.cluster_size,
             table_size: i.table_size,
@@ -549,8 +766,8 @@ pub unsafe extern "C" fn qed_get_info(img: *mut qed_image, info: *mut qed_info) 
             has_backing_file: i.backing_file.is_some() as u32,
             l1_table_offset: i.l1_table_offset,
         };
-        // SAFETY: info is non-NULL and points to writable memory for a qed_info.
-        unsafe { info.write(out) };
+        // SAFETY: valid per the size-prefix rule (checked above).
+        unsafe { write_out(F, "info", info, out) }?;
         Ok(0)
     })
 }
@@ -639,24 +856,23 @@ pub unsafe extern "C" fn qed_block_status(
     qed_boundary!(F, {
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
-        if extent.is_null() {
-            return Err(CError::arg(F, "extent is NULL"));
-        }
+        // SAFETY: NULL or valid per the size-prefix rule.
+        unsafe { super::abi::check_out(F, "extent", extent) }?;
         let e = img.block_status(offset, len).in_fn(F)?;
         let (status, host_offset) = match e.kind {
             ExtentKind::Data { host_offset } => (QED_BLOCK_DATA, host_offset),
             ExtentKind::Zero => (QED_BLOCK_ZERO, 0),
             ExtentKind::Unallocated => (QED_BLOCK_UNALLOCATED, 0),
         };
-        // SAFETY: extent is non-NULL and writable.
-        unsafe {
-            extent.write(qed_extent {
-                offset: e.offset,
-                length: e.length,
-                status,
-                host_offset,
-            })
+        let v = qed_extent {
+            struct_size: 0,
+            status,
+            offset: e.offset,
+            length: e.length,
+            host_offset,
         };
+        // SAFETY: valid per the size-prefix rule (checked above).
+        unsafe { write_out(F, "extent", extent, v) }?;
         Ok(0)
     })
 }

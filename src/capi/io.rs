@@ -2,21 +2,24 @@
 //! `qed_open_with_io` / `qed_create_with_io`: images on caller-provided storage (NBD, RBD,
 //! iSCSI through the host's own drivers), through a table of callbacks adapted to [`Storage`].
 
+use super::abi::{read_in, Extensible};
 use super::create::{create_options, qed_create_options};
-use super::image::{give, open_options, qed_image};
+use super::image::{c_open_options, give, qed_image, qed_open_options};
 use super::{qed_boundary, CError, CResult, InFn};
 use crate::image::Image;
 use crate::storage::Storage;
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_int, c_void};
 use std::io;
 use std::sync::Arc;
 
 /// Callbacks through which the library reaches caller-provided storage. Each returns 0 or a
 /// negative errno. **They may be called from several library threads at once**, with the same
-/// `opaque`.
+/// `opaque`. Set `struct_size` first (see "Structs that grow" at the top).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct qed_io_ops {
+    /// `sizeof(struct qed_io_ops)`, set by the caller.
+    pub struct_size: u32,
     /// Read `len` bytes at `offset` into `buf`; bytes past the end must read as zeros.
     pub pread: Option<
         unsafe extern "C" fn(
@@ -44,6 +47,11 @@ pub struct qed_io_ops {
     /// Optional: called once, after the last other callback, when the image is closed (or when
     /// `qed_open_with_io` fails after taking the table).
     pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+}
+
+// SAFETY: repr(C), struct_size first, then optional function pointers (NULL when zeroed).
+unsafe impl Extensible for qed_io_ops {
+    const NAME: &'static str = "qed_io_ops";
 }
 
 struct CallbackStorage {
@@ -123,11 +131,9 @@ unsafe fn storage(
     ops: *const qed_io_ops,
     opaque: *mut c_void,
 ) -> CResult<CallbackStorage> {
-    if ops.is_null() {
-        return Err(CError::arg(func, "ops is NULL"));
-    }
-    // SAFETY: non-NULL, valid per the contract; copied so the caller's table may go away.
-    let ops = unsafe { *ops };
+    // SAFETY: NULL (refused) or valid per the size-prefix rule; copied so the caller's table
+    // may go away.
+    let ops = unsafe { read_in(func, "ops", ops) }?;
     for (name, missing) in [
         ("pread", ops.pread.is_none()),
         ("pwrite", ops.pwrite.is_none()),
@@ -142,19 +148,21 @@ unsafe fn storage(
     Ok(CallbackStorage { ops, opaque })
 }
 
-/// Opens an image on caller-provided storage. An image that names a backing file needs
-/// `QED_OPEN_NO_BACKING` here. No file locks are taken: the caller's storage is its own.
+/// Opens an image on caller-provided storage, with the settings in `opts` (NULL: the defaults,
+/// read-only; see `qed_open_ext`). An image that names a backing file needs
+/// `QED_OPEN_NO_BACKING` here. No file locks are taken and `QED_OPEN_DIRECT` has no effect:
+/// the caller's storage is its own.
 ///
-/// **Returns:** as `qed_open`; `-EINVAL` also when a required callback is NULL.
+/// **Returns:** as `qed_open_ext`; `-EINVAL` also when a required callback is NULL.
 ///
-/// **Ownership:** `ops` is copied; `opaque` is passed to every callback until `release` (if
-/// set) is called, once, when the handle is closed or when this call fails after checking
-/// `ops`. The handle must eventually be released with `qed_close`.
+/// **Ownership:** `ops` and `opts` are copied; `opaque` is passed to every callback until
+/// `release` (if set) is called, once, when the handle is closed or when this call fails after
+/// checking `ops`. The handle must eventually be released with `qed_close`.
 ///
 /// **Thread-safety:** may be called from any thread. **The callbacks may be called from several
 /// library threads at once.**
 ///
-/// **NULL:** `ops` and `out` must not be NULL; `opaque` may be.
+/// **NULL:** `ops` and `out` must not be NULL; `opaque` and `opts` may be.
 ///
 /// # Safety
 /// Pointers must be NULL where allowed or valid for the access described above; a handle
@@ -163,7 +171,7 @@ unsafe fn storage(
 pub unsafe extern "C" fn qed_open_with_io(
     ops: *const qed_io_ops,
     opaque: *mut c_void,
-    flags: c_uint,
+    opts: *const qed_open_options,
     out: *mut *mut qed_image,
 ) -> c_int {
     const F: &str = "qed_open_with_io";
@@ -174,11 +182,12 @@ pub unsafe extern "C" fn qed_open_with_io(
         // SAFETY: valid table per the contract. Built first, so that `release` runs once on
         // every failure after `ops` is accepted.
         let st = unsafe { storage(F, ops, opaque) }?;
-        let mut opts = open_options(F, flags)?;
-        opts.lock = false;
-        let img = Image::open_storage(Arc::new(st), &opts).in_fn(F)?;
+        // SAFETY: opts valid per the size-prefix rule, or NULL.
+        let mut o = unsafe { c_open_options(F, opts) }?;
+        o.opts.lock = false;
+        let img = Image::open_storage(Arc::new(st), &o.opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
-        Ok(unsafe { give(out, img) })
+        unsafe { give(F, out, img, o.aio) }
     })
 }
 

@@ -11,7 +11,6 @@ use crate::error::Error;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CStr, CString};
 
-#[allow(dead_code)] // until every struct uses it (this change)
 pub(crate) mod abi;
 pub mod aio;
 pub mod check;

@@ -184,6 +184,9 @@ pub(crate) fn open_by_path(
             reason: format!("{} is not a regular file", canon.display()),
         });
     }
+    if let Some(approve) = &opts.backing_approver {
+        approve(&canon, name, chain.len().max(1) as u32)?;
+    }
     let storage = crate::storage::FileStorage::open(&canon, false, false)
         .ctx(|| format!("opening backing file {}", canon.display()))?;
     let lock = if opts.lock {

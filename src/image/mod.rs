@@ -31,7 +31,7 @@ pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
 pub use io::{Extent, ExtentKind};
 pub use options::{
-    BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
+    BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
 };
 

@@ -99,6 +99,13 @@ impl CreateOptions {
 pub type BackingResolver =
     Arc<dyn Fn(&str, Option<BackingFormat>) -> Result<Backing> + Send + Sync>;
 
+/// A caller-supplied check on each backing file before it is opened: given its canonical path
+/// (symbolic links resolved), the name as the header stores it, and its depth in the chain (1 for
+/// the image's own backing file), return `Ok(())` to open it or an error to refuse the open. It
+/// runs after [`BackingPolicy`] and the chain-depth and loop checks, only for files opened by
+/// path (not through a [`BackingResolver`]).
+pub type BackingApprover = Arc<dyn Fn(&std::path::Path, &str, u32) -> Result<()> + Send + Sync>;
+
 /// How to open an image.
 #[derive(Clone)]
 pub struct OpenOptions {
@@ -122,6 +129,8 @@ pub struct OpenOptions {
     pub backing_resolver: Option<BackingResolver>,
     /// Which backing files an image may name (default: any plain path, as QEMU).
     pub backing_policy: BackingPolicy,
+    /// Approves each backing file of the chain before it is opened (default: none).
+    pub backing_approver: Option<BackingApprover>,
     /// Longest backing chain accepted (default 16).
     pub max_backing_depth: u32,
     /// Images with a backing file only: new L2 entries are staged in memory (their data must be
@@ -154,6 +163,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             backing_resolver: None,
             backing_policy: BackingPolicy::Any,
+            backing_approver: None,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             writeback_delay: Some(DEFAULT_WRITEBACK_DELAY),
         }
@@ -172,6 +182,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("backing_resolver", &self.backing_resolver.is_some())
             .field("backing_policy", &self.backing_policy)
+            .field("backing_approver", &self.backing_approver.is_some())
             .field("max_backing_depth", &self.max_backing_depth)
             .field("writeback_delay", &self.writeback_delay)
             .finish()

@@ -220,10 +220,12 @@ impl WriteBack {
         }
         if t.thread.is_none() {
             let me = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name("qed-writeback".into())
-                .stack_size(256 << 10)
-                .spawn(move || timer_thread(me));
+            let spawned = crate::thread::spawn(
+                std::thread::Builder::new()
+                    .name("qed-writeback".into())
+                    .stack_size(256 << 10),
+                move || timer_thread(me),
+            );
             // Without the thread, entries wait for the next flush, as with no delay set.
             t.thread = spawned.ok();
         }
