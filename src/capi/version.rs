@@ -3,6 +3,8 @@
 
 use std::ffi::{c_char, c_int};
 
+// Cargo.toml's version is the only source; cbindgen needs literals, so
+// `strerror_is_static_and_never_null` checks these against it.
 /// Major version of this library.
 pub const QED_VERSION_MAJOR: u32 = 0;
 /// Minor version of this library.
@@ -96,3 +98,4 @@ mod tests {
         );
     }
 }
+
