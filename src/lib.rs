@@ -29,7 +29,7 @@ pub mod capi;
 
 pub use error::{Error, Result};
 pub use image::{
-    Backing, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions, Extent,
-    ExtentKind, Image, ImageInfo, OpenOptions,
+    Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
+    Extent, ExtentKind, Image, ImageInfo, OpenOptions,
 };
 pub use storage::{FileStorage, MemStorage, Storage};

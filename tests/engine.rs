@@ -457,6 +457,66 @@ fn confined_backing_policy_refuses_files_outside_the_folder() {
     }
 }
 
+#[test]
+fn backing_approver_sees_each_file_of_the_chain_and_can_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.raw"), vec![0x7cu8; 65536]).unwrap();
+    let mid = dir.path().join("mid.qed");
+    let top = dir.path().join("top.qed");
+    for (p, b, f) in [
+        (&mid, "base.raw", qed::BackingFormat::Raw),
+        (&top, "mid.qed", qed::BackingFormat::Qed),
+    ] {
+        let opts = CreateOptions {
+            size: 65536,
+            backing_file: Some(b.into()),
+            backing_format: Some(f),
+            ..Default::default()
+        };
+        Image::create(p, &opts).unwrap();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refuse_at = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (s, r) = (seen.clone(), refuse_at.clone());
+    let approver: qed::BackingApprover = Arc::new(move |path, name, depth| {
+        s.lock()
+            .unwrap()
+            .push((path.to_path_buf(), name.to_owned(), depth));
+        if depth == r.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::BackingRefused {
+                name: name.into(),
+                reason: "not on the list".into(),
+            });
+        }
+        Ok(())
+    });
+    let opts = OpenOptions {
+        backing_approver: Some(approver),
+        ..OpenOptions::read_only()
+    };
+    let img = Image::open(&top, &opts).unwrap();
+    let mut b = [0u8; 4];
+    img.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0x7c; 4]);
+    drop(img);
+    let canon = dir.path().canonicalize().unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (canon.join("mid.qed"), "mid.qed".to_owned(), 1),
+            (canon.join("base.raw"), "base.raw".to_owned(), 2),
+        ]
+    );
+    for depth in [1, 2] {
+        seen.lock().unwrap().clear();
+        refuse_at.store(depth, std::sync::atomic::Ordering::Relaxed);
+        let e = Image::open(&top, &opts).err().expect("refused");
+        assert!(matches!(e.root(), Error::BackingRefused { .. }), "{e}");
+        assert!(e.to_string().contains("not on the list"), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), depth as usize);
+    }
+}
+
 /// Storage whose writes at or past `fail_from` fail, to exercise metadata write errors.
 struct FailingStorage {
     inner: MemStorage,
