@@ -510,7 +510,7 @@ fn backing_approver_sees_each_file_of_the_chain_and_can_refuse() {
     for depth in [1, 2] {
         seen.lock().unwrap().clear();
         refuse_at.store(depth, std::sync::atomic::Ordering::Relaxed);
-        let e = Image::open(&top, &opts).err().expect("refused");
+        let e = Image::open(&top, &opts).expect_err("refused");
         assert!(matches!(e.root(), Error::BackingRefused { .. }), "{e}");
         assert!(e.to_string().contains("not on the list"), "{e}");
         assert_eq!(seen.lock().unwrap().len(), depth as usize);
