@@ -26,7 +26,8 @@
  * begins with `uint32_t struct_size`, which the caller sets to sizeof the struct as this header
  * declares it; QED_INIT(type) gives a zeroed struct with it set:
  *     qed_info info = QED_INIT(qed_info);
- * New fields are only ever appended, in later releases. A program built against an older
+ * New fields are only ever appended, in later releases, after the old struct's last byte
+ * (never in its tail padding, which an old program may leave uninitialised). A program built against an older
  * header passes a smaller struct_size and keeps working: the library reads only the fields it
  * was given (the others take their defaults, as if zero) and fills only the fields it was
  * given. A program built against a newer header, run with an older library, gets -ENOTSUP

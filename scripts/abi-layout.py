@@ -83,8 +83,10 @@ def main(argv):
         for g in nfields:
             if g[0] not in {f[0] for f in fields}:
                 if g[1] < size:
-                    print("abi-layout: %s.%s was inserted at bit %d, inside the old struct (%d bits)"
-                          % (name, g[0], g[1], size))
+                    # Even the old struct's tail padding is out of bounds: an old caller may
+                    # leave garbage there, which a new library would read as the new field.
+                    print("abi-layout: %s.%s was inserted at bit %d, inside the old struct (%d bits,"
+                          " counting its tail padding); append after it" % (name, g[0], g[1], size))
                     bad = 1
                 else:
                     print("abi-layout: %s.%s appended at bit %d (compatible)" % (name, g[0], g[1]))
