@@ -130,7 +130,7 @@ pub(crate) fn enabled(level: LogLevel) -> bool {
 /// dropped. It must not call `set_log_callback` (refused: that would wait for itself); reports
 /// it causes itself are dropped.
 pub fn set_log_callback(level: LogLevel, cb: Option<LogCallback>) -> Result<()> {
-    if IN_CALLBACK.with(Cell::get) {
+    if in_callback() {
         return Err(Error::InvalidArgument {
             what: "log callback",
             value: 0,
@@ -143,10 +143,15 @@ pub fn set_log_callback(level: LogLevel, cb: Option<LogCallback>) -> Result<()> 
     Ok(())
 }
 
+/// Whether this thread is running the log callback now.
+pub(crate) fn in_callback() -> bool {
+    IN_CALLBACK.with(Cell::get)
+}
+
 /// Delivers a report; callers check [`enabled`] first (the macro does).
 #[cold]
 pub(crate) fn emit(level: LogLevel, args: std::fmt::Arguments<'_>) {
-    if IN_CALLBACK.with(Cell::get) {
+    if in_callback() {
         return;
     }
     let sink = SINK.read().unwrap_or_else(PoisonError::into_inner);
