@@ -993,7 +993,14 @@ impl Image {
             self.stats.repaired(&r);
             log_check(&self.label(), "repair", &r);
         } else {
-            log_check(&self.label(), "check", &r);
+            qed_log!(
+                Info,
+                "{}: check: {} corruptions, {} leaked clusters, {} unreadable tables",
+                self.label(),
+                r.corruptions,
+                r.leaks,
+                r.check_errors
+            );
         }
         if r.check_errors > 0 || r.corruptions > 0 {
             self.recheck.store(true, Ordering::Release);
