@@ -123,7 +123,8 @@ pub(crate) fn enabled(level: LogLevel) -> bool {
 }
 
 /// Installs `cb` to receive every report up to `level` (it replaces stderr and any previous
-/// callback), or with `None` goes back to what `QED_DEBUG` says (nothing when unset).
+/// callback), or with `None` goes back to what `QED_DEBUG` says (nothing when unset; `level` is
+/// then ignored).
 ///
 /// Thread-safe. When it returns, calls to the previous callback have finished and no new ones
 /// start. The callback may run on any thread, concurrently; a panic in it is caught and
