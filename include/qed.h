@@ -125,6 +125,31 @@
 #define QED_FIX_ERRORS 2
 
 /**
+ * Log level: the handle failed, a storage call failed.
+ */
+#define QED_LOG_ERROR 1
+
+/**
+ * Log level: something was refused (a hostile header field) or left unrepaired.
+ */
+#define QED_LOG_WARN 2
+
+/**
+ * Log level: opens, closes, checks and repairs.
+ */
+#define QED_LOG_INFO 3
+
+/**
+ * Log level: allocations of clusters and L2 tables, flushes, write-backs of staged entries.
+ */
+#define QED_LOG_DEBUG 4
+
+/**
+ * Log level: per-piece detail (L2 cache misses, table writes, file extensions).
+ */
+#define QED_LOG_TRACE 5
+
+/**
  * Open the image read-write (the default is read-only).
  */
 #define QED_OPEN_RDWR 1
@@ -309,6 +334,97 @@ typedef struct qed_create_options {
    */
   const char *backing_format;
 } qed_create_options;
+
+/**
+ * Receives one report: `level` is one of `QED_LOG_ERROR` .. `QED_LOG_TRACE`, `msg` a line of
+ * text without a newline that names the image file, valid only during the call.
+ */
+typedef void (*qed_log_fn)(void *opaque, int level, const char *msg);
+
+/**
+ * Counters of what an image handle did since it was opened (filled by `qed_get_stats`).
+ * Set `struct_size` to `sizeof(struct qed_stats)` first (see the size-prefix rule at the top).
+ * Each counter is read on its own, so a snapshot taken under load may mix moments.
+ */
+typedef struct qed_stats {
+  /**
+   * `sizeof(struct qed_stats)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * Written as 0.
+   */
+  uint32_t reserved;
+  /**
+   * Read requests that completed.
+   */
+  uint64_t read_requests;
+  /**
+   * Bytes those reads returned.
+   */
+  uint64_t read_bytes;
+  /**
+   * Write requests that completed.
+   */
+  uint64_t write_requests;
+  /**
+   * Bytes those writes carried.
+   */
+  uint64_t write_bytes;
+  /**
+   * Write-zeroes requests that completed.
+   */
+  uint64_t write_zeroes_requests;
+  /**
+   * Bytes those requests zeroed.
+   */
+  uint64_t write_zeroes_bytes;
+  /**
+   * Flush requests that completed.
+   */
+  uint64_t flush_requests;
+  /**
+   * Requests (read, write, write zeroes, flush; synchronous or not) that returned an error.
+   */
+  uint64_t failed_requests;
+  /**
+   * Flushes of the image file (by requests, write-back, close and the repair at open;
+   * concurrent flush requests share one). A check's own flushes are not counted.
+   */
+  uint64_t storage_flushes;
+  /**
+   * Data clusters allocated.
+   */
+  uint64_t clusters_allocated;
+  /**
+   * L2 tables allocated.
+   */
+  uint64_t l2_tables_allocated;
+  /**
+   * Lookups that found their 4 KiB piece of L2 table in the cache.
+   */
+  uint64_t l2_cache_hits;
+  /**
+   * Lookups that read their piece of L2 table from the file.
+   */
+  uint64_t l2_cache_misses;
+  /**
+   * Pieces of L2 table written to the file.
+   */
+  uint64_t l2_writes;
+  /**
+   * Repairs run: at open (need-check bit set) and by `qed_check` with a fix.
+   */
+  uint64_t repairs;
+  /**
+   * Corruptions those repairs fixed.
+   */
+  uint64_t corruptions_fixed;
+  /**
+   * Leaked clusters those repairs reclaimed.
+   */
+  uint64_t leaks_fixed;
+} qed_stats;
 
 /**
  * Approves a backing file before it is opened (`qed_open_options.backing_approve`). `path` is
@@ -703,6 +819,58 @@ int qed_check(struct qed_image *img, unsigned int fix, struct qed_check_result *
  * must come from `qed_open*` and not have been closed.
  */
 int qed_create(const char *path, const struct qed_create_options *opts);
+
+/**
+ * Sends the library's reports to `cb`: every report at `level` or more important
+ * (`QED_LOG_ERROR` = 1 .. `QED_LOG_TRACE` = 5) is passed to `cb(opaque, level, msg)`. `cb` NULL
+ * removes the callback: reports then go where the `QED_DEBUG` environment variable says
+ * (`error`, `warn`, `info`, `debug` or `trace`: to stderr, as `libqed: <level>: <msg>`;
+ * unset: nowhere). Nothing is reported unless one of the two asks for it. A callback takes
+ * the place of stderr.
+ *
+ * The callback:
+ * - may be called from any thread, including library worker threads (asynchronous requests,
+ *   the write-back timer), and from several threads at once;
+ * - may be called while the library holds locks of the image it reports on: it must not call
+ *   any function on a `qed_image` (that may deadlock), nor `qed_set_log_callback` (refused
+ *   with `-EDEADLK`). It may call `qed_version`, `qed_strerror` and `qed_last_error`; reports
+ *   the callback itself would cause are dropped;
+ * - must return normally (no `longjmp`, no C++ exception);
+ * - gets `msg` valid only during the call: copy it to keep it.
+ *
+ * `opaque` is passed back unchanged and must stay valid until the callback is replaced.
+ *
+ * **Returns:** 0; `-EINVAL` for a `level` outside 1..5 with a non-NULL `cb`; `-EDEADLK` when
+ * called from inside the log callback.
+ *
+ * **Thread-safety:** may be called from any thread at any time; the setting is process-wide.
+ * When it returns, calls to the previous callback have finished and none start again: its
+ * `opaque` may then be freed.
+ *
+ * **NULL:** `cb` may be NULL (see above); `opaque` may be NULL.
+ *
+ * # Safety
+ * `cb`, when not NULL, must be a function that may be called as described above with
+ * `opaque`, until replaced.
+ */
+int qed_set_log_callback(int level, qed_log_fn cb, void *opaque);
+
+/**
+ * Fills `*stats` with the counters of `img` (see `struct qed_stats`). The library writes only
+ * the first `stats->struct_size` bytes it knows; a caller built against a newer header sees
+ * the fields this library lacks untouched.
+ *
+ * **Returns:** 0; `-EINVAL` for NULL arguments or a `struct_size` smaller than release 0.1's
+ * `struct qed_stats`. `*stats` is written only on success.
+ *
+ * **Thread-safety:** may be called concurrently with any request on the same image, from
+ * any thread.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_get_stats(struct qed_image *img, struct qed_stats *stats);
 
 /**
  * Opens the image file at `path`.

@@ -22,6 +22,7 @@ pub mod aio;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod log;
 pub mod storage;
 mod thread;
 
@@ -30,6 +31,7 @@ pub mod capi;
 pub use error::{Error, Result};
 pub use image::{
     Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
-    Extent, ExtentKind, Image, ImageInfo, OpenOptions,
+    Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions,
 };
+pub use log::{set_log_callback, LogCallback, LogLevel};
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -15,6 +15,7 @@ pub(crate) mod abi;
 pub mod aio;
 pub mod check;
 pub mod create;
+pub mod debug;
 pub mod image;
 pub mod io;
 pub mod version;

@@ -221,7 +221,10 @@ pub(crate) fn open_by_path(
             sub.writable = false;
             let mut chain = chain.to_vec();
             chain.push(canon.clone());
-            let img = Image::open_inner(storage, &sub, Some(&canon), &chain, lock)?;
+            let img = Image::logged_open(
+                Some(&canon),
+                Image::open_inner(storage, &sub, Some(&canon), &chain, lock),
+            )?;
             Ok(Backing::Qed(Arc::new(img)))
         }
     }

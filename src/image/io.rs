@@ -6,8 +6,10 @@ use super::l2cache::{Chunk, CHUNK_BYTES, CHUNK_ENTRIES};
 
 /// Pieces of L2 table with staged entries at most before a write-back is forced.
 const WRITEBACK_LIMIT: usize = 1024;
+use super::stats::{add, Req};
 use super::{lock, rlock, wlock, Image};
 use crate::error::{Error, IoContext, Result};
+use crate::log::qed_log;
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::Ordering;
@@ -154,7 +156,9 @@ impl Image {
 
     /// Scatter-gather read: consecutive guest bytes at `offset` into `bufs`.
     pub fn read_sg(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        self.named(self.read_sg_unnamed(offset, bufs))
+        let total = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.named(self.read_sg_unnamed(offset, bufs));
+        self.account(Req::Read, offset, total, r)
     }
 
     fn read_sg_unnamed(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
@@ -189,6 +193,17 @@ impl Image {
     /// and no check is running. `Ok(false)`: do a normal read (the buffers may have been
     /// written). Lets an event loop answer cached reads on its own thread.
     pub fn try_read_nowait(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<bool> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum();
+        match self.try_read_nowait_uncounted(offset, bufs) {
+            // A read that could not be done here is done (and counted) by the normal path.
+            Ok(false) => Ok(false),
+            r => self
+                .account(Req::Read, offset, total, r.map(|_| ()))
+                .map(|()| true),
+        }
+    }
+
+    fn try_read_nowait_uncounted(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<bool> {
         self.check_usable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
@@ -230,7 +245,9 @@ impl Image {
 
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
-        self.named(self.write_sg_unnamed(offset, bufs))
+        let total = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.named(self.write_sg_unnamed(offset, bufs));
+        self.account(Req::Write, offset, total, r)
     }
 
     fn write_sg_unnamed(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
@@ -304,6 +321,13 @@ impl Image {
             _ => None,
         };
         let host = self.allocate_clusters(n)?;
+        add(&self.stats.clusters_allocated, n);
+        qed_log!(
+            Debug,
+            "{}: allocated {n} clusters at {host:#x} for guest {:#x}",
+            self.label(),
+            c0 << cb
+        );
         let cstart = c0 << cb;
         let head = pos - cstart;
         let end = pos + len;
@@ -384,6 +408,11 @@ impl Image {
                 self.storage.preallocate(target)
             }
             .ctx(|| format!("extending image file to {target:#x}"))?;
+            qed_log!(
+                Trace,
+                "{}: extended the image file to {target:#x}",
+                self.label()
+            );
             self.extended_to.store(target, Ordering::Release);
         }
         *next = end;
@@ -452,6 +481,12 @@ impl Image {
             return Ok(false);
         }
         let t = self.allocate_clusters(g.table_size as u64)?;
+        add(&self.stats.l2_tables_allocated, 1);
+        qed_log!(
+            Debug,
+            "{}: new L2 table at {t:#x} for L1[{l1i}]",
+            self.label()
+        );
         {
             let mut tables = wlock(&self.l2_tables);
             let i = tables.partition_point(|&v| v < t);
@@ -468,6 +503,12 @@ impl Image {
             let s0 = first / 64 * 64;
             let s1 = (first + vals.len()).next_multiple_of(64);
             let at = t + ci * CHUNK_BYTES + s0 as u64 * 8;
+            qed_log!(
+                Trace,
+                "{}: writing L2 table piece at {at:#x} (new table)",
+                self.label()
+            );
+            add(&self.stats.l2_writes, 1);
             self.storage
                 .write_metadata_at(&chunk.encode(s0..s1), at)
                 .ctx(|| format!("writing new L2 table at {t:#x}"))?;
@@ -498,7 +539,22 @@ impl Image {
 
     /// The chunk `ci` of the L2 table at `table`, from the cache or the file.
     fn chunk(&self, table: u64, ci: u64) -> Result<Arc<Chunk>> {
-        self.l2.get((table, ci), || self.load_chunk(table, ci))
+        let mut loaded = false;
+        let r = self.l2.get((table, ci), || {
+            loaded = true;
+            self.load_chunk(table, ci)
+        });
+        if loaded {
+            add(&self.stats.l2_cache_misses, 1);
+            qed_log!(
+                Trace,
+                "{}: L2 cache miss: loaded table {table:#x} piece {ci}",
+                self.label()
+            );
+        } else {
+            add(&self.stats.l2_cache_hits, 1);
+        }
+        r
     }
 
     fn load_chunk(&self, table: u64, ci: u64) -> Result<Chunk> {
@@ -595,7 +651,10 @@ impl Image {
         let i0 = (l2i % CHUNK_ENTRIES) as usize;
         let chunk = if cached_only {
             match self.l2.get_cached((table, ci)) {
-                Some(c) => c,
+                Some(c) => {
+                    add(&self.stats.l2_cache_hits, 1);
+                    c
+                }
                 None => return Ok(None),
             }
         } else {
@@ -659,7 +718,8 @@ impl Image {
     /// clusters (no data written); allocated ones are overwritten with zeros in place, as QEMU
     /// does; partial clusters at the ends are written with zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.named(self.write_zeroes_unnamed(offset, len))
+        let r = self.named(self.write_zeroes_unnamed(offset, len));
+        self.account(Req::WriteZeroes, offset, len, r)
     }
 
     fn write_zeroes_unnamed(&self, offset: u64, len: u64) -> Result<()> {

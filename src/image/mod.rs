@@ -25,6 +25,7 @@ mod io;
 mod l2cache;
 mod options;
 mod rangelock;
+mod stats;
 mod writeback;
 
 pub use backing::Backing;
@@ -34,10 +35,12 @@ pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
 };
+pub use stats::ImageStats;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::parse_backing_name;
 use crate::format::*;
+use crate::log::qed_log;
 use crate::storage::lock::{lock_image, ImageLock, LockMode};
 use crate::storage::{FileStorage, Storage};
 use l2cache::L2Cache;
@@ -143,6 +146,8 @@ pub struct Image {
     /// images without a backing file, whose entries may reach the disk before their data (an
     /// unwritten cluster reads as zeros, which is what the guest saw there before).
     write_through: AtomicBool,
+    /// What this handle did (shared with the write-back, which counts flushes and L2 writes).
+    stats: Arc<stats::Counters>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -283,6 +288,10 @@ impl Image {
     /// Opens the image file at `path`.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
+        Self::logged_open(Some(path), Self::open_file(path, opts))
+    }
+
+    fn open_file(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let storage = FileStorage::open(path, opts.writable, opts.direct)
             .ctx(|| format!("opening {}", path.display()))?;
         if opts.writable && opts.force_share {
@@ -319,7 +328,62 @@ impl Image {
     /// `opts.backing_resolver`; without one, an image that names a backing file needs
     /// `opts.no_backing`.
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        Self::open_inner(storage, opts, None, &[], None)
+        Self::logged_open(None, Self::open_inner(storage, opts, None, &[], None))
+    }
+
+    /// Reports how an open ended: what was opened, how, and the backing chain; or why not.
+    pub(super) fn logged_open(path: Option<&Path>, r: Result<Image>) -> Result<Image> {
+        let img = match &r {
+            Ok(img) => img,
+            Err(e) => {
+                let label = path.map_or_else(|| "<storage>".into(), Path::to_string_lossy);
+                match e {
+                    Error::InvalidHeader { .. } | Error::Unsupported { .. } => {
+                        qed_log!(Warn, "{label}: open refused: {e}")
+                    }
+                    _ => qed_log!(Info, "{label}: open failed: {e}"),
+                }
+                return r;
+            }
+        };
+        img.log_opened();
+        r
+    }
+
+    fn log_opened(&self) {
+        if !crate::log::enabled(crate::log::LogLevel::Info) {
+            return;
+        }
+        let g = self.geometry;
+        let mut chain = String::new();
+        let mut b = self.backing();
+        let mut name = lock(&self.hs).backing_name.clone();
+        while let Some(n) = name.take() {
+            chain.push_str(&format!(", backing {n:?}"));
+            match b.take() {
+                Some(Backing::Qed(img)) => {
+                    chain.push_str(" (qed)");
+                    b = img.backing();
+                    name = lock(&img.hs).backing_name.clone();
+                }
+                Some(Backing::Raw(_)) => chain.push_str(" (raw)"),
+                None => chain.push_str(" (not opened)"),
+            }
+        }
+        qed_log!(
+            Info,
+            "{}: opened {}, virtual size {}, cluster size {}, table size {}{}",
+            self.label(),
+            if self.writable {
+                "read-write"
+            } else {
+                "read-only"
+            },
+            self.size(),
+            g.cluster_bytes(),
+            g.table_size,
+            chain
+        );
     }
 
     fn open_inner(
@@ -329,6 +393,8 @@ impl Image {
         chain: &[PathBuf],
         lock: Option<ImageLock>,
     ) -> Result<Image> {
+        let label = path.map_or_else(|| "<storage>".into(), Path::to_string_lossy);
+        let counters = Arc::new(stats::Counters::default());
         let file_len = storage.len().ctx(|| "reading image length".into())?;
         let mut first = [0u8; HEADER_LEN];
         let n = file_len.min(HEADER_LEN as u64) as usize;
@@ -373,7 +439,10 @@ impl Image {
         };
 
         if opts.writable && header.needs_check() && !opts.no_repair {
+            qed_log!(Info, "{label}: need-check bit set: checking and repairing");
             let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
+            counters.repaired(&r);
+            log_check(&label, "repair at open", &r);
             if r.check_errors > 0 || r.corruptions > 0 {
                 let reason = if r.check_errors > 0 {
                     format!("the need-check bit is set and the repair could not read {} pieces of L2 table; nothing was reclaimed; open read-only, or retry when the storage reads again", r.check_errors)
@@ -391,6 +460,7 @@ impl Image {
                 .write_at(&header.to_bytes(), 0)
                 .ctx(|| "clearing need-check bit".into())?;
             storage.flush().ctx(|| "flushing after repair".into())?;
+            stats::add(&counters.storage_flushes, 1);
         }
         if opts.writable && header.autoclear_features & !AUTOCLEAR_FEATURE_MASK != 0 {
             header.autoclear_features &= AUTOCLEAR_FEATURE_MASK;
@@ -443,8 +513,10 @@ impl Image {
                 storage_for_wb,
                 opts.writeback_delay,
                 path.map(|p| p.display().to_string()),
+                counters.clone(),
             )),
             write_through: AtomicBool::new(!has_backing_file),
+            stats: counters,
         };
         if let Err(e) = img.load_metadata() {
             // Nothing was loaded: the handle must not close like a live one (close squares the
@@ -684,6 +756,7 @@ impl Image {
         let mut hs = lock(&self.hs);
         let mut h = hs.header.clone();
         h.features |= FEATURE_NEED_CHECK;
+        qed_log!(Debug, "{}: setting the need-check bit", self.label());
         self.write_header(&h)?;
         self.sync()?;
         hs.header = h;
@@ -693,11 +766,16 @@ impl Image {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
+        let r = self.flush_unnamed();
+        self.account(stats::Req::Flush, 0, 0, self.named(r))
+    }
+
+    fn flush_unnamed(&self) -> Result<()> {
         self.check_usable()?;
         if !self.writable {
             return Ok(());
         }
-        self.named(self.writeback())
+        self.writeback()
     }
 
     /// Grows the virtual size to `new_size` (a multiple of 512). Shrinking is refused, as QEMU
@@ -907,7 +985,23 @@ impl Image {
             self.square_file_length()?;
         }
         let header = lock(&self.hs).header.clone();
+        if fix.any() {
+            qed_log!(Info, "{}: checking and repairing", self.label());
+        }
         let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
+        if fix.any() {
+            self.stats.repaired(&r);
+            log_check(&self.label(), "repair", &r);
+        } else {
+            qed_log!(
+                Info,
+                "{}: check: {} corruptions, {} leaked clusters, {} unreadable tables",
+                self.label(),
+                r.corruptions,
+                r.leaks,
+                r.check_errors
+            );
+        }
         if r.check_errors > 0 || r.corruptions > 0 {
             self.recheck.store(true, Ordering::Release);
         }
@@ -936,9 +1030,14 @@ impl Image {
             return Ok(());
         }
         let _g = wlock(&self.gate);
-        let r = self.close_inner();
+        let r = self.named(self.close_inner());
         lock(&self.lock).take();
-        self.named(r)
+        match &r {
+            Ok(()) => qed_log!(Info, "{}: closed", self.label()),
+            Err(e) => qed_log!(Error, "{}: close failed: {e}", self.label()),
+        }
+        qed_log!(Debug, "{}: statistics: {:?}", self.label(), self.stats());
+        r
     }
 
     fn close_inner(&self) -> Result<()> {
@@ -964,6 +1063,28 @@ impl Image {
             self.dirty.store(false, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+/// Reports what a check or repair found and fixed: a warning when something is left.
+fn log_check(label: &str, what: &str, r: &CheckResult) {
+    if r.corruptions > 0 || r.check_errors > 0 {
+        qed_log!(
+            Warn,
+            "{label}: {what}: {} corruptions and {} unreadable tables remain ({} corruptions fixed, {} leaks fixed)",
+            r.corruptions,
+            r.check_errors,
+            r.corruptions_fixed,
+            r.leaks_fixed
+        );
+    } else {
+        qed_log!(
+            Info,
+            "{label}: {what}: {} corruptions fixed, {} leaked clusters reclaimed, {} leaks left",
+            r.corruptions_fixed,
+            r.leaks_fixed,
+            r.leaks
+        );
     }
 }
 

@@ -13,8 +13,10 @@
 //! Kept apart from the image so that the write-back thread can hold it.
 
 use super::l2cache::{Chunk, ChunkKey, CHUNK_BYTES};
+use super::stats::{add, Counters};
 use super::{lock, wlock};
 use crate::error::{Error, Result};
+use crate::log::qed_log;
 use crate::storage::Storage;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +61,7 @@ pub(super) struct WriteBack {
     delay: Option<Duration>,
     timer: Mutex<TimerState>,
     timer_cv: Condvar,
+    stats: Arc<Counters>,
 }
 
 impl WriteBack {
@@ -66,6 +69,7 @@ impl WriteBack {
         storage: Arc<dyn Storage>,
         delay: Option<Duration>,
         label: Option<String>,
+        stats: Arc<Counters>,
     ) -> WriteBack {
         WriteBack {
             storage,
@@ -80,6 +84,7 @@ impl WriteBack {
             delay,
             timer: Mutex::new(TimerState::default()),
             timer_cv: Condvar::new(),
+            stats,
         }
     }
 
@@ -91,9 +96,19 @@ impl WriteBack {
                 Some(l) => format!("{l}: {e}"),
                 None => e.to_string(),
             });
+            qed_log!(
+                Error,
+                "{}: {e}: the handle has failed and refuses further requests until reopened",
+                self.name()
+            );
         }
         self.is_failed.store(true, Ordering::Release);
         e
+    }
+
+    /// The image's name for reports.
+    fn name(&self) -> &str {
+        self.label.as_deref().unwrap_or("<storage>")
     }
 
     pub(super) fn is_failed(&self) -> bool {
@@ -144,6 +159,12 @@ impl WriteBack {
                 .collect()
         };
         if !snapshot.is_empty() {
+            qed_log!(
+                Debug,
+                "{}: writing back staged entries of {} pieces of L2 table",
+                self.name(),
+                snapshot.len()
+            );
             self.sync()?;
             for ((table, ci), bytes) in &snapshot {
                 self.write_piece(*table, *ci, bytes)?;
@@ -167,6 +188,8 @@ impl WriteBack {
 
     fn write_piece(&self, table: u64, ci: u64, bytes: &[u8]) -> Result<()> {
         let at = table + ci * CHUNK_BYTES;
+        qed_log!(Trace, "{}: writing L2 table piece at {at:#x}", self.name());
+        add(&self.stats.l2_writes, 1);
         self.storage
             .write_metadata_at(bytes, at)
             .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))
@@ -193,6 +216,8 @@ impl WriteBack {
             st.started += 1;
             let mine = st.started;
             drop(st);
+            qed_log!(Debug, "{}: flushing the image file", self.name());
+            add(&self.stats.storage_flushes, 1);
             let r = self.storage.flush();
             if let Err(e) = r {
                 let err = self.fail(Error::io("flushing image", e));
