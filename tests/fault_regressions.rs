@@ -3,7 +3,9 @@
 //! before the fix: a flush that failed once gave up staged entries and a later flush reported
 //! success; a failed read-write open truncated the file; a repair that could not read an L2
 //! table reclaimed its data clusters as leaks; a failed reload after a repair left an empty L1
-//! table that the next request indexed (a panic).
+//! table that the next request indexed (a panic). Also one found by the concurrent crash test
+//! (`tests/crash.rs`): without a backing file, a flush completed while an entry that another,
+//! already completed write used was not yet written.
 
 use qed::storage::{Fault, FaultCalls, FaultMode, FaultStorage, MemStorage, Storage};
 use qed::{Backing, BackingFormat, CheckFix, CreateOptions, Image, OpenOptions};
@@ -457,4 +459,126 @@ fn padding_a_file_cut_inside_a_cluster_survives_faults() {
         }
     }
     assert!(failed > 4, "only {failed} opens failed");
+}
+
+/// Storage that holds the first table write after `arm` until `release`, and keeps the file's
+/// bytes as of each flush (what a power loss right after it leaves).
+struct HoldTableWrite {
+    inner: Arc<MemStorage>,
+    state: std::sync::Mutex<Hold>,
+    cv: std::sync::Condvar,
+    durable: std::sync::Mutex<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Hold {
+    armed: bool,
+    holding: bool,
+    released: bool,
+}
+
+impl HoldTableWrite {
+    fn new(inner: Arc<MemStorage>) -> HoldTableWrite {
+        HoldTableWrite {
+            durable: std::sync::Mutex::new(inner.to_bytes()),
+            inner,
+            state: Default::default(),
+            cv: Default::default(),
+        }
+    }
+    fn arm(&self) {
+        self.state.lock().unwrap().armed = true;
+    }
+    fn wait_holding(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.holding {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().released = true;
+        self.cv.notify_all();
+    }
+}
+
+impl Storage for HoldTableWrite {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        if std::mem::take(&mut s.armed) {
+            s.holding = true;
+            self.cv.notify_all();
+            while !s.released {
+                s = self.cv.wait(s).unwrap();
+            }
+        }
+        drop(s);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        *self.durable.lock().unwrap() = self.inner.to_bytes();
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Found by the concurrent crash test: without a backing file, an allocating write puts its
+/// new L2 entry in the cache before writing the piece of table that holds it. A second write
+/// into that cluster used the cached entry and completed; a flush then completed while the
+/// first writer's table write was still pending, so a crash lost the acknowledged, flushed
+/// second write. A flush must not complete before the entries it relies on are written.
+#[test]
+fn a_flush_waits_for_entries_other_writes_already_used() {
+    let disk = create(false);
+    let hs = Arc::new(HoldTableWrite::new(disk.clone()));
+    let img = Arc::new(Image::open_storage(hs.clone(), &rw(None)).unwrap());
+    img.write_at(0, &[1u8; 512]).unwrap();
+    img.flush().unwrap();
+    // The first writer allocates guest cluster 8; its table write is held.
+    hs.arm();
+    let first = {
+        let img = img.clone();
+        std::thread::spawn(move || img.write_at(8 * CS, &[7u8; 512]).unwrap())
+    };
+    hs.wait_holding();
+    // The second write goes in place, through the entry the first one cached.
+    img.write_at(8 * CS + 1024, &[9u8; 512]).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let flusher = {
+        let (img, hs) = (img.clone(), hs.clone());
+        std::thread::spawn(move || {
+            img.flush().unwrap();
+            tx.send(hs.durable.lock().unwrap().clone()).unwrap();
+        })
+    };
+    // The fixed flush waits for the held table write: let it go after a while. (Before the
+    // fix, the flush returned at once; the timeout only decides how long a fixed run waits.)
+    let durable = match rx.recv_timeout(std::time::Duration::from_millis(300)) {
+        Ok(d) => {
+            hs.release();
+            d
+        }
+        Err(_) => {
+            hs.release();
+            rx.recv().unwrap()
+        }
+    };
+    first.join().unwrap();
+    flusher.join().unwrap();
+    // Power lost right after the flush returned.
+    let img = Image::open_storage(Arc::new(MemStorage::from_bytes(&durable)), &rw(None)).unwrap();
+    assert!(
+        read(&img, 8 * CS + 1024, 512) == vec![9u8; 512],
+        "a write acknowledged before a completed flush was lost"
+    );
 }

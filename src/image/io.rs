@@ -445,7 +445,10 @@ impl Image {
         let table = rlock(&self.l1).entries[l1i];
         if self.write_through.load(Ordering::Acquire) {
             // No backing file: the entries are written now (no flush), so a completed write
-            // survives the death of the process, as with QEMU.
+            // survives the death of the process, as with QEMU. Another request may use a cached
+            // entry before its piece is written (a write in place completes through it), so
+            // `staging` is held until it is: a flush takes it exclusively before it syncs.
+            let _s = rlock(&self.wb.staging);
             for &(ci, first, vals) in &segs {
                 let chunk = self.chunk(table, ci)?;
                 chunk.stage(first, vals);

@@ -52,7 +52,9 @@ pub(super) struct WriteBack {
     /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
     /// flush must not return while an earlier write-back is still writing.
     one: Mutex<()>,
-    /// Shared by writers staging entries, exclusive while a write-back snapshots them.
+    /// Shared by writers staging entries (without a backing file: until their pieces are
+    /// written through), exclusive while a write-back snapshots them, so no flush syncs while
+    /// an entry that other requests may already rely on is neither written nor snapshotted.
     pub(super) staging: RwLock<()>,
     flusher: Mutex<FlushState>,
     flushed: Condvar,
@@ -174,7 +176,8 @@ impl WriteBack {
     }
 
     /// Writes the staged entries of one piece of table now (images whose entries may reach the
-    /// disk before their data: no backing file). Concurrent writers of one piece share writes:
+    /// disk before their data: no backing file); the caller holds `staging` shared from staging
+    /// them until this returns. Concurrent writers of one piece share writes:
     /// the piece's own lock orders them, and a writer whose entries an earlier write already
     /// carried finds nothing dirty.
     pub(super) fn write_through(&self, (table, ci): ChunkKey, chunk: &Chunk) -> Result<()> {
