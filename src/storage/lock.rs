@@ -451,7 +451,7 @@ mod ofd {
         Read,
         Unlock,
         /// Exclusive lock; only used by tests to play "another tool".
-        #[cfg(test)]
+        #[cfg(all(test, any(target_os = "linux", target_os = "android")))]
         Write,
     }
 
@@ -481,12 +481,14 @@ mod ofd {
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     const PLATFORM: Cmds = PROCESS;
 
-    fn flock_for(byte: u64, l_type: libc::c_int) -> io::Result<libc::flock> {
+    /// (`l_type` is a `c_short` as in `struct flock`: the F_*LCK constants are `c_int` on
+    /// Linux and `c_short` on the BSDs.)
+    fn flock_for(byte: u64, l_type: libc::c_short) -> io::Result<libc::flock> {
         // SAFETY: `libc::flock` is a plain C struct of integers (plus padding
         // on some architectures); the all-zero bit pattern is a valid value,
         // and OFD locks require `l_pid` to be 0.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = l_type as libc::c_short;
+        fl.l_type = l_type;
         fl.l_whence = libc::SEEK_SET as libc::c_short;
         // The lock bytes are below 300: a 32-bit off_t (i686 glibc) holds them, and glibc
         // passes them to the kernel's 64-bit F_OFD_* commands itself.
@@ -519,10 +521,10 @@ mod ofd {
 
     pub(super) fn set_with(cmds: Cmds, file: &File, byte: u64, ty: LockType) -> io::Result<()> {
         let l_type = match ty {
-            LockType::Read => libc::F_RDLCK,
-            LockType::Unlock => libc::F_UNLCK,
-            #[cfg(test)]
-            LockType::Write => libc::F_WRLCK,
+            LockType::Read => libc::F_RDLCK as libc::c_short,
+            LockType::Unlock => libc::F_UNLCK as libc::c_short,
+            #[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+            LockType::Write => libc::F_WRLCK as libc::c_short,
         };
         let mut fl = flock_for(byte, l_type)?;
         fcntl_lock(file, cmds.set, &mut fl)
@@ -536,7 +538,7 @@ mod ofd {
     }
 
     pub(super) fn is_locked_by_other_with(cmds: Cmds, file: &File, byte: u64) -> io::Result<bool> {
-        let mut fl = flock_for(byte, libc::F_WRLCK)?;
+        let mut fl = flock_for(byte, libc::F_WRLCK as libc::c_short)?;
         fcntl_lock(file, cmds.get, &mut fl)?;
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
     }

@@ -37,6 +37,7 @@ pub fn to_off(offset: u64) -> io::Result<i64> {
     i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
+#[cfg(target_os = "linux")]
 fn check(r: libc::c_int) -> io::Result<()> {
     if r == 0 {
         Ok(())
