@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Asynchronous requests on top of the engine: a bounded queue per image, worker threads that
 //! run the engine's synchronous calls in parallel, and completion delivery either on the
-//! workers (the default) or on the caller's event loop through an eventfd.
+//! workers (the default) or on the caller's event loop through an eventfd (a pipe where the
+//! system has no eventfd, see [`notify`]).
 //!
 //! The engine does the ordering that matters for correctness (two writers never allocate one
 //! cluster; L2 updates are serialised per piece of table), so workers need no extra locking:
@@ -20,6 +21,9 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+
+mod notify;
+use notify::Notifier;
 
 /// A raw buffer segment owned by the submitter, valid until its completion runs.
 #[derive(Clone, Copy, Debug)]
@@ -167,7 +171,8 @@ struct Shared {
     idle: Condvar,
     next_seq: AtomicU64,
     ready: Mutex<VecDeque<(Completion, Result<()>)>>,
-    event_fd: RawFd,
+    /// Event-loop delivery only.
+    notifier: Option<Notifier>,
     id: u64,
 }
 
@@ -194,10 +199,9 @@ impl Shared {
             }
             Delivery::EventLoop => {
                 lock(&self.ready).push_back((done, r));
-                let one: u64 = 1;
-                // SAFETY: event_fd is a valid eventfd owned by this queue; writing 8 bytes from
-                // a live u64 is the eventfd protocol.
-                let _ = unsafe { libc::write(self.event_fd, (&one as *const u64).cast(), 8) };
+                if let Some(n) = &self.notifier {
+                    n.signal();
+                }
             }
         }
     }
@@ -384,18 +388,10 @@ impl AioQueue {
                 reason: "must be at least 1".into(),
             });
         }
-        let event_fd = if opts.delivery == Delivery::EventLoop {
-            // SAFETY: plain syscall with constant flags.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(Error::io(
-                    "creating eventfd",
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            fd
+        let notifier = if opts.delivery == Delivery::EventLoop {
+            Some(Notifier::new().map_err(|e| Error::io("creating eventfd", e))?)
         } else {
-            -1
+            None
         };
         let shared = Arc::new(Shared {
             img,
@@ -414,7 +410,7 @@ impl AioQueue {
             idle: Condvar::new(),
             next_seq: AtomicU64::new(1),
             ready: Mutex::new(VecDeque::new()),
-            event_fd,
+            notifier,
             id: NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed),
         });
         let mut workers = Vec::with_capacity(opts.workers);
@@ -559,7 +555,7 @@ impl AioQueue {
 
     /// The eventfd that becomes readable while completions are pending (event-loop delivery).
     pub fn event_fd(&self) -> Option<RawFd> {
-        (self.shared.opts.delivery == Delivery::EventLoop).then_some(self.shared.event_fd)
+        self.shared.notifier.as_ref().map(Notifier::fd)
     }
 
     /// Runs pending completions on this thread (event-loop delivery); returns how many ran.
@@ -571,9 +567,9 @@ impl AioQueue {
         if sh.opts.delivery != Delivery::EventLoop {
             return Ok(0);
         }
-        let mut buf = 0u64;
-        // SAFETY: reading 8 bytes into a live u64 from our eventfd (non-blocking) resets it.
-        let _ = unsafe { libc::read(sh.event_fd, (&mut buf as *mut u64).cast(), 8) };
+        if let Some(n) = &sh.notifier {
+            n.clear();
+        }
         // Only the completions ready now: those that callbacks cause (a read answered at
         // submit) wait for the next poll, so one poll never runs an endless chain.
         let ready = std::mem::take(&mut *lock(&sh.ready));
@@ -657,11 +653,8 @@ fn deadlock(what: &str) -> Error {
 
 impl Drop for AioQueue {
     fn drop(&mut self) {
+        // The notifier's descriptors close with the last reference to `shared`.
         let _ = self.shutdown();
-        if self.shared.event_fd >= 0 {
-            // SAFETY: the fd is ours and no worker uses it after shutdown.
-            unsafe { libc::close(self.shared.event_fd) };
-        }
     }
 }
 

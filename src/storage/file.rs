@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! A [`Storage`] on a file: `preadv`/`pwritev` at offsets, `fdatasync` for flush, and an optional
-//! O_DIRECT mode that bounces unaligned requests through aligned buffers.
+//! O_DIRECT mode that bounces unaligned requests through aligned buffers. The offset-taking
+//! calls and their fallbacks on other systems are in [`super::sys`].
 
+use super::sys;
 use super::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::{Mutex, RwLock};
@@ -39,14 +40,16 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens `path`, read-only or read-write, optionally with O_DIRECT.
+    /// Opens `path`, read-only or read-write, optionally with O_DIRECT (F_NOCACHE on macOS;
+    /// ENOTSUP where the system has neither).
     pub fn open(path: &Path, writable: bool, direct: bool) -> io::Result<Self> {
         let mut o = OpenOptions::new();
         o.read(true).write(writable);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        let file = o.open(path)?;
+        let file = if direct {
+            sys::open_direct(&mut o, path)?
+        } else {
+            o.open(path)?
+        };
         let meta = if direct && writable {
             Some(OpenOptions::new().read(true).write(true).open(path)?)
         } else {
@@ -108,7 +111,7 @@ impl FileStorage {
 
     fn aligned(&self, ptrs: impl Iterator<Item = (usize, usize)>, offset: u64) -> bool {
         let a = DIRECT_ALIGN;
-        offset as usize % a == 0 && ptrs.into_iter().all(|(p, l)| p % a == 0 && l % a == 0)
+        offset % a as u64 == 0 && ptrs.into_iter().all(|(p, l)| p % a == 0 && l % a == 0)
     }
 
     /// Reads at an aligned position through an aligned bounce buffer (O_DIRECT only).
@@ -200,10 +203,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-fn to_off(offset: u64) -> io::Result<libc::off_t> {
-    libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
-}
-
 /// Where a vectored transfer stands: buffer `idx`, `skip` bytes into it.
 #[derive(Default)]
 struct Cursor {
@@ -237,15 +236,11 @@ impl Cursor {
 }
 
 /// Runs a preadv/pwritev-style call, retrying when interrupted.
-fn transfer(call: impl Fn() -> isize) -> io::Result<usize> {
+fn transfer(call: impl Fn() -> io::Result<usize>) -> io::Result<usize> {
     loop {
-        let n = call();
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
         }
     }
 }
@@ -266,16 +261,8 @@ fn preadv_full(file: &File, bufs: &mut [&mut [u8]], mut offset: u64) -> io::Resu
                 }
             })
             .collect();
-        let off = to_off(offset)?;
         // SAFETY: every iovec points into a live, exclusively borrowed buffer of iov_len bytes.
-        let n = transfer(|| unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off,
-            )
-        })?;
+        let n = transfer(|| unsafe { sys::preadv(file.as_raw_fd(), &iov, offset) })?;
         if n == 0 {
             // End of file: the rest reads as zeros.
             bufs[at.idx][at.skip..].fill(0);
@@ -304,16 +291,8 @@ fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> 
                 }
             })
             .collect();
-        let off = to_off(offset)?;
         // SAFETY: every iovec points into a live buffer of iov_len bytes; pwritev only reads them.
-        let n = transfer(|| unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off,
-            )
-        })?;
+        let n = transfer(|| unsafe { sys::pwritev(file.as_raw_fd(), &iov, offset) })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -358,33 +337,30 @@ impl Storage for FileStorage {
             })
             .collect();
         // SAFETY: every iovec points into a live, exclusively borrowed buffer of iov_len bytes.
-        let n = unsafe {
-            libc::preadv2(
-                self.file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                to_off(offset)?,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n >= 0 {
+        match unsafe { sys::preadv_nowait(self.file.as_raw_fd(), &iov, offset) } {
             // A short read is the end of the file or a partly cached range: the normal read
             // sorts out which.
-            return Ok(n as usize == total);
+            Ok(n) => Ok(n == total),
+            Err(e) => {
+                // EAGAIN: not all cached. Other errors are reported by the normal read; a
+                // system without the call (ENOTSUP, ENOSYS...) is not asked again.
+                let e = e.raw_os_error();
+                // (ENOTSUP and EOPNOTSUPP are one value on Linux, two on the BSDs.)
+                if e == Some(libc::ENOTSUP)
+                    || matches!(e, Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS))
+                {
+                    self.nowait_reads.store(false, Relaxed);
+                }
+                Ok(false)
+            }
         }
-        // EAGAIN: not all cached. Other errors are reported by the normal read.
-        let e = io::Error::last_os_error().raw_os_error();
-        if matches!(e, Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)) {
-            self.nowait_reads.store(false, Relaxed);
-        }
-        Ok(false)
     }
 
     fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.meta {
             Some(m) => {
                 use std::os::unix::fs::FileExt;
-                to_off(offset.saturating_add(buf.len() as u64))?;
+                sys::to_off(offset.saturating_add(buf.len() as u64))?;
                 m.write_all_at(buf, offset)
             }
             None => self.write_at(buf, offset),
@@ -416,15 +392,11 @@ impl Storage for FileStorage {
     }
 
     fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
-        // SAFETY: plain lseek on our own descriptor.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), to_off(offset)?, libc::SEEK_DATA) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
+        match sys::seek(self.file.as_raw_fd(), offset, sys::Seek::Data) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
             // File systems without SEEK_DATA: assume data everywhere.
-            _ => Ok(Some(offset)),
+            Err(_) => Ok(Some(offset)),
         }
     }
 
@@ -445,14 +417,11 @@ impl Storage for FileStorage {
         // Reserved (unwritten) blocks make later O_DIRECT writes there overwrites, which ext4
         // and XFS run under a shared inode lock, in parallel; writes into a hole hold the lock
         // exclusively until the device completes them. Where fallocate fails (no support, no
-        // room for the whole stretch), a sparse extension does.
-        // SAFETY: plain syscall on our own descriptor; the range is checked to fit off_t.
-        let r =
-            unsafe { libc::fallocate(self.file.as_raw_fd(), 0, to_off(cur)?, to_off(len - cur)?) };
-        if r == 0 {
-            return Ok(());
+        // room for the whole stretch, no such call on the system), a sparse extension does.
+        match sys::reserve(self.file.as_raw_fd(), cur, len - cur) {
+            Ok(()) => Ok(()),
+            Err(_) => self.file.set_len(len),
         }
-        self.file.set_len(len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

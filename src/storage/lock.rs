@@ -69,6 +69,15 @@
 //! conflict between two `open()`s even inside one process, and live until the
 //! description's last descriptor is closed.
 //!
+//! # Other systems
+//!
+//! Where OFD locks are missing (FreeBSD; macOS has them only as private API),
+//! the same bytes are locked with process-associated `F_SETLK` / `F_GETLK`
+//! locks, as QEMU does there. They keep other processes out, with two caveats:
+//! two opens of one image inside one process do not see each other, and closing
+//! *any* descriptor of the image file in the process (another `open` of it, a
+//! second image handle) silently drops every lock the process holds on it.
+//!
 //! # Lifetime
 //!
 //! [`ImageLock`] keeps a duplicate descriptor of the locked file (same open
@@ -429,9 +438,9 @@ fn annotate(e: io::Error, byte: u64, what: &str) -> io::Error {
     )
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
 mod ofd {
-    //! Thin wrappers around `fcntl(F_OFD_SETLK / F_OFD_GETLK)` on one byte.
+    //! Thin wrappers around `fcntl(F_OFD_SETLK / F_OFD_GETLK)` on one byte, or, where open
+    //! file description locks are missing, `F_SETLK / F_GETLK` (as QEMU's `file-posix` does).
 
     use std::fs::File;
     use std::io;
@@ -442,17 +451,47 @@ mod ofd {
         Read,
         Unlock,
         /// Exclusive lock; only used by tests to play "another tool".
-        #[cfg(test)]
+        #[cfg(all(test, any(target_os = "linux", target_os = "android")))]
         Write,
     }
 
-    fn flock_for(byte: u64, l_type: libc::c_int) -> io::Result<libc::flock> {
+    /// The `fcntl` commands that set and test a lock.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Cmds {
+        set: libc::c_int,
+        get: libc::c_int,
+    }
+
+    /// Process-associated record locks: they conflict with OFD locks (so QEMU sees them on
+    /// Linux too), but never with the same process's own locks, and closing *any* descriptor
+    /// of the file in the process drops them all.
+    #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
+    pub(super) const PROCESS: Cmds = Cmds {
+        set: libc::F_SETLK,
+        get: libc::F_GETLK,
+    };
+
+    /// The commands used: OFD locks on Linux (Linux >= 3.15), [`PROCESS`] elsewhere. (macOS
+    /// defines F_OFD_* only as private API, and FreeBSD not at all.)
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    const PLATFORM: Cmds = Cmds {
+        set: libc::F_OFD_SETLK,
+        get: libc::F_OFD_GETLK,
+    };
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    const PLATFORM: Cmds = PROCESS;
+
+    /// (`l_type` is a `c_short` as in `struct flock`: the F_*LCK constants are `c_int` on
+    /// Linux and `c_short` on the BSDs.)
+    fn flock_for(byte: u64, l_type: libc::c_short) -> io::Result<libc::flock> {
         // SAFETY: `libc::flock` is a plain C struct of integers (plus padding
         // on some architectures); the all-zero bit pattern is a valid value,
         // and OFD locks require `l_pid` to be 0.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = l_type as libc::c_short;
+        fl.l_type = l_type;
         fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // The lock bytes are below 300: a 32-bit off_t (i686 glibc) holds them, and glibc
+        // passes them to the kernel's 64-bit F_OFD_* commands itself.
         fl.l_start = libc::off_t::try_from(byte)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "lock offset too large"))?;
         fl.l_len = 1;
@@ -463,7 +502,7 @@ mod ofd {
         loop {
             // SAFETY: `file` owns an open descriptor for the whole call, `fl`
             // is a valid, exclusively borrowed `struct flock`, and
-            // F_OFD_SETLK / F_OFD_GETLK take exactly a `struct flock *`.
+            // F_(OFD_)SETLK / F_(OFD_)GETLK take exactly a `struct flock *`.
             let ret = unsafe { libc::fcntl(file.as_raw_fd(), cmd, fl as *mut libc::flock) };
             if ret != -1 {
                 return Ok(());
@@ -477,56 +516,31 @@ mod ofd {
 
     /// Set (shared) or remove our lock on `byte`, without waiting.
     pub(super) fn set(file: &File, byte: u64, ty: LockType) -> io::Result<()> {
+        set_with(PLATFORM, file, byte, ty)
+    }
+
+    pub(super) fn set_with(cmds: Cmds, file: &File, byte: u64, ty: LockType) -> io::Result<()> {
         let l_type = match ty {
-            LockType::Read => libc::F_RDLCK,
-            LockType::Unlock => libc::F_UNLCK,
-            #[cfg(test)]
-            LockType::Write => libc::F_WRLCK,
+            LockType::Read => libc::F_RDLCK as libc::c_short,
+            LockType::Unlock => libc::F_UNLCK as libc::c_short,
+            #[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+            LockType::Write => libc::F_WRLCK as libc::c_short,
         };
         let mut fl = flock_for(byte, l_type)?;
-        fcntl_lock(file, libc::F_OFD_SETLK, &mut fl)
+        fcntl_lock(file, cmds.set, &mut fl)
     }
 
-    /// Whether another open file description holds any lock on `byte`
-    /// (tested as QEMU does, by asking whether an exclusive lock could be
-    /// taken; our own description's locks never count).
+    /// Whether another open file description (another process, with [`PROCESS`] locks) holds
+    /// any lock on `byte` (tested as QEMU does, by asking whether an exclusive lock could be
+    /// taken; our own locks never count).
     pub(super) fn is_locked_by_other(file: &File, byte: u64) -> io::Result<bool> {
-        let mut fl = flock_for(byte, libc::F_WRLCK)?;
-        fcntl_lock(file, libc::F_OFD_GETLK, &mut fl)?;
+        is_locked_by_other_with(PLATFORM, file, byte)
+    }
+
+    pub(super) fn is_locked_by_other_with(cmds: Cmds, file: &File, byte: u64) -> io::Result<bool> {
+        let mut fl = flock_for(byte, libc::F_WRLCK as libc::c_short)?;
+        fcntl_lock(file, cmds.get, &mut fl)?;
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-mod ofd {
-    //! Open file description locks are Linux-only; QEMU-compatible locking
-    //! is unsupported elsewhere.
-
-    use std::fs::File;
-    use std::io;
-
-    #[derive(Debug, Clone, Copy)]
-    pub(super) enum LockType {
-        Read,
-        Unlock,
-    }
-
-    fn unsupported() -> io::Error {
-        io::Error::new(
-            io::ErrorKind::Unsupported,
-            "QEMU-compatible image locking needs Linux open file description locks",
-        )
-    }
-
-    pub(super) fn set(_file: &File, _byte: u64, ty: LockType) -> io::Result<()> {
-        match ty {
-            LockType::Read => Err(unsupported()),
-            LockType::Unlock => Ok(()),
-        }
-    }
-
-    pub(super) fn is_locked_by_other(_file: &File, _byte: u64) -> io::Result<bool> {
-        Err(unsupported())
     }
 }
 
@@ -738,5 +752,22 @@ mod tests {
         );
         ofd::set(&a, 101, ofd::LockType::Unlock).unwrap();
         let _lb = lock_image(&b, LockMode::ReadWrite).unwrap();
+    }
+
+    /// The F_SETLK fallback (FreeBSD, macOS) and QEMU's OFD locks see each other, here on
+    /// Linux where both exist: an image in use by both kinds of opener is never missed.
+    #[test]
+    fn process_lock_fallback_and_ofd_locks_conflict() {
+        let t = TempFile::new();
+        let (a, b) = (t.open(), t.open());
+        ofd::set_with(ofd::PROCESS, &a, 101, ofd::LockType::Read).unwrap();
+        assert!(ofd::is_locked_by_other(&b, 101).unwrap());
+        assert!(!ofd::is_locked_by_other(&b, 102).unwrap());
+        ofd::set(&b, 201, ofd::LockType::Read).unwrap();
+        assert!(ofd::is_locked_by_other_with(ofd::PROCESS, &a, 201).unwrap());
+        // Process locks never conflict with the process's own process locks.
+        assert!(!ofd::is_locked_by_other_with(ofd::PROCESS, &b, 101).unwrap());
+        ofd::set_with(ofd::PROCESS, &a, 101, ofd::LockType::Unlock).unwrap();
+        assert!(!ofd::is_locked_by_other(&b, 101).unwrap());
     }
 }

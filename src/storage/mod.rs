@@ -15,6 +15,7 @@ pub mod fault;
 pub mod file;
 pub mod lock;
 pub mod mem;
+pub mod sys;
 
 pub use fault::{Fault, FaultCalls, FaultMode, FaultStorage};
 pub use file::FileStorage;

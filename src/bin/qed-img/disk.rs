@@ -5,6 +5,7 @@
 
 use crate::common::{format_of, io_msg, path_combine, CliError, CliResult, Context, Fmt};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
+use qed::storage::sys;
 use qed::{Backing, ExtentKind, FileStorage, Image, OpenOptions, Storage};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -401,50 +402,34 @@ impl Disk {
 /// file-posix's block status: data or hole at `offset` (via SEEK_DATA / SEEK_HOLE), and how far
 /// it reaches (at most `bytes`).
 fn seek_status(fd: i32, offset: u64, bytes: u64, file_len: u64) -> std::io::Result<(bool, u64)> {
-    // SAFETY: lseek on a descriptor we own has no memory effects.
-    let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            // A trailing hole.
-            Some(libc::ENXIO) => Ok((false, bytes)),
-            // No information: everything is data.
-            _ => Ok((true, bytes)),
-        };
-    }
-    let data = data as u64;
+    let data = match sys::seek(fd, offset, sys::Seek::Data) {
+        Ok(d) => d,
+        // A trailing hole.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((false, bytes)),
+        // No information: everything is data.
+        Err(_) => return Ok((true, bytes)),
+    };
     if data > offset {
         return Ok((false, (data - offset).min(bytes)));
     }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-    if hole < 0 {
+    let Ok(hole) = sys::seek(fd, offset, sys::Seek::Hole) else {
         return Ok((true, bytes));
-    }
-    if hole as u64 >= file_len {
+    };
+    if hole >= file_len {
         // Data up to the end of the file covers the partial sector at its end too.
         return Ok((true, bytes));
     }
-    Ok((true, (hole as u64 - offset).min(bytes)))
+    Ok((true, (hole - offset).min(bytes)))
 }
 
 /// Zeroes a range of a raw file: punch a hole (keeping the size), or write zeros if the file
 /// system cannot.
 fn punch_or_write_zeroes(storage: &FileStorage, offset: u64, len: u64) -> Result<(), String> {
-    let fd = storage.file().as_raw_fd();
-    // SAFETY: fallocate on our own descriptor has no memory effects.
-    let r = unsafe {
-        libc::fallocate(
-            fd,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
+    if sys::punch_hole(storage.file().as_raw_fd(), offset, len).is_ok() {
         return Ok(());
     }
-    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    // (u64 first: `len as usize` would wrap on 32-bit hosts, to an empty buffer at 4 GiB.)
+    let zeros = vec![0u8; (1u64 << 20).min(len) as usize];
     let mut pos = offset;
     let end = offset + len;
     while pos < end {
