@@ -582,3 +582,103 @@ fn a_flush_waits_for_entries_other_writes_already_used() {
         "a write acknowledged before a completed flush was lost"
     );
 }
+
+/// Storage that runs a hook (once, when armed) at the next flush, before flushing.
+struct HookFlush {
+    inner: Arc<MemStorage>,
+    hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Storage for HookFlush {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Found by reading the write-back: it snapshots the staged pieces of table, then flushes the
+/// data before writing them. The snapshot held only the bytes, so in between a piece was
+/// unpinned: under cache pressure it could be evicted and reloaded from the disk without its
+/// new entries, and a read then returned the backing file's bytes for a completed write (and
+/// a write could allocate the cluster again). Pieces stay pinned until they are written.
+#[test]
+fn pieces_being_written_back_stay_in_the_cache() {
+    const TABLES: u64 = 128; // each a single piece mapping 2 MiB; the smallest cache holds 64
+    let span = 512 * CS;
+    let disk = Arc::new(MemStorage::new());
+    Image::create_on(
+        &*disk,
+        &CreateOptions {
+            size: TABLES * span,
+            cluster_size: CS as u32,
+            table_size: 1,
+            backing_file: Some("base".into()),
+            backing_format: Some(BackingFormat::Raw),
+        },
+    )
+    .unwrap();
+    let base = Arc::new(MemStorage::new());
+    base.set_len(TABLES * span).unwrap();
+    let hooked = Arc::new(HookFlush {
+        inner: disk.clone(),
+        hook: Default::default(),
+    });
+    let opts = OpenOptions {
+        l2_cache_bytes: 0,
+        writeback_delay: None,
+        ..rw(Some(base))
+    };
+    let img = Arc::new(Image::open_storage(hooked.clone(), &opts).unwrap());
+    for t in 0..TABLES {
+        img.write_at(t * span, &[1u8; 512]).unwrap();
+    }
+    img.flush().unwrap();
+    // Staged in table 0's piece, which the write-back snapshots and then flushes data for.
+    img.write_at(CS, &[0x77u8; 512]).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (weak, seen) = (Arc::downgrade(&img), seen.clone());
+        *hooked.hook.lock().unwrap() = Some(Box::new(move || {
+            let img = weak.upgrade().unwrap();
+            // Every other table: enough misses to evict anything unpinned.
+            for t in 1..TABLES {
+                read(&img, t * span, 1);
+            }
+            *seen.lock().unwrap() = read(&img, CS, 512);
+        }));
+    }
+    img.flush().unwrap();
+    assert!(
+        hooked.hook.lock().unwrap().is_none(),
+        "the hook did not run"
+    );
+    let during = seen.lock().unwrap().clone();
+    assert!(
+        during == vec![0x77u8; 512],
+        "a completed write read back as {:#x} (the backing file) during the write-back",
+        during.first().copied().unwrap_or(0)
+    );
+    assert!(read(&img, CS, 512) == vec![0x77u8; 512]);
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    let ro = OpenOptions {
+        no_backing: true,
+        ..OpenOptions::read_only()
+    };
+    let again = Image::open_storage(disk, &ro).unwrap();
+    assert!(read(&again, CS, 512) == vec![0x77u8; 512]);
+}

@@ -153,11 +153,13 @@ impl WriteBack {
     pub(super) fn writeback(&self) -> Result<()> {
         let _one = lock(&self.one);
         self.check()?;
-        let snapshot: Vec<(ChunkKey, Vec<u8>)> = {
+        // Each piece stays pinned (its `Arc` held) until it is written: an unpinned piece could
+        // be evicted meanwhile and reloaded from the disk without its new entries.
+        let snapshot: Vec<(ChunkKey, Arc<Chunk>, Vec<u8>)> = {
             let _s = wlock(&self.staging);
             let list = std::mem::take(&mut *lock(&self.list));
             list.into_iter()
-                .filter_map(|(k, c)| c.take_dirty().map(|bytes| (k, bytes)))
+                .filter_map(|(k, c)| c.take_dirty().map(|bytes| (k, c, bytes)))
                 .collect()
         };
         if !snapshot.is_empty() {
@@ -168,7 +170,7 @@ impl WriteBack {
                 snapshot.len()
             );
             self.sync()?;
-            for ((table, ci), bytes) in &snapshot {
+            for ((table, ci), _pinned, bytes) in &snapshot {
                 self.write_piece(*table, *ci, bytes)?;
             }
         }
