@@ -424,8 +424,9 @@ pub unsafe extern "C" fn qed_aio_drain(img: *mut qed_image) -> c_int {
     })
 }
 
-/// With `QED_AIO_EVENT_LOOP`: the eventfd that becomes readable while completions are pending.
-/// Add it to your poll set and call `qed_aio_poll` when it is readable.
+/// With `QED_AIO_EVENT_LOOP`: a descriptor that becomes readable while completions are pending
+/// (an eventfd on Linux, the read end of a pipe elsewhere). Add it to your poll set and call
+/// `qed_aio_poll` when it is readable; do not read from it yourself.
 ///
 /// **Returns:** the file descriptor (owned by the library: do not close it; valid until
 /// `qed_close`), or `-EINVAL` when the queue does not use `QED_AIO_EVENT_LOOP`.
