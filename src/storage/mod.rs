@@ -15,6 +15,8 @@ pub mod fault;
 pub mod file;
 pub mod lock;
 pub mod mem;
+// Public only for qed-img's raw-file paths; not part of the API (hidden from the docs).
+#[doc(hidden)]
 pub mod sys;
 
 pub use fault::{Fault, FaultCalls, FaultMode, FaultStorage};
