@@ -166,14 +166,9 @@ static void open_options(void)
     char mid[4096], top[4096];
     snprintf(mid, sizeof mid, "%s", test_path("mid.qed"));
     snprintf(top, sizeof top, "%s", test_path("top.qed"));
-    qed_create_options co = QED_INIT(qed_create_options);
-    co.size = 1 << 20;
-    CHECK_RET(qed_create(base, &co), 0);
-    co.backing_file = "base.qed";
-    co.backing_format = "qed";
-    CHECK_RET(qed_create(mid, &co), 0);
-    co.backing_file = "mid.qed";
-    CHECK_RET(qed_create(top, &co), 0);
+    test_create_qed(base, 1 << 20, NULL);
+    test_create_qed(mid, 1 << 20, "base.qed");
+    test_create_qed(top, 1 << 20, "mid.qed");
     qed_image *img = NULL;
     char buf[512];
     memset(buf, 0xb1, sizeof buf);

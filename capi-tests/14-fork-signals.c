@@ -89,12 +89,8 @@ int main(int argc, char **argv)
     const char *base = test_path("base.qed");
     char top[4096];
     snprintf(top, sizeof top, "%s", test_path("top.qed"));
-    qed_create_options co = QED_INIT(qed_create_options);
-    co.size = 1 << 24;
-    CHECK_RET(qed_create(base, &co), 0);
-    co.backing_file = "base.qed";
-    co.backing_format = "qed";
-    CHECK_RET(qed_create(top, &co), 0);
+    test_create_qed(base, 1 << 24, NULL);
+    test_create_qed(top, 1 << 24, "base.qed");
 
     /* Everything that opens descriptors: image, backing file, locks, the event-loop fd,
      * O_DIRECT's second descriptor, workers and the write-back timer. */

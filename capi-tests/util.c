@@ -118,6 +118,15 @@ uint8_t *test_read_file(const char *path, size_t *len)
     return buf;
 }
 
+void test_create_qed(const char *path, uint64_t size, const char *backing)
+{
+    qed_create_options o = QED_INIT(qed_create_options);
+    o.size = size;
+    o.backing_file = backing;
+    o.backing_format = backing != NULL ? "qed" : NULL;
+    CHECK_RET(qed_create(path, &o), 0);
+}
+
 void test_write_file(const char *path, const void *buf, size_t len)
 {
     FILE *f = fopen(path, "wb");

@@ -100,5 +100,8 @@ int test_all(const uint8_t *buf, size_t len, uint8_t v);
 /* Whether the test runs under valgrind (QED_TEST_VALGRIND, set by the valgrind test setup, or
  * valgrind's own client request), so that it can do less work there, never skip. */
 int test_under_valgrind(void);
+/* Creates a QED image of `size` bytes at `path` with the default geometry, over the QED image
+ * `backing` (a name relative to path's folder), or over nothing when it is NULL. */
+void test_create_qed(const char *path, uint64_t size, const char *backing);
 
 #endif

@@ -343,7 +343,7 @@ typedef void (*qed_log_fn)(void *opaque, int level, const char *msg);
 
 /**
  * Counters of what an image handle did since it was opened (filled by `qed_get_stats`).
- * Set `struct_size` to `sizeof(struct qed_stats)` first (see the size-prefix rule at the top).
+ * Set `struct_size` to `sizeof(struct qed_stats)` first (see "Structs that grow" at the top).
  * Each counter is read on its own, so a snapshot taken under load may mix moments.
  */
 typedef struct qed_stats {
@@ -861,8 +861,8 @@ int qed_set_log_callback(int level, qed_log_fn cb, void *opaque);
  * the first `stats->struct_size` bytes it knows; a caller built against a newer header sees
  * the fields this library lacks untouched.
  *
- * **Returns:** 0; `-EINVAL` for NULL arguments or a `struct_size` smaller than release 0.1's
- * `struct qed_stats`. `*stats` is written only on success.
+ * **Returns:** 0; `-EINVAL` for NULL arguments or a `struct_size` no release had (see
+ * "Structs that grow" at the top). `*stats` is written only on success.
  *
  * **Thread-safety:** may be called concurrently with any request on the same image, from
  * any thread.

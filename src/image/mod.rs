@@ -336,7 +336,7 @@ impl Image {
         let img = match &r {
             Ok(img) => img,
             Err(e) => {
-                let label = path.map_or_else(|| "<storage>".into(), Path::to_string_lossy);
+                let label = stats::label_of(path);
                 match e {
                     Error::InvalidHeader { .. } | Error::Unsupported { .. } => {
                         qed_log!(Warn, "{label}: open refused: {e}")
@@ -393,7 +393,7 @@ impl Image {
         chain: &[PathBuf],
         lock: Option<ImageLock>,
     ) -> Result<Image> {
-        let label = path.map_or_else(|| "<storage>".into(), Path::to_string_lossy);
+        let label = stats::label_of(path);
         let counters = Arc::new(stats::Counters::default());
         let file_len = storage.len().ctx(|| "reading image length".into())?;
         let mut first = [0u8; HEADER_LEN];

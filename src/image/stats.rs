@@ -6,6 +6,8 @@
 use super::Image;
 use crate::error::{Error, Result};
 use crate::log::qed_log;
+use std::borrow::Cow;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of an image's counters ([`Image::stats`]). Each is counted since the open; the
@@ -166,11 +168,13 @@ impl Image {
         r
     }
 
-    /// The image's name for reports: its path, or `<storage>` when opened on caller storage.
-    pub(super) fn label(&self) -> std::borrow::Cow<'_, str> {
-        match &self.path {
-            Some(p) => p.to_string_lossy(),
-            None => "<storage>".into(),
-        }
+    /// The image's name for reports (see [`label_of`]).
+    pub(super) fn label(&self) -> Cow<'_, str> {
+        label_of(self.path.as_deref())
     }
+}
+
+/// An image's name for reports: its path, or `<storage>` when opened on caller storage.
+pub(super) fn label_of(path: Option<&Path>) -> Cow<'_, str> {
+    path.map_or_else(|| "<storage>".into(), Path::to_string_lossy)
 }
