@@ -389,7 +389,7 @@ impl AioQueue {
             });
         }
         let notifier = if opts.delivery == Delivery::EventLoop {
-            Some(Notifier::new().map_err(|e| Error::io("creating eventfd", e))?)
+            Some(Notifier::new().map_err(|e| Error::io("creating the event-loop descriptor", e))?)
         } else {
             None
         };

@@ -195,10 +195,7 @@ pub(crate) fn open_by_path(
                 storage.file(),
                 crate::storage::lock::LockMode::ReadOnly,
             )
-            .map_err(|e| Error::Locked {
-                path: canon.display().to_string(),
-                detail: e.to_string(),
-            })?,
+            .map_err(|e| super::lock_error(&canon, e))?,
         )
     } else {
         None

@@ -258,10 +258,8 @@ impl Image {
         }
         check_create_options(&opts)?;
         let storage = FileStorage::create(path).ctx(|| format!("creating {}", path.display()))?;
-        let _lock = lock_image(storage.file(), LockMode::ReadWrite).map_err(|e| Error::Locked {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let _lock =
+            lock_image(storage.file(), LockMode::ReadWrite).map_err(|e| lock_error(path, e))?;
         Self::create_on(&storage, &opts)
     }
 
@@ -307,10 +305,7 @@ impl Image {
                 (false, false) => LockMode::ReadOnly,
                 (false, true) => LockMode::ForceShare,
             };
-            Some(lock_image(storage.file(), mode).map_err(|e| Error::Locked {
-                path: path.display().to_string(),
-                detail: e.to_string(),
-            })?)
+            Some(lock_image(storage.file(), mode).map_err(|e| lock_error(path, e))?)
         } else {
             None
         };
@@ -1063,6 +1058,20 @@ impl Image {
             self.dirty.store(false, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+/// A failed `lock_image`: a conflict with another holder is [`Error::Locked`] (EAGAIN, "is
+/// another process using the image?"); anything else (no descriptor left, a file system without
+/// locks) is the I/O error it is.
+pub(crate) fn lock_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Error::Locked {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        }
+    } else {
+        Error::io(format!("locking {}", path.display()), e)
     }
 }
 
