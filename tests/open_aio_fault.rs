@@ -27,9 +27,9 @@ fn set_nofile(r: &libc::rlimit) {
 }
 
 /// The lowest descriptor number free now.
-fn lowest_free_fd() -> u64 {
+fn lowest_free_fd() -> libc::rlim_t {
     let f = std::fs::File::open("/dev/null").unwrap();
-    std::os::fd::AsRawFd::as_raw_fd(&f) as u64
+    std::os::fd::AsRawFd::as_raw_fd(&f) as libc::rlim_t
 }
 
 #[test]
