@@ -202,6 +202,13 @@
 #define QED_BLOCK_ZERO 2
 
 /**
+ * Request flag of `qed_write_flags`, `qed_writev_flags` and their `qed_aio_` forms: force unit
+ * access. The write completes only once it is durable, with the table entries that lead to
+ * it, as if a `qed_flush` followed it (NBD's FUA flag, QEMU's `BDRV_REQ_FUA`).
+ */
+#define QED_REQ_FUA 1
+
+/**
  * `qed_open_options.writeback_delay_ms`: write staged table entries back only at flush and
  * close, never by timer.
  */
@@ -215,12 +222,17 @@
 /**
  * Minor version of this library.
  */
-#define QED_VERSION_MINOR 1
+#define QED_VERSION_MINOR 2
 
 /**
  * Patch version of this library.
  */
 #define QED_VERSION_PATCH 0
+
+/**
+ * Per-request flags of a write (the block layer's request flags).
+ */
+typedef struct WriteFlags WriteFlags;
 
 /**
  * An open image. Opaque to C.
@@ -621,6 +633,12 @@ typedef struct qed_io_ops {
 
 
 
+
+
+
+
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -706,6 +724,37 @@ int qed_aio_readv(struct qed_image *img, uint64_t offset, const struct iovec *io
  * Pointers must be valid as described; `img` a live handle.
  */
 int qed_aio_writev(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt, qed_completion_fn cb, void *opaque);
+
+/**
+ * Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`);
+ * `cb(opaque, ret)` runs once when done. With `QED_REQ_FUA`, `cb` runs once the write is
+ * durable.
+ *
+ * **Returns:** as `qed_aio_write`; `-ENOTSUP` (and no callback) for a flag this version does
+ * not know.
+ *
+ * **Ownership:** `buf` must stay valid and unchanged until `cb` starts.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_write_flags(struct qed_image *img, uint64_t offset, const void *buf, size_t len, unsigned int flags, qed_completion_fn cb, void *opaque);
+
+/**
+ * Writes the buffers of `iov` to consecutive guest bytes at `offset` with request `flags`.
+ *
+ * **Returns:** as `qed_aio_write_flags`.
+ *
+ * **Ownership:** as `qed_aio_readv`.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * Pointers must be valid as described; `img` a live handle.
+ */
+int qed_aio_writev_flags(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt, unsigned int flags, qed_completion_fn cb, void *opaque);
 
 /**
  * Makes `len` guest bytes at `offset` read as zeros, asynchronously.
@@ -1009,6 +1058,44 @@ int qed_readv(struct qed_image *img, uint64_t offset, const struct iovec *iov, i
  * must come from `qed_open*` and not have been closed.
  */
 int qed_writev(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt);
+
+/**
+ * Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`, or 0 for
+ * a plain `qed_write`).
+ *
+ * **Returns:** as `qed_write`; `-ENOTSUP` for a flag this version does not know. With
+ * `QED_REQ_FUA`, a failure to make the write durable fails the handle as a failed `qed_flush`
+ * does.
+ *
+ * **Ownership:** `buf` is borrowed for the call.
+ *
+ * **Thread-safety:** may be called concurrently on the same image from any thread.
+ *
+ * **NULL:** `buf` may be NULL only when `len` is 0.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_write_flags(struct qed_image *img, uint64_t offset, const void *buf, size_t len, unsigned int flags);
+
+/**
+ * Writes the `iovcnt` buffers of `iov` to consecutive guest bytes at `offset` with request
+ * `flags`.
+ *
+ * **Returns:** as `qed_write_flags`; `-EINVAL` also for a negative `iovcnt`.
+ *
+ * **Ownership:** `iov` and its buffers are borrowed for the call.
+ *
+ * **Thread-safety:** may be called concurrently on the same image from any thread.
+ *
+ * **NULL:** `iov` may be NULL only when `iovcnt` is 0.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_writev_flags(struct qed_image *img, uint64_t offset, const struct iovec *iov, int iovcnt, unsigned int flags);
 
 /**
  * Makes every write completed before this call durable.

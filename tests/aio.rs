@@ -3,7 +3,7 @@
 
 use qed::aio::{AioOptions, AioQueue, Delivery, Op, RawBuf};
 use qed::storage::{MemOp, MemStorage};
-use qed::{CreateOptions, Image, OpenOptions};
+use qed::{CreateOptions, Image, OpenOptions, WriteFlags};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -51,6 +51,7 @@ fn flush_completes_after_every_earlier_write_and_is_durable() {
                 Op::Write {
                     offset: i as u64 * 65536,
                     bufs: buf(b),
+                    flags: WriteFlags::NONE,
                 },
                 0,
                 Box::new(move |r| {
@@ -130,6 +131,7 @@ fn every_request_completes_exactly_once_and_none_after_drain() {
                     Op::Write {
                         offset: (i as u64 * 7919) % (15 << 20),
                         bufs: buf(b),
+                        flags: WriteFlags::NONE,
                     }
                 };
                 // SAFETY: `bufs` outlives the drain below.
@@ -221,6 +223,7 @@ fn cancel_removes_queued_requests_with_ecanceled() {
             Op::Write {
                 offset: 0,
                 bufs: buf(&mut big),
+                flags: WriteFlags::NONE,
             },
             1,
             Box::new(move |r| {
@@ -281,6 +284,7 @@ fn chain_step(c: Arc<Chain>, i: usize) {
             Op::Write {
                 offset: i as u64 * 12288 + 100,
                 bufs,
+                flags: WriteFlags::NONE,
             },
             0,
             Box::new(move |r| {

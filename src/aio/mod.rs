@@ -15,7 +15,7 @@
 //! engine completes with `EIO`.
 
 use crate::error::{Error, Result};
-use crate::image::Image;
+use crate::image::{Image, WriteFlags};
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +54,8 @@ pub enum Op {
         offset: u64,
         /// Source segments.
         bufs: Vec<RawBuf>,
+        /// Per-request flags ([`WriteFlags::FUA`]).
+        flags: WriteFlags,
     },
     /// Write zeroes.
     WriteZeroes {
@@ -276,13 +278,17 @@ impl Shared {
                     .collect();
                 img.read_sg(*offset, &mut v)
             }
-            Op::Write { offset, bufs } => {
+            Op::Write {
+                offset,
+                bufs,
+                flags,
+            } => {
                 // SAFETY: as above; the buffers are only read.
                 let v: Vec<&[u8]> = bufs
                     .iter()
                     .map(|b| unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) })
                     .collect();
-                img.write_sg(*offset, &v)
+                img.write_sg_flags(*offset, &v, *flags)
             }
             Op::WriteZeroes { offset, len } => img.write_zeroes(*offset, *len),
             Op::Flush => img.flush(),

@@ -2,9 +2,10 @@
 //! The asynchronous entry points: `qed_aio_*`, callbacks `cb(opaque, ret)` called exactly once.
 
 use super::abi::{read_in, Extensible};
-use super::image::{buf_mut, buf_ref, image, iovecs, qed_image};
+use super::image::{buf_mut, buf_ref, image, iovecs, qed_image, write_flags};
 use super::{errno_of, qed_boundary, qed_completion_fn, CError, CResult, InFn};
 use crate::aio::{AioOptions, AioQueue, Completion, Delivery, Op, RawBuf, SubmitError};
+use crate::image::WriteFlags;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::{Arc, PoisonError};
 
@@ -266,6 +267,7 @@ pub unsafe extern "C" fn qed_aio_write(
                 ptr: b.as_ptr() as *mut u8,
                 len,
             }],
+            flags: WriteFlags::NONE,
         };
         // SAFETY: the caller keeps buf valid until cb.
         unsafe { submit(F, h, op, cb, opaque) }
@@ -346,7 +348,98 @@ pub unsafe extern "C" fn qed_aio_writev(
         let (bufs, total) = raw_bufs(v);
         h.img.check_range(offset, total).in_fn(F)?;
         // SAFETY: the caller keeps the buffers valid until cb.
-        unsafe { submit(F, h, Op::Write { offset, bufs }, cb, opaque) }
+        let op = Op::Write {
+            offset,
+            bufs,
+            flags: WriteFlags::NONE,
+        };
+        // SAFETY: the caller keeps the buffers valid until cb.
+        unsafe { submit(F, h, op, cb, opaque) }
+    })
+}
+
+/// Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`);
+/// `cb(opaque, ret)` runs once when done. With `QED_REQ_FUA`, `cb` runs once the write is
+/// durable.
+///
+/// **Returns:** as `qed_aio_write`; `-ENOTSUP` (and no callback) for a flag this version does
+/// not know.
+///
+/// **Ownership:** `buf` must stay valid and unchanged until `cb` starts.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_write_flags(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    flags: c_uint,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_write_flags";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let flags = write_flags(F, flags)?;
+        // SAFETY: buf points to len readable bytes.
+        let b = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
+        h.img.check_writable().in_fn(F)?;
+        h.img.check_range(offset, len as u64).in_fn(F)?;
+        let op = Op::Write {
+            offset,
+            bufs: vec![RawBuf {
+                ptr: b.as_ptr() as *mut u8,
+                len,
+            }],
+            flags,
+        };
+        // SAFETY: the caller keeps buf valid until cb.
+        unsafe { submit(F, h, op, cb, opaque) }
+    })
+}
+
+/// Writes the buffers of `iov` to consecutive guest bytes at `offset` with request `flags`.
+///
+/// **Returns:** as `qed_aio_write_flags`.
+///
+/// **Ownership:** as `qed_aio_readv`.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// Pointers must be valid as described; `img` a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_writev_flags(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    flags: c_uint,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_writev_flags";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        let flags = write_flags(F, flags)?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        h.img.check_writable().in_fn(F)?;
+        let (bufs, total) = raw_bufs(v);
+        h.img.check_range(offset, total).in_fn(F)?;
+        let op = Op::Write {
+            offset,
+            bufs,
+            flags,
+        };
+        // SAFETY: the caller keeps the buffers valid until cb.
+        unsafe { submit(F, h, op, cb, opaque) }
     })
 }
 

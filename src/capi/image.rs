@@ -4,7 +4,7 @@
 
 use super::abi::{read_in_opt, write_out, Extensible};
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
-use crate::image::{BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions};
+use crate::image::{BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions, WriteFlags};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
 
@@ -83,6 +83,23 @@ pub const QED_BLOCK_UNALLOCATED: c_uint = 0;
 pub const QED_BLOCK_DATA: c_uint = 1;
 /// The range is made of zero clusters: it reads as zeros whatever the backing file holds.
 pub const QED_BLOCK_ZERO: c_uint = 2;
+
+/// Request flag of `qed_write_flags`, `qed_writev_flags` and their `qed_aio_` forms: force unit
+/// access. The write completes only once it is durable, with the table entries that lead to
+/// it, as if a `qed_flush` followed it (NBD's FUA flag, QEMU's `BDRV_REQ_FUA`).
+pub const QED_REQ_FUA: c_uint = 1;
+
+/// Checks a request's flags: a bit this version does not know is refused (`-ENOTSUP`), never
+/// ignored, so a caller asking for durability never silently goes without it.
+pub(crate) fn write_flags(func: &str, flags: c_uint) -> CResult<WriteFlags> {
+    WriteFlags::from_bits(flags).ok_or_else(|| CError {
+        errno: libc::ENOTSUP,
+        msg: format!(
+            "{func}: flags {flags:#x}: unknown bits {:#x} (this version knows QED_REQ_FUA only)",
+            flags & !WriteFlags::ALL.bits()
+        ),
+    })
+}
 
 /// One extent reported by `qed_block_status`. Set `struct_size` first.
 #[repr(C)]
@@ -666,6 +683,81 @@ pub unsafe extern "C" fn qed_writev(
             bufs.push(unsafe { buf_ref(F, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
         }
         img.write_sg(offset, &bufs).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`, or 0 for
+/// a plain `qed_write`).
+///
+/// **Returns:** as `qed_write`; `-ENOTSUP` for a flag this version does not know. With
+/// `QED_REQ_FUA`, a failure to make the write durable fails the handle as a failed `qed_flush`
+/// does.
+///
+/// **Ownership:** `buf` is borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `buf` may be NULL only when `len` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_write_flags(
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    flags: c_uint,
+) -> c_int {
+    const F: &str = "qed_write_flags";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        let flags = write_flags(F, flags)?;
+        // SAFETY: buf points to len readable bytes.
+        let buf = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
+        img.write_sg_flags(offset, &[buf], flags).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Writes the `iovcnt` buffers of `iov` to consecutive guest bytes at `offset` with request
+/// `flags`.
+///
+/// **Returns:** as `qed_write_flags`; `-EINVAL` also for a negative `iovcnt`.
+///
+/// **Ownership:** `iov` and its buffers are borrowed for the call.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// **NULL:** `iov` may be NULL only when `iovcnt` is 0.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_writev_flags(
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    flags: c_uint,
+) -> c_int {
+    const F: &str = "qed_writev_flags";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        let flags = write_flags(F, flags)?;
+        // SAFETY: iov points to iovcnt elements.
+        let v = unsafe { iovecs(F, iov, iovcnt) }?;
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
+        for e in v {
+            // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
+            bufs.push(unsafe { buf_ref(F, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
+        }
+        img.write_sg_flags(offset, &bufs, flags).in_fn(F)?;
         Ok(0)
     })
 }

@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int};
 /// Major version of this library.
 pub const QED_VERSION_MAJOR: u32 = 0;
 /// Minor version of this library.
-pub const QED_VERSION_MINOR: u32 = 1;
+pub const QED_VERSION_MINOR: u32 = 2;
 /// Patch version of this library.
 pub const QED_VERSION_PATCH: u32 = 0;
 

@@ -121,6 +121,46 @@ impl<'b> SgRef<'b> {
     }
 }
 
+/// Per-request flags of a write (the block layer's request flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WriteFlags(u32);
+
+impl WriteFlags {
+    /// No flags.
+    pub const NONE: WriteFlags = WriteFlags(0);
+    /// Force unit access: the write completes only when it is durable (NBD's `NBD_CMD_FLAG_FUA`,
+    /// QEMU's `BDRV_REQ_FUA`).
+    pub const FUA: WriteFlags = WriteFlags(1);
+    /// Every flag this version knows.
+    pub const ALL: WriteFlags = WriteFlags(1);
+
+    /// The flags as bits (the values of the C API's `QED_REQ_*`).
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// The flags from bits; `None` when a bit this version does not know is set.
+    pub const fn from_bits(bits: u32) -> Option<WriteFlags> {
+        if bits & !Self::ALL.0 != 0 {
+            None
+        } else {
+            Some(WriteFlags(bits))
+        }
+    }
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: WriteFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for WriteFlags {
+    type Output = WriteFlags;
+    fn bitor(self, o: WriteFlags) -> WriteFlags {
+        WriteFlags(self.0 | o.0)
+    }
+}
+
 impl Image {
     /// Checks that `len` bytes at `offset` lie inside the virtual size (for callers that queue
     /// requests and want to refuse them up front).
@@ -241,6 +281,18 @@ impl Image {
             pos += ext.length;
         }
         Ok(true)
+    }
+
+    /// Writes `bufs` at guest `offset` with per-request `flags`. With [`WriteFlags::FUA`] the
+    /// call returns only once the written bytes, and the table entries that lead to them, are
+    /// durable (as if a flush followed, but without waiting for other requests' data where the
+    /// format allows).
+    pub fn write_sg_flags(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+        self.write_sg(offset, bufs)?;
+        if flags.contains(WriteFlags::FUA) {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.

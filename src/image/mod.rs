@@ -30,7 +30,7 @@ mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
-pub use io::{Extent, ExtentKind};
+pub use io::{Extent, ExtentKind, WriteFlags};
 pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,

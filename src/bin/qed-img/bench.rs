@@ -27,7 +27,7 @@ use crate::common::{parse_fmt, parse_size, CliError, CliResult};
 use crate::disk::{Disk, OpenMode};
 use crate::BenchArgs;
 use qed::aio::{AioOptions, AioQueue, Op, RawBuf, SubmitError};
-use qed::Image;
+use qed::{Image, WriteFlags};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -359,7 +359,11 @@ impl AioBench {
             }
             let bufs = vec![self.bufs[slot].segment()];
             let op = if p.write {
-                Op::Write { offset, bufs }
+                Op::Write {
+                    offset,
+                    bufs,
+                    flags: WriteFlags::NONE,
+                }
             } else {
                 Op::Read { offset, bufs }
             };
