@@ -5,7 +5,6 @@ use super::abi::{read_in, Extensible};
 use super::image::{buf_mut, buf_ref, image, iovecs, qed_image, write_flags};
 use super::{errno_of, qed_boundary, qed_completion_fn, CError, CResult, InFn};
 use crate::aio::{AioOptions, AioQueue, Completion, Delivery, Op, RawBuf, SubmitError};
-use crate::image::WriteFlags;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::{Arc, PoisonError};
 
@@ -255,23 +254,43 @@ pub unsafe extern "C" fn qed_aio_write(
 ) -> c_int {
     const F: &str = "qed_aio_write";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let h = unsafe { handle(F, img) }?;
-        // SAFETY: buf points to len readable bytes.
-        let b = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
-        h.img.check_writable().in_fn(F)?;
-        h.img.check_range(offset, len as u64).in_fn(F)?;
-        let op = Op::Write {
-            offset,
-            bufs: vec![RawBuf {
-                ptr: b.as_ptr() as *mut u8,
-                len,
-            }],
-            flags: WriteFlags::NONE,
-        };
-        // SAFETY: the caller keeps buf valid until cb.
-        unsafe { submit(F, h, op, cb, opaque) }
+        // SAFETY: forwarded contract.
+        unsafe { aio_write(F, img, offset, buf, len, 0, cb, opaque) }
     })
+}
+
+/// `qed_aio_write` and `qed_aio_write_flags`.
+///
+/// # Safety
+/// As `qed_aio_write_flags`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn aio_write(
+    func: &'static str,
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    flags: c_uint,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> CResult<c_int> {
+    // SAFETY: handle contract.
+    let h = unsafe { handle(func, img) }?;
+    let flags = write_flags(func, flags)?;
+    // SAFETY: buf points to len readable bytes.
+    let b = unsafe { buf_ref(func, "buf", buf.cast(), len) }?;
+    h.img.check_writable().in_fn(func)?;
+    h.img.check_range(offset, len as u64).in_fn(func)?;
+    let op = Op::Write {
+        offset,
+        bufs: vec![RawBuf {
+            ptr: b.as_ptr() as *mut u8,
+            len,
+        }],
+        flags,
+    };
+    // SAFETY: the caller keeps buf valid until cb.
+    unsafe { submit(func, h, op, cb, opaque) }
 }
 
 fn raw_bufs(v: &[libc::iovec]) -> (Vec<RawBuf>, u64) {
@@ -340,22 +359,41 @@ pub unsafe extern "C" fn qed_aio_writev(
 ) -> c_int {
     const F: &str = "qed_aio_writev";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let h = unsafe { handle(F, img) }?;
-        // SAFETY: iov points to iovcnt elements.
-        let v = unsafe { iovecs(F, iov, iovcnt) }?;
-        h.img.check_writable().in_fn(F)?;
-        let (bufs, total) = raw_bufs(v);
-        h.img.check_range(offset, total).in_fn(F)?;
-        // SAFETY: the caller keeps the buffers valid until cb.
-        let op = Op::Write {
-            offset,
-            bufs,
-            flags: WriteFlags::NONE,
-        };
-        // SAFETY: the caller keeps the buffers valid until cb.
-        unsafe { submit(F, h, op, cb, opaque) }
+        // SAFETY: forwarded contract.
+        unsafe { aio_writev(F, img, offset, iov, iovcnt, 0, cb, opaque) }
     })
+}
+
+/// `qed_aio_writev` and `qed_aio_writev_flags`.
+///
+/// # Safety
+/// As `qed_aio_writev_flags`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn aio_writev(
+    func: &'static str,
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    flags: c_uint,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> CResult<c_int> {
+    // SAFETY: handle contract.
+    let h = unsafe { handle(func, img) }?;
+    let flags = write_flags(func, flags)?;
+    // SAFETY: iov points to iovcnt elements.
+    let v = unsafe { iovecs(func, iov, iovcnt) }?;
+    h.img.check_writable().in_fn(func)?;
+    let (bufs, total) = raw_bufs(v);
+    h.img.check_range(offset, total).in_fn(func)?;
+    let op = Op::Write {
+        offset,
+        bufs,
+        flags,
+    };
+    // SAFETY: the caller keeps the buffers valid until cb.
+    unsafe { submit(func, h, op, cb, opaque) }
 }
 
 /// Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`);
@@ -383,23 +421,8 @@ pub unsafe extern "C" fn qed_aio_write_flags(
 ) -> c_int {
     const F: &str = "qed_aio_write_flags";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let h = unsafe { handle(F, img) }?;
-        let flags = write_flags(F, flags)?;
-        // SAFETY: buf points to len readable bytes.
-        let b = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
-        h.img.check_writable().in_fn(F)?;
-        h.img.check_range(offset, len as u64).in_fn(F)?;
-        let op = Op::Write {
-            offset,
-            bufs: vec![RawBuf {
-                ptr: b.as_ptr() as *mut u8,
-                len,
-            }],
-            flags,
-        };
-        // SAFETY: the caller keeps buf valid until cb.
-        unsafe { submit(F, h, op, cb, opaque) }
+        // SAFETY: forwarded contract.
+        unsafe { aio_write(F, img, offset, buf, len, flags, cb, opaque) }
     })
 }
 
@@ -425,21 +448,8 @@ pub unsafe extern "C" fn qed_aio_writev_flags(
 ) -> c_int {
     const F: &str = "qed_aio_writev_flags";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let h = unsafe { handle(F, img) }?;
-        let flags = write_flags(F, flags)?;
-        // SAFETY: iov points to iovcnt elements.
-        let v = unsafe { iovecs(F, iov, iovcnt) }?;
-        h.img.check_writable().in_fn(F)?;
-        let (bufs, total) = raw_bufs(v);
-        h.img.check_range(offset, total).in_fn(F)?;
-        let op = Op::Write {
-            offset,
-            bufs,
-            flags,
-        };
-        // SAFETY: the caller keeps the buffers valid until cb.
-        unsafe { submit(F, h, op, cb, opaque) }
+        // SAFETY: forwarded contract.
+        unsafe { aio_writev(F, img, offset, iov, iovcnt, flags, cb, opaque) }
     })
 }
 

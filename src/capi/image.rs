@@ -606,13 +606,30 @@ pub unsafe extern "C" fn qed_write(
 ) -> c_int {
     const F: &str = "qed_write";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
-        // SAFETY: buf points to len readable bytes.
-        let buf = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
-        img.write_at(offset, buf).in_fn(F)?;
-        Ok(0)
+        // SAFETY: forwarded contract.
+        unsafe { write(F, img, offset, buf, len, 0) }
     })
+}
+
+/// `qed_write` and `qed_write_flags`.
+///
+/// # Safety
+/// As `qed_write_flags`.
+unsafe fn write(
+    func: &'static str,
+    img: *mut qed_image,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    flags: c_uint,
+) -> CResult<c_int> {
+    // SAFETY: handle contract.
+    let img = unsafe { image(func, img) }?;
+    let flags = write_flags(func, flags)?;
+    // SAFETY: buf points to len readable bytes.
+    let buf = unsafe { buf_ref(func, "buf", buf.cast(), len) }?;
+    img.write_sg_flags(offset, &[buf], flags).in_fn(func)?;
+    Ok(0)
 }
 
 /// Reads consecutive guest bytes at `offset` into the `iovcnt` buffers of `iov`.
@@ -673,18 +690,35 @@ pub unsafe extern "C" fn qed_writev(
 ) -> c_int {
     const F: &str = "qed_writev";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
-        // SAFETY: iov points to iovcnt elements.
-        let v = unsafe { iovecs(F, iov, iovcnt) }?;
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
-        for e in v {
-            // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
-            bufs.push(unsafe { buf_ref(F, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
-        }
-        img.write_sg(offset, &bufs).in_fn(F)?;
-        Ok(0)
+        // SAFETY: forwarded contract.
+        unsafe { writev(F, img, offset, iov, iovcnt, 0) }
     })
+}
+
+/// `qed_writev` and `qed_writev_flags`.
+///
+/// # Safety
+/// As `qed_writev_flags`.
+unsafe fn writev(
+    func: &'static str,
+    img: *mut qed_image,
+    offset: u64,
+    iov: *const libc::iovec,
+    iovcnt: c_int,
+    flags: c_uint,
+) -> CResult<c_int> {
+    // SAFETY: handle contract.
+    let img = unsafe { image(func, img) }?;
+    let flags = write_flags(func, flags)?;
+    // SAFETY: iov points to iovcnt elements.
+    let v = unsafe { iovecs(func, iov, iovcnt) }?;
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
+    for e in v {
+        // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
+        bufs.push(unsafe { buf_ref(func, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
+    }
+    img.write_sg_flags(offset, &bufs, flags).in_fn(func)?;
+    Ok(0)
 }
 
 /// Writes `len` bytes from `buf` at guest `offset` with request `flags` (`QED_REQ_*`, or 0 for
@@ -713,13 +747,8 @@ pub unsafe extern "C" fn qed_write_flags(
 ) -> c_int {
     const F: &str = "qed_write_flags";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
-        let flags = write_flags(F, flags)?;
-        // SAFETY: buf points to len readable bytes.
-        let buf = unsafe { buf_ref(F, "buf", buf.cast(), len) }?;
-        img.write_sg_flags(offset, &[buf], flags).in_fn(F)?;
-        Ok(0)
+        // SAFETY: forwarded contract.
+        unsafe { write(F, img, offset, buf, len, flags) }
     })
 }
 
@@ -747,18 +776,8 @@ pub unsafe extern "C" fn qed_writev_flags(
 ) -> c_int {
     const F: &str = "qed_writev_flags";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
-        let flags = write_flags(F, flags)?;
-        // SAFETY: iov points to iovcnt elements.
-        let v = unsafe { iovecs(F, iov, iovcnt) }?;
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(v.len());
-        for e in v {
-            // SAFETY: each iovec names len readable bytes (checked non-NULL when len > 0).
-            bufs.push(unsafe { buf_ref(F, "iov_base", e.iov_base as *const u8, e.iov_len) }?);
-        }
-        img.write_sg_flags(offset, &bufs, flags).in_fn(F)?;
-        Ok(0)
+        // SAFETY: forwarded contract.
+        unsafe { writev(F, img, offset, iov, iovcnt, flags) }
     })
 }
 
