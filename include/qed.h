@@ -99,6 +99,16 @@
 #define QED_INIT(type) ((type){.struct_size = sizeof(type)})
 
 /**
+ * Most requests one queue may hold.
+ */
+#define MAX_QUEUE_DEPTH (1 << 20)
+
+/**
+ * Most pool threads an engine may have.
+ */
+#define MAX_THREADS 1024
+
+/**
  * `qed_aio_options.flags`: deliver completions on the caller's event loop (`qed_aio_get_fd`,
  * `qed_aio_poll`) instead of on library threads. A read of up to 256 KiB whose data is in the
  * page cache (and whose L2 entries are cached) is done during the submit, on the caller's
@@ -148,6 +158,24 @@
  * Log level: per-piece detail (L2 cache misses, table writes, file extensions).
  */
 #define QED_LOG_TRACE 5
+
+/**
+ * `qed_engine_options.backend`, `qed_engine_stats.backend`: io_uring where the kernel allows
+ * it, the thread pool otherwise (the default; the environment variable `QED_IO_ENGINE`,
+ * `threads` or `io_uring`, chooses for the process's engine).
+ */
+#define QED_IO_BACKEND_AUTO 0
+
+/**
+ * The thread pool: each request runs on a pool thread with `preadv`/`pwritev`.
+ */
+#define QED_IO_BACKEND_THREADS 1
+
+/**
+ * io_uring for reads and in-place writes (Linux); `qed_engine_new` fails with the kernel's
+ * error where io_uring is not available.
+ */
+#define QED_IO_BACKEND_IO_URING 2
 
 /**
  * Open the image read-write (the default is read-only).
@@ -235,6 +263,12 @@
 typedef struct WriteFlags WriteFlags;
 
 /**
+ * An I/O engine: a bounded pool of threads (and, with io_uring, one ring thread) that runs
+ * the asynchronous requests of every image opened with it. Opaque to C.
+ */
+typedef struct qed_engine qed_engine;
+
+/**
  * An open image. Opaque to C.
  */
 typedef struct qed_image qed_image;
@@ -249,12 +283,14 @@ typedef struct qed_aio_options {
    */
   uint32_t struct_size;
   /**
-   * Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
-   * times the CPUs, between 8 and 32, as each waits for the device).
+   * At most this many of the image's requests run on the engine's pool threads at once (0:
+   * as many as the engine has; more than the engine has is the same; more than 1024 is
+   * refused with -EINVAL). The threads belong to the engine (`qed_open_options.engine`,
+   * by default the process's), shared by every image, not to the image.
    */
   uint32_t workers;
   /**
-   * Requests queued or in flight at most (0: 1024).
+   * Requests queued or in flight at most (0: 1024; more than 1048576 is refused).
    */
   uint32_t queue_depth;
   /**
@@ -439,6 +475,55 @@ typedef struct qed_stats {
 } qed_stats;
 
 /**
+ * How to build an engine (`qed_engine_new`). Zero-initialised fields take the defaults; set
+ * `struct_size` first (see "Structs that grow" at the top).
+ */
+typedef struct qed_engine_options {
+  /**
+   * `sizeof(struct qed_engine_options)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * Pool threads at most (0: twice the CPUs plus four, at most 64; at most 1024).
+   */
+  uint32_t threads;
+  /**
+   * `QED_IO_BACKEND_*`.
+   */
+  unsigned int backend;
+} qed_engine_options;
+
+/**
+ * What an engine is and has done (`qed_engine_get_stats`). Set `struct_size` first.
+ */
+typedef struct qed_engine_stats {
+  /**
+   * `sizeof(struct qed_engine_stats)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * `QED_IO_BACKEND_THREADS` or `QED_IO_BACKEND_IO_URING`: the one in use.
+   */
+  unsigned int backend;
+  /**
+   * Pool threads at most.
+   */
+  uint32_t max_threads;
+  /**
+   * Pool threads running now.
+   */
+  uint32_t threads;
+  /**
+   * Requests the io_uring ring did itself.
+   */
+  uint64_t ring_requests;
+  /**
+   * Requests pool threads ran.
+   */
+  uint64_t pool_requests;
+} qed_engine_stats;
+
+/**
  * Approves a backing file before it is opened (`qed_open_options.backing_approve`). `path` is
  * the file's canonical path (symbolic links resolved), `name` the name the header stores,
  * `depth` 1 for the image's own backing file, 2 for that file's backing file, and so on. Return
@@ -491,6 +576,12 @@ typedef struct qed_open_options {
    * first `qed_aio_*` call starts one with the defaults). Copied during the call.
    */
   const struct qed_aio_options *aio;
+  /**
+   * The engine that runs this image's asynchronous requests (NULL: the process's engine,
+   * see `qed_engine_global`). The image keeps its own reference: the caller may free its
+   * `qed_engine` at any time.
+   */
+  const struct qed_engine *engine;
 } qed_open_options;
 
 /**
@@ -921,6 +1012,69 @@ int qed_set_log_callback(int level, qed_log_fn cb, void *opaque);
  * must come from `qed_open*` and not have been closed.
  */
 int qed_get_stats(struct qed_image *img, struct qed_stats *stats);
+
+/**
+ * Starts an engine for `qed_open_options.engine`. Its threads start as requests need them: an
+ * engine whose images are idle has none.
+ *
+ * **Returns:** 0 and `*out`; `-EINVAL` for a NULL `out`, a bad `struct_size`, more than 1024
+ * threads or an unknown backend; `-ENOSYS`, `-EPERM` or another `-errno` when
+ * `QED_IO_BACKEND_IO_URING` was asked for and the kernel refuses io_uring.
+ *
+ * **Ownership:** `opts` (may be NULL: defaults) is read during the call. `*out` belongs to the
+ * caller, who frees it with `qed_engine_free`; images opened with it hold their own
+ * reference, so it may be freed while they are open.
+ *
+ * **Thread-safety:** any thread; an engine may be used by any number of images and threads.
+ *
+ * # Safety
+ * `opts` NULL or valid per the size-prefix rule; `out` valid for writing a pointer.
+ */
+int qed_engine_new(const struct qed_engine_options *opts, struct qed_engine **out);
+
+/**
+ * A reference to the process's engine, the one images use when `qed_open_options.engine` is
+ * NULL (started now if no image has used it yet).
+ *
+ * **Returns:** 0 and `*out`; `-EINVAL` for a NULL `out` or a bad `QED_IO_ENGINE`; as
+ * `qed_engine_new` when it cannot start.
+ *
+ * **Ownership:** free `*out` with `qed_engine_free` (the engine itself stays for the
+ * process's lifetime).
+ *
+ * **Thread-safety:** any thread.
+ *
+ * # Safety
+ * `out` valid for writing a pointer.
+ */
+int qed_engine_global(struct qed_engine **out);
+
+/**
+ * Drops the caller's reference. The engine stops its threads once no reference and no image
+ * uses it; images opened with it keep working.
+ *
+ * **Ownership:** `eng` (NULL is ignored) is invalid afterwards.
+ *
+ * **Thread-safety:** any thread, but not concurrently with other calls on the same `eng`.
+ *
+ * # Safety
+ * `eng` NULL or from `qed_engine_new` / `qed_engine_global`, not freed before.
+ */
+void qed_engine_free(struct qed_engine *eng);
+
+/**
+ * Fills `out` with the engine's backend, threads and request counters.
+ *
+ * **Returns:** 0; `-EINVAL` for NULL arguments or a bad `out->struct_size`.
+ *
+ * **Ownership:** `out` is the caller's; written up to its `struct_size`.
+ *
+ * **Thread-safety:** any thread.
+ *
+ * # Safety
+ * `eng` a live engine; `out` valid per the size-prefix rule.
+ */
+int qed_engine_get_stats(const struct qed_engine *eng, struct qed_engine_stats *out);
 
 /**
  * Opens the image file at `path`.

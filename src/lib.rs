@@ -24,6 +24,7 @@ pub mod format;
 pub mod image;
 pub mod log;
 pub mod storage;
+mod sync;
 mod thread;
 
 pub mod capi;

@@ -63,6 +63,7 @@ fn a_queue_that_cannot_start_fails_the_open_and_changes_nothing() {
         backing_approve: None,
         backing_approve_opaque: std::ptr::null_mut(),
         aio: &ao,
+        engine: std::ptr::null(),
     };
     let saved = nofile();
     let first = lowest_free_fd();

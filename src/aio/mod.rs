@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! Asynchronous requests on top of the engine: a bounded queue per image, worker threads that
-//! run the engine's synchronous calls in parallel, and completion delivery either on the
-//! workers (the default) or on the caller's event loop through an eventfd (a pipe where the
-//! system has no eventfd, see [`notify`]).
+//! Asynchronous requests on top of the engine: a bounded queue per image, run by the process's
+//! I/O engine ([`Engine`]: a bounded pool of threads shared by every image, taking one request
+//! per image in turn, and on Linux an io_uring ring that issues reads and in-place writes
+//! itself), with completion delivery either on the engine's threads (the default) or on the
+//! caller's event loop through an eventfd (a pipe where the system has no eventfd, see
+//! [`notify`]).
 //!
-//! The engine does the ordering that matters for correctness (two writers never allocate one
-//! cluster; L2 updates are serialised per piece of table), so workers need no extra locking:
+//! The image does the ordering that matters for correctness (two writers never allocate one
+//! cluster; L2 updates are serialised per piece of table), so requests need no extra locking:
 //! requests on different clusters run in parallel, and reads of allocated data never wait for
 //! an unrelated allocating write. The queue adds only the flush rule: a flush completes after
 //! every write submitted before it.
@@ -16,13 +18,17 @@
 
 use crate::error::{Error, Result};
 use crate::image::{Image, WriteFlags};
+use crate::log::qed_log;
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 
+mod engine;
 mod notify;
+#[cfg(target_os = "linux")]
+mod uring;
+pub use engine::{Engine, EngineOptions, EngineStats, IoBackend, MAX_THREADS};
 use notify::Notifier;
 
 /// A raw buffer segment owned by the submitter, valid until its completion runs.
@@ -85,10 +91,11 @@ pub enum Delivery {
 /// Queue settings.
 #[derive(Clone, Copy, Debug)]
 pub struct AioOptions {
-    /// Worker threads (default: twice the CPUs, at least 2, at most 16; for an O_DIRECT image,
-    /// see [`AioOptions::for_image`]).
+    /// At most this many of the image's requests run on the engine's pool threads at once
+    /// (0, the default: as many as the engine has; more than [`engine::MAX_THREADS`] is
+    /// refused). Reads and writes the engine's io_uring ring does itself do not count.
     pub workers: usize,
-    /// Requests queued or in flight at most (default 1024).
+    /// Requests queued or in flight at most (default 1024; 1 to [`MAX_QUEUE_DEPTH`]).
     pub queue_depth: usize,
     /// Where completions run.
     pub delivery: Delivery,
@@ -96,11 +103,13 @@ pub struct AioOptions {
     pub block_when_full: bool,
 }
 
+/// Most requests one queue may hold.
+pub const MAX_QUEUE_DEPTH: usize = 1 << 20;
+
 impl Default for AioOptions {
     fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         AioOptions {
-            workers: (cpus * 2).clamp(2, 16),
+            workers: 0,
             queue_depth: 1024,
             delivery: Delivery::Workers,
             block_when_full: false,
@@ -109,17 +118,40 @@ impl Default for AioOptions {
 }
 
 impl AioOptions {
-    /// The defaults for `img`. An O_DIRECT image gets eight workers per CPU (8 to 32): each
-    /// request waits for the device in its worker, so the workers are how many requests the
-    /// device sees at once. Page-cache I/O is CPU work, and more workers than that only
-    /// contend.
+    /// The defaults for `img` (the same for every image now that the engine's threads are
+    /// shared; kept so that callers need not change).
     pub fn for_image(img: &Image) -> Self {
-        let mut o = AioOptions::default();
-        if img.is_direct() {
-            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-            o.workers = (cpus * 8).clamp(8, 32);
+        let _ = img;
+        AioOptions::default()
+    }
+
+    /// Refuses settings that cannot be applied, before anything is started.
+    fn check(&self) -> Result<()> {
+        let bad = |what, value: usize, reason: String| {
+            Err(Error::InvalidArgument {
+                what,
+                value: value as u64,
+                reason,
+            })
+        };
+        if self.workers > engine::MAX_THREADS {
+            return bad(
+                "workers",
+                self.workers,
+                format!(
+                    "at most {} (0: all the engine's threads)",
+                    engine::MAX_THREADS
+                ),
+            );
         }
-        o
+        if self.queue_depth == 0 || self.queue_depth > MAX_QUEUE_DEPTH {
+            return bad(
+                "queue_depth",
+                self.queue_depth,
+                format!("must be 1 to {MAX_QUEUE_DEPTH}"),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -132,22 +164,21 @@ pub enum SubmitError {
     Closed,
 }
 
-struct Request {
+pub(crate) struct Request {
     seq: u64,
     tag: u64,
-    op: Op,
+    pub(crate) op: Op,
     done: Option<Completion>,
 }
 
 impl Request {
-    fn complete(&mut self, r: Result<()>, shared: &Shared) {
-        if let Some(done) = self.done.take() {
-            shared.deliver(done, r);
-        }
+    fn is_write(&self) -> bool {
+        matches!(self.op, Op::Write { .. } | Op::WriteZeroes { .. })
     }
 }
 
 struct State {
+    /// Requests waiting for a pool thread.
     queue: VecDeque<Request>,
     /// Requests accepted and not yet completed (callback returned).
     outstanding: usize,
@@ -156,18 +187,21 @@ struct State {
     /// Flushes waiting for earlier writes.
     parked_flushes: Vec<Request>,
     shutdown: bool,
-    /// Workers waiting for work and submitters waiting for room: wake-ups (each a futex
-    /// syscall) are sent only when someone sleeps.
-    idle_workers: usize,
+    /// Requests running on pool threads now, and whether the image is in the engine's line.
+    running: usize,
+    scheduled: bool,
+    /// Submitters waiting for room: wake-ups (each a futex syscall) only when someone sleeps.
     waiting_submitters: usize,
 }
 
-struct Shared {
-    img: Arc<Image>,
+pub(crate) struct Shared {
+    pub(crate) img: Arc<Image>,
     opts: AioOptions,
+    /// Pool threads this image may use at once.
+    limit: usize,
+    engine: Arc<engine::Inner>,
     state: Mutex<State>,
-    /// Signals workers (work queued) and submitters (room freed).
-    work: Condvar,
+    /// Signals submitters (room freed).
     room: Condvar,
     /// Signals drain (outstanding reached zero).
     idle: Condvar,
@@ -183,8 +217,6 @@ static NEXT_QUEUE_ID: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// The queue whose completion this thread is running, to refuse re-entrant drain/poll.
     static IN_COMPLETION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// The queue this thread is a worker of (0: none).
-    static WORKER_OF: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,26 +224,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Runs or queues a completion, then accounts for it.
-    fn deliver(&self, done: Completion, r: Result<()>) {
-        match self.opts.delivery {
-            Delivery::Workers => {
-                self.run_completion(done, r);
-                self.finished_one();
-            }
-            Delivery::EventLoop => {
-                lock(&self.ready).push_back((done, r));
-                if let Some(n) = &self.notifier {
-                    n.signal();
-                }
-            }
-        }
-    }
-
     /// Event-loop mode: answers a small read on the submitting thread when the engine can do
     /// it without waiting (cached L2 pieces, data in the page cache). The completion still
     /// goes through the ready list and runs in `poll`, never inside the submit; what is saved
-    /// is the two cross-thread wake-ups of a worker round trip. Gives the op back otherwise.
+    /// is the two cross-thread wake-ups of a round trip. Gives the op back otherwise.
     ///
     /// # Safety
     /// As for [`AioQueue::submit`]: the buffers are valid, and ours, until the completion.
@@ -246,14 +262,9 @@ impl Shared {
 
     fn run_completion(&self, done: Completion, r: Result<()>) {
         let prev = IN_COMPLETION.with(|c| c.replace(self.id));
-        // A panicking callback must not take the worker (or the accounting) down with it.
+        // A panicking callback must not take the thread (or the accounting) down with it.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r)));
         IN_COMPLETION.with(|c| c.set(prev));
-    }
-
-    fn finished_one(&self) {
-        let mut st = lock(&self.state);
-        self.finished_one_locked(&mut st);
     }
 
     fn finished_one_locked(&self, st: &mut State) {
@@ -264,6 +275,70 @@ impl Shared {
         if st.waiting_submitters > 0 {
             self.room.notify_one();
         }
+    }
+
+    /// Puts the image in the engine's line if it has queued requests and room to run one.
+    fn kick_locked(self: &Arc<Self>, st: &mut State) {
+        if !st.scheduled && !st.queue.is_empty() && st.running < self.limit {
+            st.scheduled = true;
+            self.engine.schedule(self.clone());
+        }
+    }
+
+    /// Queues a request for the pool.
+    pub(crate) fn enqueue(self: &Arc<Self>, req: Request) {
+        let mut st = lock(&self.state);
+        st.queue.push_back(req);
+        self.kick_locked(&mut st);
+    }
+
+    /// A pool thread's turn on this image: runs one request. The image goes back to the end of
+    /// the line while it has more, so images take turns request by request.
+    pub(super) fn run_one(self: &Arc<Self>) {
+        let mut req = {
+            let mut st = lock(&self.state);
+            st.scheduled = false;
+            let Some(r) = st.queue.pop_front() else {
+                return;
+            };
+            st.running += 1;
+            self.kick_locked(&mut st);
+            r
+        };
+        let r = self.execute(&mut req);
+        self.engine.pool_requests.fetch_add(1, Ordering::Relaxed);
+        self.finish(req, r, true);
+    }
+
+    /// Delivers a request's result and does its accounting: wherever it ran, this is the one
+    /// place a request ends.
+    pub(crate) fn finish(self: &Arc<Self>, mut req: Request, r: Result<()>, pooled: bool) {
+        let write = req.is_write().then_some(req.seq);
+        let delivered = match (self.opts.delivery, req.done.take()) {
+            (Delivery::Workers, Some(done)) => {
+                self.run_completion(done, r);
+                true
+            }
+            (Delivery::EventLoop, Some(done)) => {
+                lock(&self.ready).push_back((done, r));
+                if let Some(n) = &self.notifier {
+                    n.signal();
+                }
+                false
+            }
+            (_, None) => false,
+        };
+        let mut st = lock(&self.state);
+        if pooled {
+            st.running -= 1;
+        }
+        if let Some(seq) = write {
+            self.write_done_locked(&mut st, seq);
+        }
+        if delivered {
+            self.finished_one_locked(&mut st);
+        }
+        self.kick_locked(&mut st);
     }
 
     fn execute(&self, req: &mut Request) -> Result<()> {
@@ -301,55 +376,7 @@ impl Shared {
         })
     }
 
-    fn worker(self: Arc<Self>) {
-        WORKER_OF.with(|w| w.set(self.id));
-        // What the previous request left to account for: its callback ran here (worker
-        // delivery) and/or it was a write. Done under the lock taken for the next request, so a
-        // request costs two lock round trips here, not four.
-        let mut finished: Option<(bool, Option<u64>)> = None;
-        loop {
-            let mut req = {
-                let mut st = lock(&self.state);
-                if let Some((delivered, write)) = finished.take() {
-                    if let Some(seq) = write {
-                        self.write_done_locked(&mut st, seq);
-                    }
-                    if delivered {
-                        self.finished_one_locked(&mut st);
-                    }
-                }
-                loop {
-                    if let Some(r) = st.queue.pop_front() {
-                        break r;
-                    }
-                    if st.shutdown {
-                        return;
-                    }
-                    st.idle_workers += 1;
-                    st = self.work.wait(st).unwrap_or_else(PoisonError::into_inner);
-                    st.idle_workers -= 1;
-                }
-            };
-            let r = self.execute(&mut req);
-            let write =
-                matches!(req.op, Op::Write { .. } | Op::WriteZeroes { .. }).then_some(req.seq);
-            let delivered = match (self.opts.delivery, req.done.take()) {
-                (Delivery::Workers, Some(done)) => {
-                    self.run_completion(done, r);
-                    true
-                }
-                // Event loop: queued for poll, which accounts for it.
-                (_, Some(done)) => {
-                    self.deliver(done, r);
-                    false
-                }
-                (_, None) => false,
-            };
-            finished = Some((delivered, write));
-        }
-    }
-
-    /// Releases flushes that were waiting only for writes up to now.
+    /// Releases flushes that were waiting only for writes up to now (the caller kicks).
     fn write_done_locked(&self, st: &mut State, seq: u64) {
         st.writes.remove(&seq);
         let oldest = st.writes.first().copied().unwrap_or(u64::MAX);
@@ -357,12 +384,7 @@ impl Shared {
             .into_iter()
             .partition(|f| f.seq < oldest);
         st.parked_flushes = parked;
-        if !ready.is_empty() {
-            st.queue.extend(ready);
-            if st.idle_workers > 0 {
-                self.work.notify_all();
-            }
-        }
+        st.queue.extend(ready);
     }
 }
 
@@ -376,24 +398,42 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// The asynchronous face of one image.
 pub struct AioQueue {
     shared: Arc<Shared>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    engine: Engine,
     closed: AtomicBool,
 }
 
 impl AioQueue {
-    /// Starts the workers for `img`.
+    /// The asynchronous queue of `img` on the process's engine ([`Engine::global`]).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for settings out of range (nothing is started); as
+    /// [`Engine::global`] when the process's engine cannot start.
     pub fn new(img: Arc<Image>, opts: AioOptions) -> Result<AioQueue> {
-        if opts.workers == 0 || opts.queue_depth == 0 {
-            return Err(Error::InvalidArgument {
-                what: if opts.workers == 0 {
-                    "workers"
-                } else {
-                    "queue_depth"
-                },
-                value: 0,
-                reason: "must be at least 1".into(),
-            });
-        }
+        opts.check()?;
+        AioQueue::with_engine(img, opts, &Engine::global()?)
+    }
+
+    /// The asynchronous queue of `img` on `engine`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for settings out of range (nothing is started); `Io` when the
+    /// event-loop descriptor cannot be created.
+    pub fn with_engine(img: Arc<Image>, opts: AioOptions, engine: &Engine) -> Result<AioQueue> {
+        opts.check()?;
+        let max = engine.max_threads();
+        let limit = if opts.workers == 0 || opts.workers > max {
+            if opts.workers > max {
+                qed_log!(
+                    Info,
+                    "{} workers asked for an image: the engine has {max} threads, all of which \
+                     it may use",
+                    opts.workers
+                );
+            }
+            max
+        } else {
+            opts.workers
+        };
         let notifier = if opts.delivery == Delivery::EventLoop {
             Some(Notifier::new().map_err(|e| Error::io("creating the event-loop descriptor", e))?)
         } else {
@@ -402,16 +442,18 @@ impl AioQueue {
         let shared = Arc::new(Shared {
             img,
             opts,
+            limit,
+            engine: engine.inner().clone(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 outstanding: 0,
                 writes: BTreeSet::new(),
                 parked_flushes: Vec::new(),
                 shutdown: false,
-                idle_workers: 0,
+                running: 0,
+                scheduled: false,
                 waiting_submitters: 0,
             }),
-            work: Condvar::new(),
             room: Condvar::new(),
             idle: Condvar::new(),
             next_seq: AtomicU64::new(1),
@@ -419,19 +461,9 @@ impl AioQueue {
             notifier,
             id: NEXT_QUEUE_ID.fetch_add(1, Ordering::Relaxed),
         });
-        let mut workers = Vec::with_capacity(opts.workers);
-        for i in 0..opts.workers {
-            let s = shared.clone();
-            let h = crate::thread::spawn(
-                std::thread::Builder::new().name(format!("qed-aio-{i}")),
-                move || s.worker(),
-            )
-            .map_err(|e| Error::io("starting worker thread", e))?;
-            workers.push(h);
-        }
         Ok(AioQueue {
             shared,
-            workers: Mutex::new(workers),
+            engine: engine.clone(),
             closed: AtomicBool::new(false),
         })
     }
@@ -446,6 +478,11 @@ impl AioQueue {
         self.shared.opts
     }
 
+    /// The engine that runs the requests.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Queues a request; `done` runs exactly once, later, never inside this call. `tag` is for
     /// [`AioQueue::cancel`].
     ///
@@ -458,7 +495,7 @@ impl AioQueue {
         tag: u64,
         done: Completion,
     ) -> std::result::Result<(), SubmitError> {
-        let sh = &*self.shared;
+        let sh = &self.shared;
         let mut st = lock(&sh.state);
         loop {
             if st.shutdown {
@@ -481,7 +518,10 @@ impl AioQueue {
             // SAFETY: forwarded from the caller: the buffers are valid and ours until `done`.
             match unsafe { sh.try_inline(op) } {
                 Ok(r) => {
-                    sh.deliver(done, r);
+                    lock(&sh.ready).push_back((done, r));
+                    if let Some(n) = &sh.notifier {
+                        n.signal();
+                    }
                     return Ok(());
                 }
                 Err(op) => {
@@ -493,36 +533,36 @@ impl AioQueue {
             op
         };
         let seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
-        let is_write = matches!(op, Op::Write { .. } | Op::WriteZeroes { .. });
-        let is_flush = matches!(op, Op::Flush);
         let req = Request {
             seq,
             tag,
             op,
             done: Some(done),
         };
-        if is_write {
+        if req.is_write() {
             st.writes.insert(seq);
         }
-        if is_flush && st.writes.first().is_some_and(|&w| w < seq) {
+        if matches!(req.op, Op::Flush) && st.writes.first().is_some_and(|&w| w < seq) {
             st.parked_flushes.push(req);
-        } else {
-            // A worker submitting from its own callback onto an empty queue takes the request
-            // itself as soon as the callback returns: waking another thread would only add a
-            // context switch (the common case of a depth-1 request loop).
-            let self_pickup = st.queue.is_empty() && WORKER_OF.with(|w| w.get()) == sh.id;
-            st.queue.push_back(req);
-            if st.idle_workers > 0 && !self_pickup {
-                sh.work.notify_one();
+            return Ok(());
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = &sh.engine.ring {
+            if uring::wants(&req.op) {
+                drop(st);
+                ring.submit(sh.clone(), req);
+                return Ok(());
             }
         }
+        st.queue.push_back(req);
+        sh.kick_locked(&mut st);
         Ok(())
     }
 
     /// Cancels queued requests with `tag` that have not started; each completes with
     /// `ECANCELED` (through the normal delivery). Returns how many were cancelled.
     pub fn cancel(&self, tag: u64) -> usize {
-        let sh = &*self.shared;
+        let sh = &self.shared;
         let mut cancelled = Vec::new();
         {
             let mut st = lock(&sh.state);
@@ -544,12 +584,8 @@ impl AioQueue {
             }
         }
         let n = cancelled.len();
-        for mut r in cancelled {
-            let is_write = matches!(r.op, Op::Write { .. } | Op::WriteZeroes { .. });
-            r.complete(Err(cancelled_error()), sh);
-            if is_write {
-                sh.write_done_locked(&mut lock(&sh.state), r.seq);
-            }
+        for r in cancelled {
+            sh.finish(r, Err(cancelled_error()), false);
         }
         n
     }
@@ -582,7 +618,7 @@ impl AioQueue {
         let n = ready.len();
         for (done, r) in ready {
             sh.run_completion(done, r);
-            sh.finished_one();
+            sh.finished_one_locked(&mut lock(&sh.state));
         }
         Ok(n)
     }
@@ -591,6 +627,17 @@ impl AioQueue {
     /// event-loop delivery it runs the completions itself.
     pub fn drain(&self) -> Result<()> {
         if self.in_own_completion() {
+            return Err(deadlock("drain"));
+        }
+        #[cfg(target_os = "linux")]
+        if self
+            .shared
+            .engine
+            .ring
+            .as_ref()
+            .is_some_and(|r| r.is_ring_thread())
+        {
+            // The ring's own thread would wait for itself.
             return Err(deadlock("drain"));
         }
         let sh = &*self.shared;
@@ -616,7 +663,7 @@ impl AioQueue {
         }
     }
 
-    /// Drains, then stops the workers. Later submits are refused.
+    /// Drains; later submits are refused. The engine's threads are shared and stay.
     pub fn shutdown(&self) -> Result<()> {
         if self.in_own_completion() {
             return Err(deadlock("shutdown"));
@@ -624,15 +671,26 @@ impl AioQueue {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.drain()?;
+        if let Err(e) = self.drain() {
+            self.closed.store(false, Ordering::Release);
+            return Err(e);
+        }
         {
             let mut st = lock(&self.shared.state);
             st.shutdown = true;
-            self.shared.work.notify_all();
             self.shared.room.notify_all();
         }
-        for h in lock(&self.workers).drain(..) {
-            let _ = h.join();
+        // An engine thread may still hold the queue (and so the image) for a moment after the
+        // last completion: wait for it, so that a caller who then drops its last reference to
+        // the image closes it here, not later on an engine thread (or never, at exit).
+        let mut spins = 0u32;
+        while Arc::strong_count(&self.shared) > 1 {
+            spins += 1;
+            if spins < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
         }
         Ok(())
     }

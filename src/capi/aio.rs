@@ -26,10 +26,12 @@ pub const QED_AIO_BLOCK_WHEN_FULL: c_uint = 2;
 pub struct qed_aio_options {
     /// `sizeof(struct qed_aio_options)`, set by the caller.
     pub struct_size: u32,
-    /// Worker threads (0: twice the CPUs, between 2 and 16; with `QED_OPEN_DIRECT`, eight
-    /// times the CPUs, between 8 and 32, as each waits for the device).
+    /// At most this many of the image's requests run on the engine's pool threads at once (0:
+    /// as many as the engine has; more than the engine has is the same; more than 1024 is
+    /// refused with -EINVAL). The threads belong to the engine (`qed_open_options.engine`,
+    /// by default the process's), shared by every image, not to the image.
     pub workers: u32,
-    /// Requests queued or in flight at most (0: 1024).
+    /// Requests queued or in flight at most (0: 1024; more than 1048576 is refused).
     pub queue_depth: u32,
     /// `QED_AIO_EVENT_LOOP`, `QED_AIO_BLOCK_WHEN_FULL`.
     pub flags: c_uint,
@@ -74,13 +76,26 @@ pub(crate) fn options(o: &qed_aio_options, img: &crate::image::Image) -> AioOpti
     }
 }
 
+/// A queue for `img` on `engine` (`None`: the process's engine).
+pub(crate) fn new_queue(
+    img: &Arc<crate::image::Image>,
+    engine: Option<&crate::aio::Engine>,
+    opts: AioOptions,
+) -> crate::Result<AioQueue> {
+    match engine {
+        Some(e) => AioQueue::with_engine(img.clone(), opts, e),
+        None => AioQueue::new(img.clone(), opts),
+    }
+}
+
 /// The queue of a handle, started with defaults on first use.
 fn queue(func: &str, h: &qed_image) -> CResult<Arc<AioQueue>> {
     let mut q = h.aio.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(q) = &*q {
         return Ok(q.clone());
     }
-    let new = Arc::new(AioQueue::new(h.img.clone(), AioOptions::for_image(&h.img)).in_fn(func)?);
+    let new =
+        Arc::new(new_queue(&h.img, h.engine.as_ref(), AioOptions::for_image(&h.img)).in_fn(func)?);
     *q = Some(new.clone());
     Ok(new)
 }
@@ -184,7 +199,7 @@ pub unsafe extern "C" fn qed_aio_setup(img: *mut qed_image, opts: *const qed_aio
             }
         }
         *slot = Some(Arc::new(
-            AioQueue::new(h.img.clone(), options(&o, &h.img)).in_fn(F)?,
+            new_queue(&h.img, h.engine.as_ref(), options(&o, &h.img)).in_fn(F)?,
         ));
         Ok(0)
     })

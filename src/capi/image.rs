@@ -35,6 +35,8 @@ const OPEN_FLAGS: c_uint = QED_OPEN_RDWR
 /// An open image. Opaque to C.
 pub struct qed_image {
     pub(crate) img: Arc<Image>,
+    /// The engine of `qed_open_options.engine` (`None`: the process's engine).
+    pub(crate) engine: Option<crate::aio::Engine>,
     /// The asynchronous queue, started on first use (see `qed_aio_setup`).
     pub(crate) aio: std::sync::Mutex<Option<Arc<crate::aio::AioQueue>>>,
 }
@@ -168,6 +170,10 @@ pub struct qed_open_options {
     /// Settings of the image's asynchronous queue, started at open when not NULL (else the
     /// first `qed_aio_*` call starts one with the defaults). Copied during the call.
     pub aio: *const super::aio::qed_aio_options,
+    /// The engine that runs this image's asynchronous requests (NULL: the process's engine,
+    /// see `qed_engine_global`). The image keeps its own reference: the caller may free its
+    /// `qed_engine` at any time.
+    pub engine: *const super::engine::qed_engine,
 }
 
 // SAFETY: repr(C), struct_size first, integers, raw pointers and an optional function pointer.
@@ -215,6 +221,7 @@ impl Approver {
 pub(crate) struct COpen {
     pub opts: OpenOptions,
     pub aio: Option<super::aio::qed_aio_options>,
+    pub engine: Option<crate::aio::Engine>,
 }
 
 /// Converts `qed_open_options` (NULL: the defaults, read-only).
@@ -227,6 +234,7 @@ pub(crate) unsafe fn c_open_options(func: &str, o: *const qed_open_options) -> C
         return Ok(COpen {
             opts: open_options(func, 0)?,
             aio: None,
+            engine: None,
         });
     };
     let mut opts = open_options(func, o.flags)?;
@@ -261,7 +269,9 @@ pub(crate) unsafe fn c_open_options(func: &str, o: *const qed_open_options) -> C
     if let Some(a) = &aio {
         super::aio::check_options(func, a)?;
     }
-    Ok(COpen { opts, aio })
+    // SAFETY: NULL or a live engine, per the contract.
+    let engine = (!o.engine.is_null()).then(|| unsafe { (*o.engine).engine.clone() });
+    Ok(COpen { opts, aio, engine })
 }
 
 pub(crate) fn open_options(func: &str, flags: c_uint) -> CResult<OpenOptions> {
@@ -308,11 +318,12 @@ pub(crate) unsafe fn give(
     out: *mut *mut qed_image,
     img: Image,
     aio: Option<super::aio::qed_aio_options>,
+    engine: Option<crate::aio::Engine>,
 ) -> CResult<c_int> {
     let img = Arc::new(img);
     let queue = match aio {
         Some(o) => {
-            let q = crate::aio::AioQueue::new(img.clone(), super::aio::options(&o, &img));
+            let q = super::aio::new_queue(&img, engine.as_ref(), super::aio::options(&o, &img));
             match q {
                 Ok(q) => Some(Arc::new(q)),
                 Err(e) => {
@@ -326,6 +337,7 @@ pub(crate) unsafe fn give(
     };
     let h = Box::into_raw(Box::new(qed_image {
         img,
+        engine,
         aio: std::sync::Mutex::new(queue),
     }));
     // SAFETY: out was checked non-NULL by the caller and points to writable memory.
@@ -457,7 +469,7 @@ pub unsafe extern "C" fn qed_open(
         let opts = open_options(F, flags)?;
         let img = Image::open(path, &opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
-        unsafe { give(F, out, img, None) }
+        unsafe { give(F, out, img, None, None) }
     })
 }
 
@@ -496,7 +508,7 @@ pub unsafe extern "C" fn qed_open_ext(
         let o = unsafe { c_open_options(F, opts) }?;
         let img = Image::open(path, &o.opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
-        unsafe { give(F, out, img, o.aio) }
+        unsafe { give(F, out, img, o.aio, o.engine) }
     })
 }
 

@@ -187,7 +187,7 @@ pub unsafe extern "C" fn qed_open_with_io(
         o.opts.lock = false;
         let img = Image::open_storage(Arc::new(st), &o.opts).in_fn(F)?;
         // SAFETY: out is non-NULL.
-        unsafe { give(F, out, img, o.aio) }
+        unsafe { give(F, out, img, o.aio, o.engine) }
     })
 }
 

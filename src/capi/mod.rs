@@ -16,6 +16,7 @@ pub mod aio;
 pub mod check;
 pub mod create;
 pub mod debug;
+pub mod engine;
 pub mod image;
 pub mod io;
 pub mod version;

@@ -161,6 +161,23 @@ impl std::ops::BitOr for WriteFlags {
     }
 }
 
+/// One piece of a request that the asynchronous engine does itself.
+pub(crate) enum DirectPiece {
+    /// Bytes of the image file.
+    Host { host_offset: u64, len: u64 },
+    /// Bytes that read as zeros (zero clusters, holes without a backing file).
+    Zero { len: u64 },
+}
+
+/// A read, or an in-place write, that the engine issues straight to the image file. Holding
+/// it keeps the image's exclusive operations (resize, repair, backing change, close) out until
+/// the I/O is done, as the gate does for a synchronous request.
+pub(crate) struct DirectPlan {
+    pub(crate) pieces: Vec<DirectPiece>,
+    pub(crate) target: crate::storage::DirectTarget,
+    _gate: crate::sync::Pin,
+}
+
 impl Image {
     /// Checks that `len` bytes at `offset` lie inside the virtual size (for callers that queue
     /// requests and want to refuse them up front).
@@ -205,7 +222,7 @@ impl Image {
         self.check_usable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
-        let _g = rlock(&self.gate);
+        let _g = self.gate.read();
         let mut cur = SgMut::new(bufs);
         let end = offset + total;
         let mut pos = offset;
@@ -247,10 +264,8 @@ impl Image {
         self.check_usable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
-        let _g = match self.gate.try_read() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        let Some(_g) = self.gate.try_read() else {
+            return Ok(false);
         };
         let mut cur = SgMut::new(bufs);
         let end = offset + total;
@@ -295,6 +310,57 @@ impl Image {
         Ok(())
     }
 
+    /// For the asynchronous engine: where the `total` bytes at `offset` live, if the engine can
+    /// read them (or, for `write`, overwrite them in place) itself without waiting: every piece
+    /// of table is cached, nothing comes from a backing file, a write allocates nothing, and the
+    /// storage hands out its descriptor. `None`: the request takes the synchronous path, which
+    /// also reports any error.
+    pub(crate) fn plan_direct(&self, offset: u64, total: u64, write: bool) -> Option<DirectPlan> {
+        if write {
+            self.check_writable().ok()?;
+        } else {
+            self.check_usable().ok()?;
+        }
+        self.check_range(offset, total).ok()?;
+        let gate = self.gate.try_pin()?;
+        let target = self.storage.direct_target(write)?;
+        let mut pieces = Vec::new();
+        let end = offset + total;
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.lookup_inner(pos, end - pos, true).ok()??;
+            pieces.push(match ext.kind {
+                ExtentKind::Data { host_offset } => DirectPiece::Host {
+                    host_offset,
+                    len: ext.length,
+                },
+                ExtentKind::Zero if !write => DirectPiece::Zero { len: ext.length },
+                ExtentKind::Unallocated if !write && rlock(&self.backing).is_none() => {
+                    DirectPiece::Zero { len: ext.length }
+                }
+                _ => return None,
+            });
+            pos += ext.length;
+        }
+        Some(DirectPlan {
+            pieces,
+            target,
+            _gate: gate,
+        })
+    }
+
+    /// Counts a request the engine did itself and names the image in its error.
+    pub(crate) fn finish_direct(
+        &self,
+        write: bool,
+        offset: u64,
+        total: u64,
+        r: Result<()>,
+    ) -> Result<()> {
+        let req = if write { Req::Write } else { Req::Read };
+        self.account(req, offset, total, self.named(r))
+    }
+
     /// Scatter-gather write: `bufs` to consecutive guest bytes at `offset`.
     pub fn write_sg(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
         let total = bufs.iter().map(|b| b.len() as u64).sum();
@@ -306,7 +372,7 @@ impl Image {
         self.check_writable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, total)?;
-        let _g = rlock(&self.gate);
+        let _g = self.gate.read();
         self.write_locked(offset, total, bufs)
     }
 
@@ -780,7 +846,7 @@ impl Image {
     fn write_zeroes_unnamed(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = rlock(&self.gate);
+        let _g = self.gate.read();
         self.zero_locked(offset, len)
     }
 
@@ -841,7 +907,7 @@ impl Image {
                 reason: "block status of an empty range".into(),
             });
         }
-        let _g = rlock(&self.gate);
+        let _g = self.gate.read();
         let end = offset + len;
         let mut ext = self.lookup(offset, len)?;
         while ext.offset + ext.length < end {

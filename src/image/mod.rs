@@ -30,6 +30,7 @@ mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
+pub(crate) use io::{DirectPiece, DirectPlan};
 pub use io::{Extent, ExtentKind, WriteFlags};
 pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
@@ -135,7 +136,7 @@ pub struct Image {
     /// need-check bit so that the next read-write open checks (and repairs) again.
     recheck: AtomicBool,
     /// Shared by I/O, exclusive for repair, resize, backing change and close.
-    gate: RwLock<()>,
+    gate: Arc<crate::sync::PinLock>,
     closed: AtomicBool,
     lock: Mutex<Option<ImageLock>>,
     /// Whether the storage grows safely under concurrent writes past its end.
@@ -500,7 +501,7 @@ impl Image {
             dirty: AtomicBool::new(false),
             dirty_lock: Mutex::new(()),
             recheck: AtomicBool::new(false),
-            gate: RwLock::new(()),
+            gate: Arc::default(),
             closed: AtomicBool::new(false),
             lock: Mutex::new(lock),
             grows_on_write,
@@ -781,7 +782,7 @@ impl Image {
 
     fn truncate_unnamed(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        let _g = wlock(&self.gate);
+        let _g = self.gate.write();
         let old = self.size();
         if new_size < old {
             return Err(Error::Unsupported {
@@ -871,7 +872,7 @@ impl Image {
         format: Option<BackingFormat>,
     ) -> Result<()> {
         self.check_writable()?;
-        let _g = wlock(&self.gate);
+        let _g = self.gate.write();
         let hs_header = lock(&self.hs).header.clone();
         if let Some(n) = name {
             let room = hs_header.header_bytes().saturating_sub(HEADER_LEN as u64);
@@ -960,7 +961,7 @@ impl Image {
         if fix.any() && !self.writable {
             return Err(Error::ReadOnly);
         }
-        let _g = wlock(&self.gate);
+        let _g = self.gate.write();
         self.named(match self.check_locked(fix) {
             // A repair stopped half way: the file may no longer match what this handle holds
             // in memory, so it may not write again (the next open repairs).
@@ -1024,7 +1025,7 @@ impl Image {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let _g = wlock(&self.gate);
+        let _g = self.gate.write();
         let r = self.named(self.close_inner());
         lock(&self.lock).take();
         match &r {

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 /// Alignment used for O_DIRECT I/O (covers 512-byte and 4 KiB logical sectors).
 const DIRECT_ALIGN: usize = 4096;
@@ -24,7 +24,7 @@ pub struct FileStorage {
     /// O_DIRECT only: aligned writes share it, a bounced read-modify-write of an unaligned
     /// write (and set_len) holds it alone, so it never writes an old copy of a block back over
     /// an aligned write that landed between its read and its write.
-    rmw: RwLock<()>,
+    rmw: std::sync::Arc<crate::sync::PinLock>,
     /// Buffered mode only: one write at a time. Linux file systems serialise buffered writes to
     /// a file on its inode lock anyway, and on few cores the waiters spin in the kernel on that
     /// lock (a third of the CPU at depth 32 on 2 cores); here they sleep instead.
@@ -59,7 +59,7 @@ impl FileStorage {
             file,
             direct,
             writable,
-            rmw: RwLock::new(()),
+            rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             meta,
@@ -79,7 +79,7 @@ impl FileStorage {
             file,
             direct: false,
             writable: true,
-            rmw: RwLock::new(()),
+            rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             meta: None,
@@ -92,7 +92,7 @@ impl FileStorage {
             file,
             direct: false,
             writable,
-            rmw: RwLock::new(()),
+            rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             meta: None,
@@ -144,10 +144,10 @@ impl FileStorage {
                 bounce.as_mut_slice()[pos..pos + b.len()].copy_from_slice(b);
                 pos += b.len();
             }
-            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            let _shared = self.rmw.read();
             return pwritev_full(&self.file, &[bounce.as_slice()], start);
         }
-        let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.write();
         if head != 0 || span != head + total {
             preadv_full(&self.file, &mut [bounce.as_mut_slice()], start)?;
         }
@@ -322,6 +322,26 @@ impl Storage for FileStorage {
         preadv_full(&self.file, bufs, offset)
     }
 
+    fn direct_target(&self, write: bool) -> Option<super::DirectTarget> {
+        // Buffered writes stay on the synchronous path: io_uring hands them to kernel worker
+        // threads on most file systems, which costs more than the pool's own writes.
+        if write && !(self.direct && self.writable) {
+            return None;
+        }
+        let pin = if self.direct && write {
+            // Aligned O_DIRECT writes share `rmw` with each other, never with a bounced
+            // read-modify-write: the pin holds that share until the engine's write completes.
+            Some(self.rmw.try_pin()?)
+        } else {
+            None
+        };
+        Some(super::DirectTarget {
+            fd: self.file.as_raw_fd(),
+            align: if self.direct { DIRECT_ALIGN } else { 1 },
+            _pin: pin,
+        })
+    }
+
     fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
         use std::sync::atomic::Ordering::Relaxed;
         // O_DIRECT always waits for the device; one call must cover the whole request.
@@ -372,9 +392,7 @@ impl Storage for FileStorage {
         {
             return self.write_bounced(bufs, offset);
         }
-        let _shared = self
-            .direct
-            .then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        let _shared = self.direct.then(|| self.rmw.read());
         let _one = (!self.direct).then(|| {
             self.buffered_writes
                 .lock()
@@ -407,9 +425,7 @@ impl Storage for FileStorage {
     }
 
     fn preallocate(&self, len: u64) -> io::Result<()> {
-        let _g = self
-            .direct
-            .then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
+        let _g = self.direct.then(|| self.rmw.write());
         let cur = self.file.metadata()?.len();
         if len <= cur {
             return Ok(());
@@ -426,9 +442,7 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         // An O_DIRECT bounce write trims its padding with set_len; keep the two from racing.
-        let _g = self
-            .direct
-            .then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
+        let _g = self.direct.then(|| self.rmw.write());
         self.file.set_len(len)
     }
 }

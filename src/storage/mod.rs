@@ -62,6 +62,14 @@ pub trait Storage: Send + Sync {
         let _ = (bufs, offset);
         Ok(false)
     }
+    /// For the library's asynchronous engine: the descriptor it may read (and, for `write`,
+    /// write) itself, bypassing these methods. `None` (the default) keeps every request on
+    /// these methods, as storage that counts, transforms or fails calls needs.
+    #[doc(hidden)]
+    fn direct_target(&self, write: bool) -> Option<DirectTarget> {
+        let _ = write;
+        None
+    }
     /// Makes every completed write (and length change) durable.
     fn flush(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -112,6 +120,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn read_vectored_nowait(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<bool> {
         (**self).read_vectored_nowait(bufs, offset)
     }
+    fn direct_target(&self, write: bool) -> Option<DirectTarget> {
+        (**self).direct_target(write)
+    }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
     }
@@ -130,4 +141,15 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
         (**self).data_from(offset)
     }
+}
+
+/// A descriptor the asynchronous engine reads and writes directly (see
+/// [`Storage::direct_target`]).
+#[doc(hidden)]
+pub struct DirectTarget {
+    pub(crate) fd: std::os::fd::RawFd,
+    /// Offsets, lengths and buffer addresses must be multiples of this (O_DIRECT).
+    pub(crate) align: usize,
+    /// Keeps the storage's own exclusive operations out until the I/O completes.
+    pub(crate) _pin: Option<crate::sync::Pin>,
 }
