@@ -18,8 +18,8 @@ use super::{lock, wlock};
 use crate::error::{Error, Result};
 use crate::log::qed_log;
 use crate::storage::Storage;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,12 @@ struct FlushState {
     started: u64,
     completed: u64,
     running: bool,
+}
+
+#[derive(Default)]
+struct Backlog {
+    next: u64,
+    writing: BTreeSet<u64>,
 }
 
 #[derive(Default)]
@@ -48,14 +54,21 @@ pub(super) struct WriteBack {
     /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
     /// them in the cache).
     list: Mutex<HashMap<ChunkKey, Arc<Chunk>>>,
-    /// One write-back at a time: two could write their snapshots of a piece of table out of
-    /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
-    /// flush must not return while an earlier write-back is still writing.
-    one: Mutex<()>,
+    /// Write-backs whose snapshot is taken and whose pieces are not all written yet, by
+    /// snapshot number: a flush must not sync before the entries an earlier write-back took
+    /// from the list are written, or it would return without them.
+    backlog: Mutex<Backlog>,
+    written: Condvar,
     /// Shared by writers staging entries (without a backing file: until their pieces are
     /// written through), exclusive while a write-back snapshots them, so no flush syncs while
     /// an entry that other requests may already rely on is neither written nor snapshotted.
     pub(super) staging: RwLock<()>,
+    /// Bumped by every change of the metadata (before a new entry becomes visible, after a
+    /// table or header write completes): mappings are durable when no change is newer than
+    /// `durable_gen`.
+    meta_gen: AtomicU64,
+    /// The `meta_gen` a write-back read at its snapshot, once its final sync completed.
+    durable_gen: AtomicU64,
     flusher: Mutex<FlushState>,
     flushed: Condvar,
     /// Staged entries are written back at most this long after they were staged (`None`: only
@@ -79,8 +92,13 @@ impl WriteBack {
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             list: Mutex::new(HashMap::new()),
-            one: Mutex::new(()),
+            backlog: Mutex::new(Backlog::default()),
+            written: Condvar::new(),
             staging: RwLock::new(()),
+            // Whatever the file held at open may not be durable yet (another process, a killed
+            // one): nothing counts as durable before the first write-back.
+            meta_gen: AtomicU64::new(1),
+            durable_gen: AtomicU64::new(0),
             flusher: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
             delay,
@@ -150,17 +168,30 @@ impl WriteBack {
     /// first (staging waits only for that), then the data they point to is flushed, then the
     /// table pieces are written and flushed, so no entry reaches the disk before its data. A
     /// failure fails the handle: what was not written is never written nor reported durable.
+    ///
+    /// No lock is held across a storage flush: concurrent write-backs (flush requests, the
+    /// timer, close) share flushes through [`WriteBack::sync`]. Each waits only until the
+    /// write-backs that took their snapshots before it have written their pieces.
     pub(super) fn writeback(&self) -> Result<()> {
-        let _one = lock(&self.one);
         self.check()?;
         // Each piece stays pinned (its `Arc` held) until it is written: an unpinned piece could
         // be evicted meanwhile and reloaded from the disk without its new entries.
-        let snapshot: Vec<(ChunkKey, Arc<Chunk>, Vec<u8>)> = {
+        type Snapshot = Vec<(ChunkKey, Arc<Chunk>, u64, Vec<u8>)>;
+        let (id, gen, snapshot): (u64, u64, Snapshot) = {
             let _s = wlock(&self.staging);
+            let gen = self.meta_gen.load(Ordering::SeqCst);
             let list = std::mem::take(&mut *lock(&self.list));
-            list.into_iter()
-                .filter_map(|(k, c)| c.take_dirty().map(|bytes| (k, c, bytes)))
-                .collect()
+            let snapshot: Snapshot = list
+                .into_iter()
+                .filter_map(|(k, c)| c.take_dirty().map(|(seq, bytes)| (k, c, seq, bytes)))
+                .collect();
+            let mut b = lock(&self.backlog);
+            b.next += 1;
+            let id = b.next;
+            if !snapshot.is_empty() {
+                b.writing.insert(id);
+            }
+            (id, gen, snapshot)
         };
         if !snapshot.is_empty() {
             qed_log!(
@@ -169,12 +200,26 @@ impl WriteBack {
                 self.name(),
                 snapshot.len()
             );
-            self.sync()?;
-            for ((table, ci), _pinned, bytes) in &snapshot {
-                self.write_piece(*table, *ci, bytes)?;
+            let r = self.sync().and_then(|()| {
+                snapshot.iter().try_for_each(|(key, chunk, seq, bytes)| {
+                    self.write_piece(*key, chunk, *seq, bytes)
+                })
+            });
+            lock(&self.backlog).writing.remove(&id);
+            self.written.notify_all();
+            r?;
+        }
+        {
+            let mut b = lock(&self.backlog);
+            while b.writing.range(..id).next().is_some() {
+                // An earlier write-back that fails fails the handle and wakes us.
+                self.check()?;
+                b = self.written.wait(b).unwrap_or_else(PoisonError::into_inner);
             }
         }
-        self.sync()
+        self.sync()?;
+        self.durable_gen.fetch_max(gen, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Writes the staged entries of one piece of table now (images whose entries may reach the
@@ -182,22 +227,48 @@ impl WriteBack {
     /// them until this returns. Concurrent writers of one piece share writes:
     /// the piece's own lock orders them, and a writer whose entries an earlier write already
     /// carried finds nothing dirty.
-    pub(super) fn write_through(&self, (table, ci): ChunkKey, chunk: &Chunk) -> Result<()> {
-        let _io = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(super) fn write_through(&self, key: ChunkKey, chunk: &Chunk) -> Result<()> {
         self.check()?;
         match chunk.take_dirty() {
-            Some(bytes) => self.write_piece(table, ci, &bytes),
+            Some((seq, bytes)) => self.write_piece(key, chunk, seq, &bytes),
             None => Ok(()),
         }
     }
 
-    fn write_piece(&self, table: u64, ci: u64, bytes: &[u8]) -> Result<()> {
+    /// Writes snapshot `seq` of a piece, unless a newer snapshot of it is already written.
+    fn write_piece(
+        &self,
+        (table, ci): ChunkKey,
+        chunk: &Chunk,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let mut last = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
+        if *last > seq {
+            return Ok(());
+        }
+        self.check()?;
         let at = table + ci * CHUNK_BYTES;
         qed_log!(Trace, "{}: writing L2 table piece at {at:#x}", self.name());
         add(&self.stats.l2_writes, 1);
         self.storage
             .write_metadata_at(bytes, at)
-            .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))
+            .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))?;
+        *last = seq;
+        Ok(())
+    }
+
+    /// Notes a change of the metadata: mappings are not durable until a write-back that
+    /// started after it completes. Called before a new entry becomes visible to lookups (with
+    /// `staging` held shared), or after a table or header write completed.
+    pub(super) fn meta_changed(&self) {
+        self.meta_gen.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every mapping a lookup can see now is durable (no metadata change since the
+    /// last completed write-back's snapshot).
+    pub(super) fn mapping_durable(&self) -> bool {
+        self.meta_gen.load(Ordering::SeqCst) <= self.durable_gen.load(Ordering::SeqCst)
     }
 
     /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
@@ -205,12 +276,16 @@ impl WriteBack {
     pub(super) fn sync(&self) -> Result<()> {
         let mut st = lock(&self.flusher);
         let target = st.started + 1;
+        let mut waited = false;
         loop {
             self.check()?;
             if st.completed >= target {
                 return Ok(());
             }
             if st.running {
+                if !std::mem::replace(&mut waited, true) {
+                    add(&self.stats.flush_waits, 1);
+                }
                 st = self
                     .flushed
                     .wait(st)
