@@ -383,3 +383,63 @@ fn unknown_write_flags_are_refused() {
         assert_eq!(WriteFlags::from_bits(bits), None, "{bits:#x}");
     }
 }
+
+/// Threads of this process with the name `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.trim_end() == name)
+        })
+        .count()
+}
+
+/// 200 images with staged entries and a write-back delay share one timer thread; each one's
+/// entries are still written back when due. The timer keeps no image alive, and closing an
+/// image does not wait for it, even while it is stuck in another image's write-back.
+#[test]
+fn one_writeback_timer_thread_for_all_images() {
+    let base = Arc::new(MemStorage::from_bytes(&vec![0xbb; 4 << 20]));
+    let delayed = |ms: u64| OpenOptions {
+        writeback_delay: Some(std::time::Duration::from_millis(ms)),
+        ..rw(Some(base.clone()))
+    };
+    // The first write creates the table (written at once); the second stages its entry.
+    let staged = |disk: Arc<dyn Storage>, delay: u64| {
+        let img = Image::open_storage(disk, &delayed(delay)).unwrap();
+        img.write_at(0, &[1u8; 512]).unwrap();
+        img.flush().unwrap();
+        let written = img.stats().l2_writes;
+        img.write_at(8 * CS, &[7u8; 512]).unwrap();
+        (img, written)
+    };
+    let imgs: Vec<(Image, u64)> = (0..200).map(|_| staged(create(true), 1)).collect();
+    // Written back by the timer (no flush was asked for): staged entries reach the file.
+    while imgs.iter().any(|(img, w)| img.stats().l2_writes == *w) {
+        std::thread::yield_now();
+    }
+    assert_eq!(threads_named("qed-writeback"), 1);
+    drop(imgs);
+
+    // A write-back due in an hour holds no reference to its image.
+    let disk = create(true);
+    drop(staged(disk.clone(), 3_600_000));
+    assert_eq!(
+        Arc::strong_count(&disk),
+        1,
+        "a dropped image was kept alive"
+    );
+
+    // The timer stuck in one image's storage flush; another image closes all the same.
+    let stuck = Arc::new(BlockFlush::new(create(true)));
+    let (a, _) = staged(stuck.clone(), 1);
+    stuck.arm();
+    a.write_at(9 * CS, &[7u8; 512]).unwrap();
+    stuck.wait_blocked();
+    let (b, _) = staged(create(true), 1);
+    completes("closing an image", move || b.close().unwrap());
+    stuck.release();
+    a.close().unwrap();
+    assert_eq!(threads_named("qed-writeback"), 1);
+}

@@ -26,6 +26,7 @@ mod l2cache;
 mod options;
 mod rangelock;
 mod stats;
+mod timer;
 mod writeback;
 
 pub use backing::Backing;

@@ -10,7 +10,7 @@
 //! the next read-write open repairs the image. QEMU's file driver and PostgreSQL treat a failed
 //! fsync the same way.
 //!
-//! Kept apart from the image so that the write-back thread can hold it.
+//! Kept apart from the image so that the process-wide timer ([`super::timer`]) can refer to it.
 
 use super::l2cache::{Chunk, ChunkKey, CHUNK_BYTES};
 use super::stats::{add, Counters};
@@ -39,10 +39,9 @@ struct Backlog {
 
 #[derive(Default)]
 struct TimerState {
-    /// When the oldest entry still staged was staged.
-    staged_since: Option<Instant>,
+    /// A write-back is scheduled on the process-wide timer.
+    armed: bool,
     stop: bool,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 pub(super) struct WriteBack {
@@ -75,7 +74,6 @@ pub(super) struct WriteBack {
     /// at flush and close).
     delay: Option<Duration>,
     timer: Mutex<TimerState>,
-    timer_cv: Condvar,
     stats: Arc<Counters>,
 }
 
@@ -103,7 +101,6 @@ impl WriteBack {
             flushed: Condvar::new(),
             delay,
             timer: Mutex::new(TimerState::default()),
-            timer_cv: Condvar::new(),
             stats,
         }
     }
@@ -313,78 +310,36 @@ impl WriteBack {
         }
     }
 
-    /// Starts the timer for the entries just staged (and the thread that runs it, once).
+    /// Schedules a write-back of the entries just staged on the process-wide timer, unless
+    /// one is scheduled already (it then writes these back too, maybe sooner than `delay`).
     fn arm_timer(self: &Arc<Self>) {
-        let Some(_) = self.delay else { return };
+        let Some(delay) = self.delay else { return };
         let mut t = lock(&self.timer);
-        if t.stop {
+        if t.stop || t.armed {
             return;
         }
-        if t.staged_since.is_none() {
-            t.staged_since = Some(Instant::now());
-        }
-        if t.thread.is_none() {
-            let me = Arc::clone(self);
-            let spawned = crate::thread::spawn(
-                std::thread::Builder::new()
-                    .name("qed-writeback".into())
-                    .stack_size(256 << 10),
-                move || timer_thread(me),
-            );
-            // Without the thread, entries wait for the next flush, as with no delay set.
-            t.thread = spawned.ok();
-        }
-        self.timer_cv.notify_all();
-    }
-
-    /// Stops the timer thread (at close) and waits for it.
-    pub(super) fn stop_timer(&self) {
-        let thread = {
-            let mut t = lock(&self.timer);
-            t.stop = true;
-            self.timer_cv.notify_all();
-            t.thread.take()
-        };
-        if let Some(h) = thread {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+        // A delay too long to represent never comes: only flushes write back.
+        if let Some(at) = Instant::now().checked_add(delay) {
+            t.armed = super::timer::schedule(at, Arc::downgrade(self));
         }
     }
-}
 
-/// Writes staged entries back once the oldest has waited `delay`; ends when the image closes
-/// (`stop_timer`) or fails.
-fn timer_thread(me: Arc<WriteBack>) {
-    let delay = me.delay.unwrap_or(Duration::MAX);
-    loop {
+    /// The timer's call when the write-back is due.
+    pub(super) fn timer_fired(&self) {
         {
-            let mut t = lock(&me.timer);
-            loop {
-                if t.stop || me.is_failed() {
-                    return;
-                }
-                match t.staged_since {
-                    None => {
-                        t = me.timer_cv.wait(t).unwrap_or_else(PoisonError::into_inner);
-                    }
-                    Some(since) => {
-                        let due = since.checked_add(delay).unwrap_or_else(Instant::now);
-                        let now = Instant::now();
-                        if now >= due {
-                            break;
-                        }
-                        t = me
-                            .timer_cv
-                            .wait_timeout(t, due - now)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                }
+            let mut t = lock(&self.timer);
+            t.armed = false;
+            if t.stop || self.is_failed() {
+                return;
             }
-            t.staged_since = None;
         }
-        // A failure fails the handle; requests report it, and the loop ends above.
-        let _ = me.writeback();
+        // A failure fails the handle; requests report it.
+        let _ = self.writeback();
+    }
+
+    /// Stops timed write-backs (at close). A write-back the timer is running meanwhile goes on
+    /// beside close's own; close does not wait for the timer.
+    pub(super) fn stop_timer(&self) {
+        lock(&self.timer).stop = true;
     }
 }
