@@ -31,20 +31,7 @@ typedef struct {
 
 static void grow(mem *m, size_t len)
 {
-    if (len > m->cap) {
-        size_t cap = m->cap ? m->cap : 65536;
-        while (cap < len) {
-            cap *= 2;
-        }
-        uint8_t *d = realloc(m->data, cap);
-        CHECK(d != NULL);
-        m->data = d;
-        m->cap = cap;
-    }
-    if (len > m->len) {
-        memset(m->data + m->len, 0, len - m->len);
-        m->len = len;
-    }
+    test_grow(&m->data, &m->len, &m->cap, len);
 }
 
 static void record(mem *m, char kind, uint64_t offset, size_t len, int is_data)

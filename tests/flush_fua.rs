@@ -4,46 +4,21 @@
 //! flush of the image where its mapping is already durable.
 
 use qed::storage::{Storage, *};
-use qed::{Backing, BackingFormat, CreateOptions, Image, OpenOptions, WriteFlags};
+use qed::{Image, OpenOptions, WriteFlags};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-const CS: u64 = 4096;
+#[path = "support/mem_image.rs"]
+mod mem_image;
+use mem_image::{create, read, CS};
 
-fn create(backing: bool) -> Arc<MemStorage> {
-    let s = Arc::new(MemStorage::new());
-    Image::create_on(
-        &*s,
-        &CreateOptions {
-            size: 4 << 20,
-            cluster_size: CS as u32,
-            table_size: 1,
-            backing_file: backing.then(|| "base".into()),
-            backing_format: backing.then_some(BackingFormat::Raw),
-        },
-    )
-    .unwrap();
-    s
-}
-
+/// Read-write, with write-back only at flushes (unless a test asks for a delay).
 fn rw(backing: Option<Arc<MemStorage>>) -> OpenOptions {
     OpenOptions {
-        writable: true,
         writeback_delay: None,
-        backing_resolver: backing.map(|b| {
-            Arc::new(move |_: &str, _: Option<BackingFormat>| {
-                Ok(Backing::Raw(b.clone() as Arc<dyn Storage>))
-            }) as qed::image::BackingResolver
-        }),
-        ..Default::default()
+        ..mem_image::rw(backing)
     }
-}
-
-fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    img.read_at(off, &mut v).unwrap();
-    v
 }
 
 /// Storage whose next flush (once armed) blocks until released. Counts flushes and keeps the

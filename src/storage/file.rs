@@ -498,7 +498,8 @@ mod tests {
             let aligned = AlignedBuf::new(4096);
             // Aligned (RWF_DSYNC straight from the buffer under O_DIRECT) and unaligned
             // (bounced, then synced).
-            s.write_vectored_at_fua(&[aligned.as_slice()], 4096).unwrap();
+            s.write_vectored_at_fua(&[aligned.as_slice()], 4096)
+                .unwrap();
             s.write_vectored_at_fua(&[b"ab", b"cd"], 8190).unwrap();
             let mut b = [0u8; 6];
             s.read_at(&mut b, 8189).unwrap();
