@@ -35,20 +35,7 @@ static void mem_free(mem *m)
 
 static void grow(mem *m, size_t len)
 {
-    if (len > m->cap) {
-        size_t cap = m->cap ? m->cap : 65536;
-        while (cap < len) {
-            cap *= 2;
-        }
-        uint8_t *d = realloc(m->data, cap);
-        CHECK(d != NULL);
-        m->data = d;
-        m->cap = cap;
-    }
-    if (len > m->len) {
-        memset(m->data + m->len, 0, len - m->len);
-        m->len = len;
-    }
+    test_grow(&m->data, &m->len, &m->cap, len);
 }
 
 static int m_pread(void *opaque, void *buf, size_t len, uint64_t offset)

@@ -183,3 +183,21 @@ int test_under_valgrind(void)
     return 0;
 #endif
 }
+
+void test_grow(uint8_t **data, size_t *len, size_t *cap, size_t want)
+{
+    if (want > *cap) {
+        size_t c = *cap ? *cap : 65536;
+        while (c < want) {
+            c *= 2;
+        }
+        uint8_t *d = realloc(*data, c);
+        CHECK(d != NULL);
+        *data = d;
+        *cap = c;
+    }
+    if (want > *len) {
+        memset(*data + *len, 0, want - *len);
+        *len = want;
+    }
+}

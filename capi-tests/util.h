@@ -43,6 +43,9 @@ const char *test_path(const char *name);
 int test_sh(const char *fmt, ...);
 /* Removes the temporary directory. */
 void test_cleanup(void);
+/* Grows the heap buffer *data (length *len, capacity *cap) to at least want bytes, the new
+ * ones zero; never shrinks. Aborts the test when out of memory. */
+void test_grow(uint8_t **data, size_t *len, size_t *cap, size_t want);
 /* Fills buf with a pattern derived from seed. */
 void test_fill(uint8_t *buf, size_t len, uint32_t seed);
 

@@ -213,7 +213,7 @@ fn apply(img: &Image, g: &Guest) {
 
 fn apply_op(disk: &mut Vec<u8>, op: &MemOp, sectors: Option<&[bool]>) {
     match op {
-        MemOp::Write { offset, data } => {
+        MemOp::Write { offset, data } | MemOp::DurableWrite { offset, data } => {
             let end = *offset as usize + data.len();
             if disk.len() < end {
                 disk.resize(end, 0);
@@ -314,7 +314,10 @@ fn crash_states(
                     None
                 };
                 for (j, &i) in post.iter().enumerate() {
-                    if Some(j) == torn_at {
+                    if matches!(ops[i], MemOp::DurableWrite { .. }) {
+                        // A FUA write is durable (whole) once it completed.
+                        apply_op(&mut disk, &ops[i], None);
+                    } else if Some(j) == torn_at {
                         let n = (rng.below(8) + 1) as usize;
                         let sectors: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
                         apply_op(&mut disk, &ops[i], Some(&sectors));

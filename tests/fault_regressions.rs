@@ -8,45 +8,13 @@
 //! already completed write used was not yet written.
 
 use qed::storage::{Fault, FaultCalls, FaultMode, FaultStorage, MemStorage, Storage};
-use qed::{Backing, BackingFormat, CheckFix, CreateOptions, Image, OpenOptions};
+use qed::{BackingFormat, CheckFix, CreateOptions, Image, OpenOptions};
 use std::io;
 use std::sync::Arc;
 
-const CS: u64 = 4096;
-
-fn create(backing: bool) -> Arc<MemStorage> {
-    let s = Arc::new(MemStorage::new());
-    Image::create_on(
-        &*s,
-        &CreateOptions {
-            size: 4 << 20,
-            cluster_size: CS as u32,
-            table_size: 1,
-            backing_file: backing.then(|| "base".into()),
-            backing_format: backing.then_some(BackingFormat::Raw),
-        },
-    )
-    .unwrap();
-    s
-}
-
-fn rw(backing: Option<Arc<MemStorage>>) -> OpenOptions {
-    OpenOptions {
-        writable: true,
-        backing_resolver: backing.map(|b| {
-            Arc::new(move |_: &str, _: Option<BackingFormat>| {
-                Ok(Backing::Raw(b.clone() as Arc<dyn Storage>))
-            }) as qed::image::BackingResolver
-        }),
-        ..Default::default()
-    }
-}
-
-fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    img.read_at(off, &mut v).unwrap();
-    v
-}
+#[path = "support/mem_image.rs"]
+mod mem_image;
+use mem_image::{create, read, rw, CS};
 
 /// Class 1: after a failed flush, no later flush may report success unless everything
 /// acknowledged before it is durable.

@@ -519,3 +519,56 @@ fn after_shutdown_the_caller_holds_the_last_reference() {
         }
     }
 }
+
+/// FUA overwrites of clusters whose mapping is durable: the ring writes them itself (with
+/// RWF_DSYNC) and the image is not flushed; before the mapping is durable they take the pool,
+/// which flushes. Either way the bytes are there after a reopen.
+#[test]
+fn fua_overwrites_take_the_ring_once_the_mapping_is_durable() {
+    for engine in backends() {
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f.qed");
+            create(&p, 4 << 20, None);
+            let mut o = OpenOptions::read_write();
+            o.direct = direct;
+            let img = Arc::new(Image::open(&p, &o).unwrap());
+            let q = AioQueue::with_engine(img.clone(), AioOptions::default(), &engine).unwrap();
+            let fua = |b: &mut Aligned, off: u64| Op::Write {
+                offset: off,
+                bufs: raw(std::slice::from_ref(b)),
+                flags: WriteFlags::FUA,
+            };
+            let mut b = Aligned::new(4096);
+            b.slice().fill(1);
+            // Allocating: written, then the image is flushed.
+            let f0 = img.stats().storage_flushes;
+            submit_wait(&q, fua(&mut b, 65536)).unwrap();
+            assert!(img.stats().storage_flushes > f0);
+            let ring0 = engine.stats().ring_requests;
+            let f1 = img.stats().storage_flushes;
+            for i in 0..20u8 {
+                b.slice().fill(i + 2);
+                submit_wait(&q, fua(&mut b, 65536)).unwrap();
+            }
+            if engine.backend() == IoBackend::IoUring && direct {
+                // O_DIRECT overwrites go through the ring, durable on their own.
+                assert_eq!(engine.stats().ring_requests, ring0 + 20);
+            }
+            // No image flush for in-place FUA overwrites on either path.
+            assert_eq!(img.stats().storage_flushes, f1);
+            q.shutdown().unwrap();
+            drop(q);
+            // Abandoned without close: only what was durable counts (the page cache keeps
+            // more, so this shows the bytes landed, and the reopen repairs nothing).
+            std::mem::forget(Arc::try_unwrap(img).ok().unwrap());
+            // (The forgotten handle still holds its lock: this process knows it is gone.)
+            let mut o = OpenOptions::read_write();
+            o.lock = false;
+            let img = Image::open(&p, &o).unwrap();
+            let mut r = vec![0u8; 4096];
+            img.read_at(65536, &mut r).unwrap();
+            assert!(r.iter().all(|&x| x == 21), "direct={direct}");
+        }
+    }
+}

@@ -29,8 +29,9 @@ const IOV_MAX: usize = 1024;
 pub(super) fn wants(op: &Op) -> bool {
     match op {
         Op::Read { .. } => true,
-        // FUA writes need the image's durability logic (the mapping's state, the failed state).
-        Op::Write { flags, .. } => !flags.contains(WriteFlags::FUA),
+        // FUA writes too: the image plans them only where their mapping is durable, and they
+        // go out with RWF_DSYNC.
+        Op::Write { .. } => true,
         _ => false,
     }
 }
@@ -164,6 +165,7 @@ struct Job {
     sh: Arc<Shared>,
     req: Request,
     write: bool,
+    fua: bool,
     offset: u64,
     total: u64,
     /// Pieces not yet done.
@@ -321,13 +323,17 @@ impl Worker {
 
     /// Plans a request and issues its pieces, or hands it to the pool.
     fn start(&mut self, sh: Arc<Shared>, req: Request) {
-        let (offset, bufs, write) = match &req.op {
-            Op::Read { offset, bufs } => (*offset, bufs.clone(), false),
-            Op::Write { offset, bufs, .. } => (*offset, bufs.clone(), true),
+        let (offset, bufs, write, fua) = match &req.op {
+            Op::Read { offset, bufs } => (*offset, bufs.clone(), false, false),
+            Op::Write {
+                offset,
+                bufs,
+                flags,
+            } => (*offset, bufs.clone(), true, flags.contains(WriteFlags::FUA)),
             _ => return sh.enqueue(req),
         };
         let total: u64 = bufs.iter().map(|b| b.len as u64).sum();
-        let Some(plan) = sh.img.plan_direct(offset, total, write) else {
+        let Some(plan) = sh.img.plan_direct(offset, total, write, fua) else {
             return sh.enqueue(req);
         };
         let a = plan.target.align;
@@ -363,6 +369,7 @@ impl Worker {
             sh,
             req,
             write,
+            fua,
             offset,
             total,
             pending: segs.len(),
@@ -387,11 +394,16 @@ impl Worker {
     /// Issues (or re-issues, after a short transfer) one piece.
     fn issue(&mut self, s: usize) {
         let seg = self.segs.get_mut(s).expect("live piece");
-        let write = self.jobs.get_mut(seg.job).expect("live job").write;
+        let job = self.jobs.get(seg.job);
+        let (write, fua) = (job.write, job.fua);
         let fd = types::Fd(seg.fd);
         let (ptr, n, at) = (seg.iov.as_ptr(), seg.iov.len() as u32, seg.host);
         let e = if write {
-            opcode::Writev::new(fd, ptr, n).offset(at).build()
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            opcode::Writev::new(fd, ptr, n)
+                .offset(at)
+                .rw_flags(flags)
+                .build()
         } else {
             opcode::Readv::new(fd, ptr, n).offset(at).build()
         }
@@ -476,6 +488,7 @@ impl Worker {
             sh,
             req,
             write,
+            fua,
             offset,
             total,
             err,
@@ -488,7 +501,7 @@ impl Worker {
             None => Ok(()),
             Some(e) => Err(e),
         };
-        let r = sh.img.finish_direct(write, offset, total, r);
+        let r = sh.img.finish_direct(write, fua, offset, total, r);
         self.inner.ring_requests.fetch_add(1, Ordering::Relaxed);
         sh.finish(req, r, false);
     }

@@ -302,12 +302,67 @@ impl Image {
     /// call returns only once the written bytes, and the table entries that lead to them, are
     /// durable (as if a flush followed, but without waiting for other requests' data where the
     /// format allows).
+    ///
+    /// An overwrite in place of clusters whose mapping is durable writes only its own bytes with
+    /// force unit access (no flush of the image). Anything else (an allocation, a zero cluster,
+    /// the backing file's bytes, or a mapping not yet flushed) is written as usual, then the
+    /// image is flushed. A failed FUA write fails the handle, as a failed flush does.
     pub fn write_sg_flags(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
-        self.write_sg(offset, bufs)?;
-        if flags.contains(WriteFlags::FUA) {
-            self.flush()?;
+        if !flags.contains(WriteFlags::FUA) {
+            return self.write_sg(offset, bufs);
         }
-        Ok(())
+        let total = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.named(self.write_fua_unnamed(offset, total, bufs));
+        self.account(Req::Write, offset, total, r)
+    }
+
+    fn write_fua_unnamed(&self, offset: u64, total: u64, bufs: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, total)?;
+        {
+            let _g = self.gate.read();
+            if let Some(extents) = self.durable_in_place(offset, total)? {
+                let mut cur = SgRef::new(bufs);
+                for (len, host) in extents {
+                    let segs = cur.take(len);
+                    // Data whose durability is unknown after an error: the fsync-after-error
+                    // trap, as for a failed flush.
+                    self.storage
+                        .write_vectored_at_fua(&segs, host)
+                        .map_err(|e| {
+                            self.fail(Error::io(
+                                format!("writing data cluster at {host:#x} (FUA)"),
+                                e,
+                            ))
+                        })?;
+                }
+                return Ok(());
+            }
+            self.write_locked(offset, total, bufs)?;
+        }
+        self.writeback()
+    }
+
+    /// The file ranges (length, offset) that hold the guest range, if it is all allocated here
+    /// and its mapping durable; `None` otherwise. Data mappings never change while the gate is
+    /// held shared.
+    fn durable_in_place(&self, offset: u64, total: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        let end = offset + total;
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.lookup(pos, end - pos)?;
+            let ExtentKind::Data { host_offset } = ext.kind else {
+                return Ok(None);
+            };
+            match v.last_mut() {
+                Some((len, host)) if *host + *len == host_offset => *len += ext.length,
+                _ => v.push((ext.length, host_offset)),
+            }
+            pos += ext.length;
+        }
+        // Asked after the lookups: the change that made each entry they saw is counted.
+        Ok(self.wb.mapping_durable().then_some(v))
     }
 
     /// For the asynchronous engine: where the `total` bytes at `offset` live, if the engine can
@@ -315,7 +370,18 @@ impl Image {
     /// of table is cached, nothing comes from a backing file, a write allocates nothing, and the
     /// storage hands out its descriptor. `None`: the request takes the synchronous path, which
     /// also reports any error.
-    pub(crate) fn plan_direct(&self, offset: u64, total: u64, write: bool) -> Option<DirectPlan> {
+    ///
+    /// With `fua` (a write with [`WriteFlags::FUA`]), only where the mapping is durable too: the
+    /// engine then writes with RWF_DSYNC and reports the result through
+    /// [`Image::finish_direct`], which fails the handle on an error as the synchronous FUA
+    /// write does.
+    pub(crate) fn plan_direct(
+        &self,
+        offset: u64,
+        total: u64,
+        write: bool,
+        fua: bool,
+    ) -> Option<DirectPlan> {
         if write {
             self.check_writable().ok()?;
         } else {
@@ -342,6 +408,10 @@ impl Image {
             });
             pos += ext.length;
         }
+        // Asked after the lookups, as in `durable_in_place`.
+        if fua && !self.wb.mapping_durable() {
+            return None;
+        }
         Some(DirectPlan {
             pieces,
             target,
@@ -353,10 +423,17 @@ impl Image {
     pub(crate) fn finish_direct(
         &self,
         write: bool,
+        fua: bool,
         offset: u64,
         total: u64,
         r: Result<()>,
     ) -> Result<()> {
+        // A FUA write whose durability is unknown: the fsync-after-error trap, as for a failed
+        // flush.
+        let r = match r {
+            Err(e) if fua => Err(self.fail(e)),
+            r => r,
+        };
         let req = if write { Req::Write } else { Req::Read };
         self.account(req, offset, total, self.named(r))
     }
@@ -567,6 +644,7 @@ impl Image {
             // entry before its piece is written (a write in place completes through it), so
             // `staging` is held until it is: a flush takes it exclusively before it syncs.
             let _s = rlock(&self.wb.staging);
+            self.wb.meta_changed();
             for &(ci, first, vals) in &segs {
                 let chunk = self.chunk(table, ci)?;
                 chunk.stage(first, vals);
@@ -578,6 +656,7 @@ impl Image {
         // back after the data is durable.
         let staged = {
             let _s = rlock(&self.wb.staging);
+            self.wb.meta_changed();
             let mut staged = 0;
             for &(ci, first, vals) in &segs {
                 let chunk = self.chunk(table, ci)?;
@@ -654,6 +733,7 @@ impl Image {
         self.storage
             .write_metadata_at(&bytes, at)
             .map_err(|e| self.fail(Error::io(format!("writing L1 table at {at:#x}"), e)))?;
+        self.wb.meta_changed();
         wlock(&self.l1).entries[l1i] = t;
         Ok(true)
     }

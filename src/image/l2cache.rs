@@ -29,11 +29,12 @@ pub struct Chunk {
     entries: Box<[AtomicU64]>,
     /// Entries that failed validation when loaded (bitmap); requests through them fail.
     bad: Box<[u64]>,
-    /// Entries changed in memory and not yet written.
-    dirty: Mutex<bool>,
-    /// Orders the writes of this piece when entries are written through (an older snapshot
-    /// must never land over a newer one).
-    pub io: Mutex<()>,
+    /// Entries changed in memory and not yet written, and how many snapshots were taken.
+    dirty: Mutex<(bool, u64)>,
+    /// Orders the writes of this piece and holds the number of the snapshot last written: an
+    /// older snapshot must never land over a newer one (concurrent write-backs may finish out
+    /// of order).
+    pub io: Mutex<u64>,
 }
 
 impl Chunk {
@@ -46,8 +47,8 @@ impl Chunk {
         Chunk {
             entries: raw.iter().map(|&e| AtomicU64::new(e)).collect(),
             bad: bits,
-            dirty: Mutex::new(false),
-            io: Mutex::new(()),
+            dirty: Mutex::new((false, 0)),
+            io: Mutex::new(0),
         }
     }
     /// The raw entry at `i`.
@@ -75,17 +76,21 @@ impl Chunk {
         for (i, &v) in values.iter().enumerate() {
             self.entries[first + i].store(v, Ordering::Release);
         }
-        *dirty = true;
+        dirty.0 = true;
     }
 
-    /// The whole piece encoded now (so the snapshot is consistent) if anything changed since
-    /// the last call, `None` otherwise. The whole 4 KiB is written, not just the changed
+    /// The whole piece encoded now (so the snapshot is consistent), with the snapshot's number
+    /// (increasing), if anything changed since the last call, `None` otherwise. The whole 4 KiB is written, not just the changed
     /// 512-byte sectors: it is aligned for O_DIRECT (a sector would need a read-modify-write
     /// that stalls every other write of the file), costs a page-cache write no more, and
     /// unchanged sectors are written with the bytes they already hold.
-    pub fn take_dirty(&self) -> Option<Vec<u8>> {
+    pub fn take_dirty(&self) -> Option<(u64, Vec<u8>)> {
         let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        std::mem::take(&mut *dirty).then(|| self.encode(0..CHUNK_ENTRIES as usize))
+        if !std::mem::take(&mut dirty.0) {
+            return None;
+        }
+        dirty.1 += 1;
+        Some((dirty.1, self.encode(0..CHUNK_ENTRIES as usize)))
     }
 }
 

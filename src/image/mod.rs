@@ -26,6 +26,7 @@ mod l2cache;
 mod options;
 mod rangelock;
 mod stats;
+mod timer;
 mod writeback;
 
 pub use backing::Backing;
@@ -735,7 +736,9 @@ impl Image {
     fn write_header(&self, h: &Header) -> Result<()> {
         self.storage
             .write_at(&h.to_bytes(), 0)
-            .ctx(|| "writing header".into())
+            .ctx(|| "writing header".into())?;
+        self.wb.meta_changed();
+        Ok(())
     }
 
     /// Sets the need-check bit and flushes it before the first metadata update after a clean
@@ -927,6 +930,7 @@ impl Image {
         self.storage
             .write_at(&area, 0)
             .map_err(|e| self.fail(Error::io("writing header", e)))?;
+        self.wb.meta_changed();
         self.sync()?;
         let mut hs = lock(&self.hs);
         hs.header = h;
@@ -984,7 +988,12 @@ impl Image {
         if fix.any() {
             qed_log!(Info, "{}: checking and repairing", self.label());
         }
-        let r = check::run(&*self.storage, &header, &self.geometry, fix)?;
+        let r = check::run(&*self.storage, &header, &self.geometry, fix);
+        if fix.any() {
+            // A repair rewrites tables behind the cache's back, even one that fails half way.
+            self.wb.meta_changed();
+        }
+        let r = r?;
         if fix.any() {
             self.stats.repaired(&r);
             log_check(&self.label(), "repair", &r);

@@ -34,6 +34,9 @@ pub struct ImageStats {
     /// Flushes of the image file issued by requests, write-back, close and the repair at open
     /// (concurrent flush requests share one). A check's own flushes are not counted.
     pub storage_flushes: u64,
+    /// Times a flush (of a request, a write-back or close) found a flush of the image file
+    /// running and waited to share the next one with the others waiting (group commit).
+    pub flush_waits: u64,
     /// Data clusters allocated.
     pub clusters_allocated: u64,
     /// L2 tables allocated.
@@ -71,6 +74,7 @@ pub(super) struct Counters {
     pub flush_requests: AtomicU64,
     pub failed_requests: AtomicU64,
     pub storage_flushes: AtomicU64,
+    pub flush_waits: AtomicU64,
     pub l2_tables_allocated: AtomicU64,
     pub repairs: AtomicU64,
     pub corruptions_fixed: AtomicU64,
@@ -96,6 +100,7 @@ impl Counters {
             flush_requests: g(&self.flush_requests),
             failed_requests: g(&self.failed_requests),
             storage_flushes: g(&self.storage_flushes),
+            flush_waits: g(&self.flush_waits),
             clusters_allocated: g(&self.clusters_allocated),
             l2_tables_allocated: g(&self.l2_tables_allocated),
             l2_cache_hits: g(&self.l2_cache_hits),

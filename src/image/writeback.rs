@@ -10,7 +10,7 @@
 //! the next read-write open repairs the image. QEMU's file driver and PostgreSQL treat a failed
 //! fsync the same way.
 //!
-//! Kept apart from the image so that the write-back thread can hold it.
+//! Kept apart from the image so that the process-wide timer ([`super::timer`]) can refer to it.
 
 use super::l2cache::{Chunk, ChunkKey, CHUNK_BYTES};
 use super::stats::{add, Counters};
@@ -18,8 +18,8 @@ use super::{lock, wlock};
 use crate::error::{Error, Result};
 use crate::log::qed_log;
 use crate::storage::Storage;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,11 +32,16 @@ struct FlushState {
 }
 
 #[derive(Default)]
+struct Backlog {
+    next: u64,
+    writing: BTreeSet<u64>,
+}
+
+#[derive(Default)]
 struct TimerState {
-    /// When the oldest entry still staged was staged.
-    staged_since: Option<Instant>,
+    /// A write-back is scheduled on the process-wide timer.
+    armed: bool,
     stop: bool,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 pub(super) struct WriteBack {
@@ -48,21 +53,27 @@ pub(super) struct WriteBack {
     /// Pieces of L2 table whose staged entries the next write-back writes (holding them keeps
     /// them in the cache).
     list: Mutex<HashMap<ChunkKey, Arc<Chunk>>>,
-    /// One write-back at a time: two could write their snapshots of a piece of table out of
-    /// order (the older over the newer, whose dirty bits are already taken: entries lost), and a
-    /// flush must not return while an earlier write-back is still writing.
-    one: Mutex<()>,
+    /// Write-backs whose snapshot is taken and whose pieces are not all written yet, by
+    /// snapshot number: a flush must not sync before the entries an earlier write-back took
+    /// from the list are written, or it would return without them.
+    backlog: Mutex<Backlog>,
+    written: Condvar,
     /// Shared by writers staging entries (without a backing file: until their pieces are
     /// written through), exclusive while a write-back snapshots them, so no flush syncs while
     /// an entry that other requests may already rely on is neither written nor snapshotted.
     pub(super) staging: RwLock<()>,
+    /// Bumped by every change of the metadata (before a new entry becomes visible, after a
+    /// table or header write completes): mappings are durable when no change is newer than
+    /// `durable_gen`.
+    meta_gen: AtomicU64,
+    /// The `meta_gen` a write-back read at its snapshot, once its final sync completed.
+    durable_gen: AtomicU64,
     flusher: Mutex<FlushState>,
     flushed: Condvar,
     /// Staged entries are written back at most this long after they were staged (`None`: only
     /// at flush and close).
     delay: Option<Duration>,
     timer: Mutex<TimerState>,
-    timer_cv: Condvar,
     stats: Arc<Counters>,
 }
 
@@ -79,13 +90,17 @@ impl WriteBack {
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             list: Mutex::new(HashMap::new()),
-            one: Mutex::new(()),
+            backlog: Mutex::new(Backlog::default()),
+            written: Condvar::new(),
             staging: RwLock::new(()),
+            // Whatever the file held at open may not be durable yet (another process, a killed
+            // one): nothing counts as durable before the first write-back.
+            meta_gen: AtomicU64::new(1),
+            durable_gen: AtomicU64::new(0),
             flusher: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
             delay,
             timer: Mutex::new(TimerState::default()),
-            timer_cv: Condvar::new(),
             stats,
         }
     }
@@ -150,17 +165,30 @@ impl WriteBack {
     /// first (staging waits only for that), then the data they point to is flushed, then the
     /// table pieces are written and flushed, so no entry reaches the disk before its data. A
     /// failure fails the handle: what was not written is never written nor reported durable.
+    ///
+    /// No lock is held across a storage flush: concurrent write-backs (flush requests, the
+    /// timer, close) share flushes through [`WriteBack::sync`]. Each waits only until the
+    /// write-backs that took their snapshots before it have written their pieces.
     pub(super) fn writeback(&self) -> Result<()> {
-        let _one = lock(&self.one);
         self.check()?;
         // Each piece stays pinned (its `Arc` held) until it is written: an unpinned piece could
         // be evicted meanwhile and reloaded from the disk without its new entries.
-        let snapshot: Vec<(ChunkKey, Arc<Chunk>, Vec<u8>)> = {
+        type Snapshot = Vec<(ChunkKey, Arc<Chunk>, u64, Vec<u8>)>;
+        let (id, gen, snapshot): (u64, u64, Snapshot) = {
             let _s = wlock(&self.staging);
+            let gen = self.meta_gen.load(Ordering::SeqCst);
             let list = std::mem::take(&mut *lock(&self.list));
-            list.into_iter()
-                .filter_map(|(k, c)| c.take_dirty().map(|bytes| (k, c, bytes)))
-                .collect()
+            let snapshot: Snapshot = list
+                .into_iter()
+                .filter_map(|(k, c)| c.take_dirty().map(|(seq, bytes)| (k, c, seq, bytes)))
+                .collect();
+            let mut b = lock(&self.backlog);
+            b.next += 1;
+            let id = b.next;
+            if !snapshot.is_empty() {
+                b.writing.insert(id);
+            }
+            (id, gen, snapshot)
         };
         if !snapshot.is_empty() {
             qed_log!(
@@ -169,12 +197,26 @@ impl WriteBack {
                 self.name(),
                 snapshot.len()
             );
-            self.sync()?;
-            for ((table, ci), _pinned, bytes) in &snapshot {
-                self.write_piece(*table, *ci, bytes)?;
+            let r = self.sync().and_then(|()| {
+                snapshot.iter().try_for_each(|(key, chunk, seq, bytes)| {
+                    self.write_piece(*key, chunk, *seq, bytes)
+                })
+            });
+            lock(&self.backlog).writing.remove(&id);
+            self.written.notify_all();
+            r?;
+        }
+        {
+            let mut b = lock(&self.backlog);
+            while b.writing.range(..id).next().is_some() {
+                // An earlier write-back that fails fails the handle and wakes us.
+                self.check()?;
+                b = self.written.wait(b).unwrap_or_else(PoisonError::into_inner);
             }
         }
-        self.sync()
+        self.sync()?;
+        self.durable_gen.fetch_max(gen, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Writes the staged entries of one piece of table now (images whose entries may reach the
@@ -182,22 +224,48 @@ impl WriteBack {
     /// them until this returns. Concurrent writers of one piece share writes:
     /// the piece's own lock orders them, and a writer whose entries an earlier write already
     /// carried finds nothing dirty.
-    pub(super) fn write_through(&self, (table, ci): ChunkKey, chunk: &Chunk) -> Result<()> {
-        let _io = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(super) fn write_through(&self, key: ChunkKey, chunk: &Chunk) -> Result<()> {
         self.check()?;
         match chunk.take_dirty() {
-            Some(bytes) => self.write_piece(table, ci, &bytes),
+            Some((seq, bytes)) => self.write_piece(key, chunk, seq, &bytes),
             None => Ok(()),
         }
     }
 
-    fn write_piece(&self, table: u64, ci: u64, bytes: &[u8]) -> Result<()> {
+    /// Writes snapshot `seq` of a piece, unless a newer snapshot of it is already written.
+    fn write_piece(
+        &self,
+        (table, ci): ChunkKey,
+        chunk: &Chunk,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let mut last = chunk.io.lock().unwrap_or_else(PoisonError::into_inner);
+        if *last > seq {
+            return Ok(());
+        }
+        self.check()?;
         let at = table + ci * CHUNK_BYTES;
         qed_log!(Trace, "{}: writing L2 table piece at {at:#x}", self.name());
         add(&self.stats.l2_writes, 1);
         self.storage
             .write_metadata_at(bytes, at)
-            .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))
+            .map_err(|e| self.fail(Error::io(format!("writing L2 table at {at:#x}"), e)))?;
+        *last = seq;
+        Ok(())
+    }
+
+    /// Notes a change of the metadata: mappings are not durable until a write-back that
+    /// started after it completes. Called before a new entry becomes visible to lookups (with
+    /// `staging` held shared), or after a table or header write completed.
+    pub(super) fn meta_changed(&self) {
+        self.meta_gen.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every mapping a lookup can see now is durable (no metadata change since the
+    /// last completed write-back's snapshot).
+    pub(super) fn mapping_durable(&self) -> bool {
+        self.meta_gen.load(Ordering::SeqCst) <= self.durable_gen.load(Ordering::SeqCst)
     }
 
     /// Flushes the storage, sharing one flush among concurrent callers: returns once a flush
@@ -205,12 +273,16 @@ impl WriteBack {
     pub(super) fn sync(&self) -> Result<()> {
         let mut st = lock(&self.flusher);
         let target = st.started + 1;
+        let mut waited = false;
         loop {
             self.check()?;
             if st.completed >= target {
                 return Ok(());
             }
             if st.running {
+                if !std::mem::replace(&mut waited, true) {
+                    add(&self.stats.flush_waits, 1);
+                }
                 st = self
                     .flushed
                     .wait(st)
@@ -238,78 +310,36 @@ impl WriteBack {
         }
     }
 
-    /// Starts the timer for the entries just staged (and the thread that runs it, once).
+    /// Schedules a write-back of the entries just staged on the process-wide timer, unless
+    /// one is scheduled already (it then writes these back too, maybe sooner than `delay`).
     fn arm_timer(self: &Arc<Self>) {
-        let Some(_) = self.delay else { return };
+        let Some(delay) = self.delay else { return };
         let mut t = lock(&self.timer);
-        if t.stop {
+        if t.stop || t.armed {
             return;
         }
-        if t.staged_since.is_none() {
-            t.staged_since = Some(Instant::now());
-        }
-        if t.thread.is_none() {
-            let me = Arc::clone(self);
-            let spawned = crate::thread::spawn(
-                std::thread::Builder::new()
-                    .name("qed-writeback".into())
-                    .stack_size(256 << 10),
-                move || timer_thread(me),
-            );
-            // Without the thread, entries wait for the next flush, as with no delay set.
-            t.thread = spawned.ok();
-        }
-        self.timer_cv.notify_all();
-    }
-
-    /// Stops the timer thread (at close) and waits for it.
-    pub(super) fn stop_timer(&self) {
-        let thread = {
-            let mut t = lock(&self.timer);
-            t.stop = true;
-            self.timer_cv.notify_all();
-            t.thread.take()
-        };
-        if let Some(h) = thread {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+        // A delay too long to represent never comes: only flushes write back.
+        if let Some(at) = Instant::now().checked_add(delay) {
+            t.armed = super::timer::schedule(at, Arc::downgrade(self));
         }
     }
-}
 
-/// Writes staged entries back once the oldest has waited `delay`; ends when the image closes
-/// (`stop_timer`) or fails.
-fn timer_thread(me: Arc<WriteBack>) {
-    let delay = me.delay.unwrap_or(Duration::MAX);
-    loop {
+    /// The timer's call when the write-back is due.
+    pub(super) fn timer_fired(&self) {
         {
-            let mut t = lock(&me.timer);
-            loop {
-                if t.stop || me.is_failed() {
-                    return;
-                }
-                match t.staged_since {
-                    None => {
-                        t = me.timer_cv.wait(t).unwrap_or_else(PoisonError::into_inner);
-                    }
-                    Some(since) => {
-                        let due = since.checked_add(delay).unwrap_or_else(Instant::now);
-                        let now = Instant::now();
-                        if now >= due {
-                            break;
-                        }
-                        t = me
-                            .timer_cv
-                            .wait_timeout(t, due - now)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
-                }
+            let mut t = lock(&self.timer);
+            t.armed = false;
+            if t.stop || self.is_failed() {
+                return;
             }
-            t.staged_since = None;
         }
-        // A failure fails the handle; requests report it, and the loop ends above.
-        let _ = me.writeback();
+        // A failure fails the handle; requests report it.
+        let _ = self.writeback();
+    }
+
+    /// Stops timed write-backs (at close). A write-back the timer is running meanwhile goes on
+    /// beside close's own; close does not wait for the timer.
+    pub(super) fn stop_timer(&self) {
+        lock(&self.timer).stop = true;
     }
 }

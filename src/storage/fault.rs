@@ -197,6 +197,20 @@ impl<S: Storage> FaultStorage<S> {
     }
 }
 
+impl<S: Storage> FaultStorage<S> {
+    /// A failing vectored write: lands torn if the fault says so, then fails with `errno`.
+    fn fail_vectored(&self, bufs: &[&[u8]], offset: u64, errno: i32, torn: bool) -> io::Result<()> {
+        if torn {
+            let all = bufs.concat();
+            let n = torn_len(offset, all.len());
+            if n > 0 {
+                self.inner.write_at(&all[..n], offset)?;
+            }
+        }
+        Err(err(errno))
+    }
+}
+
 fn err(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)
 }
@@ -262,14 +276,21 @@ impl<S: Storage> Storage for FaultStorage<S> {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         match self.judge(FaultCalls::WRITE) {
             Verdict::Pass => self.inner.write_vectored_at(bufs, offset),
-            Verdict::Fail(e, torn) => {
-                if torn {
-                    let all = bufs.concat();
-                    let n = torn_len(offset, all.len());
-                    if n > 0 {
-                        self.inner.write_at(&all[..n], offset)?;
-                    }
-                }
+            Verdict::Fail(e, torn) => self.fail_vectored(bufs, offset, e, torn),
+        }
+    }
+
+    /// Counted (and failed) as a write followed by a flush: a write fault fails it before
+    /// anything is durable (torn as a write would be), a flush fault after the bytes are
+    /// written but not durable.
+    fn write_vectored_at_fua(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        if let Verdict::Fail(e, torn) = self.judge(FaultCalls::WRITE) {
+            return self.fail_vectored(bufs, offset, e, torn);
+        }
+        match self.judge(FaultCalls::FLUSH) {
+            Verdict::Pass => self.inner.write_vectored_at_fua(bufs, offset),
+            Verdict::Fail(e, _) => {
+                self.inner.write_vectored_at(bufs, offset)?;
                 Err(err(e))
             }
         }

@@ -31,6 +31,8 @@ pub struct FileStorage {
     buffered_writes: Mutex<()>,
     /// Cleared when the kernel or file system refuses `RWF_NOWAIT` reads.
     nowait_reads: std::sync::atomic::AtomicBool,
+    /// Cleared when the kernel refuses `RWF_DSYNC` writes (FUA writes then write and sync).
+    dsync_writes: std::sync::atomic::AtomicBool,
     /// O_DIRECT read-write only: the same file opened without O_DIRECT, for table writes
     /// (`write_metadata_at`). They then cost a copy into the page cache, not a device round
     /// trip each, and survive the death of the process as data writes do. The kernel keeps the
@@ -62,6 +64,7 @@ impl FileStorage {
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta,
         })
     }
@@ -82,6 +85,7 @@ impl FileStorage {
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta: None,
         })
     }
@@ -95,6 +99,7 @@ impl FileStorage {
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
+            dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta: None,
         }
     }
@@ -276,7 +281,13 @@ fn preadv_full(file: &File, bufs: &mut [&mut [u8]], mut offset: u64) -> io::Resu
 }
 
 /// pwritev until every buffer is written.
-fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+fn pwritev_full(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    pwritev_full_with(file, bufs, offset, false)
+}
+
+/// pwritev (with `dsync`: `pwritev2(RWF_DSYNC)`, each part durable when written) until every
+/// buffer is written.
+fn pwritev_full_with(file: &File, bufs: &[&[u8]], mut offset: u64, dsync: bool) -> io::Result<()> {
     let mut at = Cursor::default();
     while at.more(bufs.len(), |i| bufs[i].len()) {
         let iov: Vec<libc::iovec> = bufs[at.idx..]
@@ -292,7 +303,13 @@ fn pwritev_full(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> 
             })
             .collect();
         // SAFETY: every iovec points into a live buffer of iov_len bytes; pwritev only reads them.
-        let n = transfer(|| unsafe { sys::pwritev(file.as_raw_fd(), &iov, offset) })?;
+        let n = transfer(|| unsafe {
+            if dsync {
+                sys::pwritev_dsync(file.as_raw_fd(), &iov, offset)
+            } else {
+                sys::pwritev(file.as_raw_fd(), &iov, offset)
+            }
+        })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -364,11 +381,7 @@ impl Storage for FileStorage {
             Err(e) => {
                 // EAGAIN: not all cached. Other errors are reported by the normal read; a
                 // system without the call (ENOTSUP, ENOSYS...) is not asked again.
-                let e = e.raw_os_error();
-                // (ENOTSUP and EOPNOTSUPP are one value on Linux, two on the BSDs.)
-                if e == Some(libc::ENOTSUP)
-                    || matches!(e, Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS))
-                {
+                if sys::unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) {
                     self.nowait_reads.store(false, Relaxed);
                 }
                 Ok(false)
@@ -399,6 +412,28 @@ impl Storage for FileStorage {
                 .unwrap_or_else(|e| e.into_inner())
         });
         pwritev_full(&self.file, bufs, offset)
+    }
+
+    fn write_vectored_at_fua(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        // A bounced write is a read-modify-write of whole blocks: write it, then sync.
+        let bounced = self.direct
+            && !self.aligned(bufs.iter().map(|b| (b.as_ptr() as usize, b.len())), offset);
+        if !bounced && self.dsync_writes.load(Relaxed) {
+            // Not under `buffered_writes`: the kernel syncs after it drops the inode lock, and
+            // holding ours across the sync would make every other write wait for the device.
+            let r = {
+                let _shared = self.direct.then(|| self.rmw.read());
+                pwritev_full_with(&self.file, bufs, offset, true)
+            };
+            match r {
+                // No RWF_DSYNC here (old kernel, other system): not asked again.
+                Err(e) if sys::unsupported(&e) => self.dsync_writes.store(false, Relaxed),
+                r => return r,
+            }
+        }
+        self.write_vectored_at(bufs, offset)?;
+        self.file.sync_data()
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -463,6 +498,29 @@ mod tests {
         s.read_vectored_at(&mut [&mut a, &mut b], 9).unwrap();
         assert_eq!(&a, b"\0abcd");
         assert_eq!(&b, b"efg\0\0\0\0\0");
+    }
+
+    #[test]
+    fn fua_writes_land_buffered_and_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        FileStorage::create(&p).unwrap().set_len(16384).unwrap();
+        for direct in [false, true] {
+            let s = FileStorage::open(&p, true, direct).unwrap();
+            let aligned = AlignedBuf::new(4096);
+            // Aligned (RWF_DSYNC straight from the buffer under O_DIRECT) and unaligned
+            // (bounced, then synced).
+            s.write_vectored_at_fua(&[aligned.as_slice()], 4096)
+                .unwrap();
+            s.write_vectored_at_fua(&[b"ab", b"cd"], 8190).unwrap();
+            let mut b = [0u8; 6];
+            s.read_at(&mut b, 8189).unwrap();
+            assert_eq!(&b, b"\0abcd\0", "direct={direct}");
+            assert_eq!(s.len().unwrap(), 16384);
+            s.write_vectored_at_fua(&[b"end"], 16384).unwrap();
+            assert_eq!(s.len().unwrap(), 16387, "direct={direct}");
+            s.set_len(16384).unwrap();
+        }
     }
 
     #[test]

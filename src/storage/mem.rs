@@ -19,6 +19,14 @@ pub enum MemOp {
         /// Bytes.
         data: Vec<u8>,
     },
+    /// Bytes written with force unit access (`write_vectored_at_fua`): durable once written,
+    /// unlike the writes before it that no flush covered.
+    DurableWrite {
+        /// Offset.
+        offset: u64,
+        /// Bytes.
+        data: Vec<u8>,
+    },
     /// A completed flush.
     Flush,
     /// A length change.
@@ -181,6 +189,17 @@ impl Storage for MemStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation in the log, as one pwritev is one request to a disk.
         self.write_at(&bufs.concat(), offset)
+    }
+
+    fn write_vectored_at_fua(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let data = bufs.concat();
+        check_range(offset, data.len())?;
+        let mut g = self.lock();
+        g.write(&data, offset);
+        if let Some(log) = g.log.as_mut() {
+            log.push(MemOp::DurableWrite { offset, data });
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {

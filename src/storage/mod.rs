@@ -7,7 +7,7 @@
 //! - a read past the end of the storage returns zeros for the missing part;
 //! - a write past the end grows the storage (the gap reads as zeros);
 //! - `flush` makes every completed write durable; `set_len` is separate from it and is made
-//!   durable by the next `flush`;
+//!   durable by the next `flush`; `write_vectored_at_fua` makes its own bytes durable;
 //! - there is no alignment requirement on offsets, lengths or buffers;
 //! - every method may be called from several threads at once.
 
@@ -46,6 +46,14 @@ pub trait Storage: Send + Sync {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+    /// Writes several buffers like `write_vectored_at` and returns once they are durable: a
+    /// write with force unit access, which need not make any other write durable (that is a
+    /// `flush`). A failure leaves the bytes written or not, durable or not. The default writes,
+    /// then flushes.
+    fn write_vectored_at_fua(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_vectored_at(bufs, offset)?;
+        self.flush()
     }
     /// Writes a small piece of image metadata (table entries). Same contract and durability as
     /// `write_at` (made durable by the next `flush`); a backend whose data I/O bypasses the
@@ -113,6 +121,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         (**self).write_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at_fua(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at_fua(bufs, offset)
     }
     fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_metadata_at(buf, offset)

@@ -11,6 +11,7 @@
 //! | call                       | where it exists   | elsewhere                                      |
 //! |----------------------------|-------------------|------------------------------------------------|
 //! | `preadv2(RWF_NOWAIT)`      | Linux             | no non-blocking try: the caller does a `preadv` |
+//! | `pwritev2(RWF_DSYNC)`      | Linux 4.7+        | `pwritev`, then `fdatasync`                     |
 //! | `fallocate` (reserve)      | Linux             | `posix_fallocate` (FreeBSD); nothing (macOS)    |
 //! | `fallocate(PUNCH_HOLE)`    | Linux             | `-ENOTSUP`: the caller writes zeros             |
 //! | `O_DIRECT`                 | Linux, FreeBSD    | `F_NOCACHE` (macOS); `-ENOTSUP` elsewhere       |
@@ -104,6 +105,34 @@ pub unsafe fn preadv_nowait(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::
         let _ = (fd, off, cnt);
         Err(io::Error::from_raw_os_error(libc::ENOTSUP))
     }
+}
+
+/// `pwritev2(RWF_DSYNC)`: writes and makes the bytes written durable before returning (force
+/// unit access). ENOTSUP where the call does not exist; EOPNOTSUPP or ENOSYS from kernels
+/// without it: the caller then writes with [`pwritev`] and syncs.
+///
+/// # Safety
+/// As [`pwritev`].
+pub unsafe fn pwritev_dsync(fd: RawFd, iov: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let (off, cnt) = (to_off(offset)? as Off, iov_count(iov)?);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: the caller guarantees the iovecs; the count is the slice's length.
+    return count(unsafe { libc::pwritev64v2(fd, iov.as_ptr(), cnt, off, libc::RWF_DSYNC) });
+    #[cfg(all(target_os = "linux", not(target_env = "gnu")))]
+    // SAFETY: as above.
+    return count(unsafe { libc::pwritev2(fd, iov.as_ptr(), cnt, off, libc::RWF_DSYNC) });
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, off, cnt);
+        Err(io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+}
+
+/// Whether `e` says that a call (or a flag of it) does not exist here.
+pub fn unsupported(e: &io::Error) -> bool {
+    let e = e.raw_os_error();
+    // (ENOTSUP and EOPNOTSUPP are one value on Linux, two on the BSDs.)
+    e == Some(libc::ENOTSUP) || matches!(e, Some(libc::EOPNOTSUPP | libc::ENOSYS))
 }
 
 /// Where `lseek` looks.
