@@ -8,7 +8,7 @@
  *
  *   qedbench [-f qed|raw] [-t CACHE] [-i AIO] [-n] [-c COUNT] [-d DEPTH] [-s BUFSIZE]
  *            [-S STEP] [-o OFFSET] [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]]
- *            [-q] [-U] [--workers=N] [--event-loop] FILE
+ *            [--fua] [-q] [-U] [--workers=N] [--event-loop] FILE
  *
  * Defaults as qemu-img: count 75000, depth 64, buffer 4 KiB, step = buffer size, offset 0,
  * cache writeback. The request sequence is qemu-img's bench_cb() state machine: DEPTH
@@ -28,8 +28,15 @@
  *
  * Cache modes: writeback (page cache), none (O_DIRECT: QED_OPEN_DIRECT), writethrough (a flush
  * after every write, before it counts as complete), directsync (both). -n also selects
- * O_DIRECT. -i is accepted for command-line compatibility and ignored (the library has one
- * I/O path). -U opens read-only images with QED_OPEN_FORCE_SHARE.
+ * O_DIRECT. -i threads|io_uring sets the environment variable QED_IO_ENGINE to that value before
+ * the image is opened (the library's process-wide I/O engine reads it; -i native leaves it
+ * alone), so that scripts/bench runs libqed and qemu-img with the same kind of engine. -U opens
+ * read-only images with QED_OPEN_FORCE_SHARE.
+ *
+ * --fua (with -w; not in qemu-img bench): every write is a FUA write, complete once durable:
+ * qed_aio_write_flags(..., QED_REQ_FUA, ...) for qed, pwritev2(RWF_DSYNC) for raw (pwrite +
+ * fdatasync where the kernel lacks it). QEMU's counterpart on a QED image is `-t writethrough`
+ * (`-t directsync` with O_DIRECT): its block layer emulates FUA with a write and a flush.
  *
  * Differences from qemu-img that do not change the request stream: every in-flight slot has
  * its own buffer (qemu-img 10.0 passes the first slot's buffer to every request), and requests
@@ -52,6 +59,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 enum { FMT_AUTO, FMT_QED, FMT_RAW };
@@ -72,6 +80,7 @@ struct job {
 };
 struct raw_pool {
     int fd;
+    bool fua; /* writes with RWF_DSYNC */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct job *ring;
@@ -80,6 +89,28 @@ struct raw_pool {
     pthread_t *threads;
     int nthreads;
 };
+
+/* A FUA write on the raw file: pwritev2(RWF_DSYNC), or pwrite + fdatasync when the kernel or
+ * the file system refuses the flag (remembered for the rest of the run). */
+static ssize_t raw_pwrite_fua(int fd, const void *buf, size_t len, off_t off)
+{
+    static int no_dsync; /* set once, read racily: both paths are correct */
+#ifdef RWF_DSYNC
+    if (!__atomic_load_n(&no_dsync, __ATOMIC_RELAXED)) {
+        struct iovec iov = {(void *)buf, len};
+        ssize_t r = pwritev2(fd, &iov, 1, off, RWF_DSYNC);
+        if (r >= 0 || (errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL)) {
+            return r;
+        }
+        __atomic_store_n(&no_dsync, 1, __ATOMIC_RELAXED);
+    }
+#endif
+    ssize_t r = pwrite(fd, buf, len, off);
+    if (r >= 0 && fdatasync(fd) < 0) {
+        return -1;
+    }
+    return r;
+}
 
 static void *raw_worker(void *arg)
 {
@@ -108,6 +139,8 @@ static void *raw_worker(void *arg)
             while (done < j.len) {
                 ssize_t r = j.kind == JOB_READ
                     ? pread(p->fd, (char *)j.buf + done, j.len - done, (off_t)(j.offset + done))
+                    : p->fua ? raw_pwrite_fua(p->fd, (char *)j.buf + done, j.len - done,
+                                              (off_t)(j.offset + done))
                     : pwrite(p->fd, (char *)j.buf + done, j.len - done, (off_t)(j.offset + done));
                 if (r < 0) {
                     if (errno == EINTR) {
@@ -162,6 +195,7 @@ struct bench {
     uint64_t image_size;
     bool write;
     bool writethrough;
+    bool fua;
     int bufsize;
     uint64_t step;
     int nrreq;
@@ -203,6 +237,9 @@ static int submit_rw(struct bench *b, uint64_t offset, struct slot *s)
     if (b->fmt == FMT_RAW) {
         return raw_submit(&b->raw, b->write ? JOB_WRITE : JOB_READ, offset, buf, (size_t)b->bufsize,
                           bench_cb, s);
+    }
+    if (b->write && b->fua) {
+        return qed_aio_write_flags(b->img, offset, buf, (size_t)b->bufsize, QED_REQ_FUA, bench_cb, s);
     }
     if (b->write) {
         return qed_aio_write(b->img, offset, buf, (size_t)b->bufsize, bench_cb, s);
@@ -348,14 +385,14 @@ static void usage(void)
 {
     printf("usage: qedbench [-f qed|raw] [-t writeback|none|writethrough|directsync] [-i AIO] [-n]\n"
            "                [-c COUNT] [-d DEPTH] [-s BUFSIZE] [-S STEP] [-o OFFSET]\n"
-           "                [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]]] [-q] [-U]\n"
-           "                [--workers=N] [--event-loop] FILE\n"
+           "                [-w [--pattern=BYTE] [--flush-interval=N [--no-drain]] [--fua]] [-q]\n"
+           "                [-U] [--workers=N] [--event-loop] FILE\n"
            "Same requests and output as qemu-img bench; see the comment at the top of\n"
            "benches/qedbench.c.\n");
     exit(EXIT_SUCCESS);
 }
 
-enum { OPT_FLUSH_INTERVAL = 256, OPT_PATTERN, OPT_NO_DRAIN, OPT_WORKERS, OPT_EVENT_LOOP };
+enum { OPT_FLUSH_INTERVAL = 256, OPT_PATTERN, OPT_NO_DRAIN, OPT_WORKERS, OPT_EVENT_LOOP, OPT_FUA };
 
 static double now_s(void)
 {
@@ -370,7 +407,8 @@ int main(int argc, char **argv)
     int64_t offset = 0;
     int64_t bufsize = 4096, step = 0;
     bool is_write = false, drain_on_flush = true, direct = false, writethrough = false;
-    bool force_share = false, event_loop = false;
+    bool force_share = false, event_loop = false, fua = false;
+    const char *io_engine = NULL;
     unsigned workers = 0;
     int c;
 
@@ -381,6 +419,7 @@ int main(int argc, char **argv)
         {"no-drain", no_argument, 0, OPT_NO_DRAIN},
         {"workers", required_argument, 0, OPT_WORKERS},
         {"event-loop", no_argument, 0, OPT_EVENT_LOOP},
+        {"fua", no_argument, 0, OPT_FUA},
         {0, 0, 0, 0},
     };
     while ((c = getopt_long(argc, argv, "hc:d:f:i:no:qs:S:t:wU", long_options, NULL)) != -1) {
@@ -407,7 +446,10 @@ int main(int argc, char **argv)
             if (strcmp(optarg, "threads") && strcmp(optarg, "native") && strcmp(optarg, "io_uring")) {
                 die("Invalid aio option: %s", optarg);
             }
-            break; /* accepted for compatibility; one I/O path */
+            if (strcmp(optarg, "native")) {
+                io_engine = optarg; /* QED_IO_ENGINE, set before the open */
+            }
+            break;
         case 'n':
             direct = true;
             break;
@@ -465,6 +507,9 @@ int main(int argc, char **argv)
         case OPT_EVENT_LOOP:
             event_loop = true;
             break;
+        case OPT_FUA:
+            fua = true;
+            break;
         default:
             fprintf(stderr, "Try 'qedbench --help' for more information.\n");
             return EXIT_FAILURE;
@@ -479,6 +524,12 @@ int main(int argc, char **argv)
     }
     if (!is_write && flush_interval) {
         die("--flush-interval is only available in write tests");
+    }
+    if (fua && !is_write) {
+        die("--fua is only available in write tests");
+    }
+    if (io_engine && setenv("QED_IO_ENGINE", io_engine, 1) < 0) {
+        die("setenv: %s", strerror(errno));
     }
     if (flush_interval && flush_interval < depth) {
         die("Flush interval can't be smaller than depth");
@@ -539,6 +590,7 @@ int main(int argc, char **argv)
         b->image_size = (uint64_t)end;
         struct raw_pool *p = &b->raw;
         p->fd = fd;
+        p->fua = fua;
         p->cap = (size_t)depth + 2;
         p->ring = calloc(p->cap, sizeof *p->ring);
         p->nthreads = depth + 1; /* one per request, one more for an undrained flush */
@@ -561,6 +613,7 @@ int main(int argc, char **argv)
 
     b->write = is_write;
     b->writethrough = writethrough && is_write;
+    b->fua = fua;
     b->bufsize = (int)bufsize;
     b->step = step ? (uint64_t)step : (uint64_t)bufsize;
     b->nrreq = depth;
