@@ -89,6 +89,12 @@ pub struct EngineStats {
     pub threads: usize,
 }
 
+/// Whether valgrind runs this process (its preloaded core library is in LD_PRELOAD).
+#[cfg(target_os = "linux")]
+fn under_valgrind() -> bool {
+    std::env::var_os("LD_PRELOAD").is_some_and(|v| v.to_string_lossy().contains("vgpreload"))
+}
+
 fn default_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cpus * 2 + 4).min(64)
@@ -176,6 +182,15 @@ impl Engine {
         let (ring, backend) = match opts.backend {
             IoBackend::Threads => (None, IoBackend::Threads),
             IoBackend::IoUring => (Some(super::uring::Ring::new(id)?), IoBackend::IoUring),
+            // Valgrind cannot follow io_uring: a thread waiting in io_uring_enter holds its
+            // lock, and the other threads never run.
+            IoBackend::Auto if under_valgrind() => {
+                qed_log!(
+                    Info,
+                    "running under valgrind: using the thread pool, not io_uring"
+                );
+                (None, IoBackend::Threads)
+            }
             IoBackend::Auto => match super::uring::Ring::new(id) {
                 Ok(r) => (Some(r), IoBackend::IoUring),
                 Err(e) => {
