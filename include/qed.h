@@ -766,7 +766,10 @@ int qed_aio_setup(struct qed_image *img, const struct qed_aio_options *opts);
  * `opaque` is passed to `cb` and never touched by the library.
  *
  * **Thread-safety:** may be called concurrently from any thread, including from inside a
- * callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`.
+ * callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`: the
+ * engine's pool threads, or its io_uring thread, which also issues every image's reads and
+ * writes. A callback should therefore return quickly and never wait for another request (no
+ * `qed_aio_drain` or `qed_close` there; on the io_uring thread they return `-EDEADLK`).
  *
  * # Safety
  * Pointers must be valid as described; `img` a live handle.
@@ -1128,7 +1131,8 @@ int qed_open_ext(const char *path, const struct qed_open_options *opts, struct q
  * **Returns:** 0, or `-errno` if the final flush or header write failed, or `-EIO` if the
  * handle had failed before (nothing is written then, and the need-check bit stays set for
  * the next read-write open to repair); the handle is freed even then, like `fclose`. From
- * inside one of the image's own callbacks it returns `-EDEADLK` and frees nothing.
+ * inside one of the image's own callbacks, or from any callback on the engine's io_uring
+ * thread (which would wait for itself), it returns `-EDEADLK` and frees nothing.
  *
  * **Ownership:** consumes `img`; it must not be used afterwards.
  *

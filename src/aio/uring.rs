@@ -22,6 +22,9 @@ use std::sync::{Arc, Mutex};
 const ENTRIES: u32 = 256;
 /// `user_data` of the read that waits on the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
+/// Pieces in the kernel at most (a request starts below it and may add up to this many), so
+/// with the wake-up read they never fill the completion queue (twice the entries).
+const MAX_IN_FLIGHT: usize = ENTRIES as usize / 2;
 /// Most iovecs one readv/writev takes (UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
@@ -257,19 +260,29 @@ impl Worker {
     fn run(mut self) {
         RING_OF.with(|r| r.set(self.me().engine_id));
         let mut local = Vec::new();
+        // Requests that wait for room: at most MAX_IN_FLIGHT pieces are in the kernel, so the
+        // completion queue (twice the entries) never overflows.
+        let mut waiting = std::collections::VecDeque::new();
         loop {
             if !self.wake_armed {
                 self.arm_wake();
             }
             std::mem::swap(&mut *lock(&self.me().inbox), &mut local);
-            let had_work = !local.is_empty();
-            for (sh, req) in local.drain(..) {
+            let had_work = !local.is_empty() || !waiting.is_empty();
+            waiting.extend(local.drain(..));
+            while self.segs.len() < MAX_IN_FLIGHT {
+                let Some((sh, req)) = waiting.pop_front() else {
+                    break;
+                };
                 self.start(sh, req);
             }
-            if self.me().stop.load(Ordering::SeqCst) && self.jobs.len() == 0 {
+            if self.me().stop.load(Ordering::SeqCst) && self.jobs.len() == 0 && waiting.is_empty() {
                 return;
             }
-            let r = if had_work {
+            let r = if !waiting.is_empty() {
+                // Full: wait for pieces to complete (some are in flight, so this wakes).
+                self.ring.submit_and_wait(1)
+            } else if had_work {
                 self.ring.submit()
             } else {
                 // Announce the sleep, then look once more: a submitter that saw `sleeping`
@@ -338,6 +351,7 @@ impl Worker {
         };
         let a = plan.target.align;
         if bufs.len() > IOV_MAX
+            || plan.pieces.len() > MAX_IN_FLIGHT
             || (a > 1
                 && (offset % a as u64 != 0
                     || bufs

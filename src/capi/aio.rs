@@ -216,7 +216,10 @@ pub unsafe extern "C" fn qed_aio_setup(img: *mut qed_image, opts: *const qed_aio
 /// `opaque` is passed to `cb` and never touched by the library.
 ///
 /// **Thread-safety:** may be called concurrently from any thread, including from inside a
-/// callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`.
+/// callback. Callbacks run on library threads unless the queue uses `QED_AIO_EVENT_LOOP`: the
+/// engine's pool threads, or its io_uring thread, which also issues every image's reads and
+/// writes. A callback should therefore return quickly and never wait for another request (no
+/// `qed_aio_drain` or `qed_close` there; on the io_uring thread they return `-EDEADLK`).
 ///
 /// # Safety
 /// Pointers must be valid as described; `img` a live handle.

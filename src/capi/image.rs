@@ -520,7 +520,8 @@ pub unsafe extern "C" fn qed_open_ext(
 /// **Returns:** 0, or `-errno` if the final flush or header write failed, or `-EIO` if the
 /// handle had failed before (nothing is written then, and the need-check bit stays set for
 /// the next read-write open to repair); the handle is freed even then, like `fclose`. From
-/// inside one of the image's own callbacks it returns `-EDEADLK` and frees nothing.
+/// inside one of the image's own callbacks, or from any callback on the engine's io_uring
+/// thread (which would wait for itself), it returns `-EDEADLK` and frees nothing.
 ///
 /// **Ownership:** consumes `img`; it must not be used afterwards.
 ///
