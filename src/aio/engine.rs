@@ -240,7 +240,9 @@ impl Engine {
         })
     }
 
-    /// The process's engine, started on first use with the defaults (and `QED_IO_ENGINE`).
+    /// The process's engine, started on first use with the defaults, or what the environment
+    /// says: `QED_IO_ENGINE` (`threads`, `io_uring`) and `QED_IO_THREADS` (pool threads at
+    /// most).
     ///
     /// # Errors
     /// As [`Engine::new`]; a failure is not remembered, so a later call tries again.
@@ -254,7 +256,15 @@ impl Engine {
         if let Some(e) = GLOBAL.get() {
             return Ok(e.clone());
         }
-        let e = Engine::new(EngineOptions::new(0, IoBackend::from_env()?))?;
+        let threads = match std::env::var("QED_IO_THREADS") {
+            Err(_) => 0,
+            Ok(v) => v.parse::<usize>().map_err(|_| Error::InvalidArgument {
+                what: "QED_IO_THREADS",
+                value: 0,
+                reason: format!("{v:?} is not a thread count"),
+            })?,
+        };
+        let e = Engine::new(EngineOptions::new(threads, IoBackend::from_env()?))?;
         Ok(GLOBAL.get_or_init(|| e).clone())
     }
 
