@@ -90,7 +90,7 @@ pub struct EngineStats {
 }
 
 /// Whether valgrind runs this process (its preloaded core library is in LD_PRELOAD).
-#[cfg(target_os = "linux")]
+#[cfg(qed_io_uring)]
 fn under_valgrind() -> bool {
     std::env::var_os("LD_PRELOAD").is_some_and(|v| v.to_string_lossy().contains("vgpreload"))
 }
@@ -117,7 +117,7 @@ pub(super) struct Inner {
     /// Requests done by the ring itself and by pool threads (see [`EngineStats`]).
     pub(super) ring_requests: AtomicU64,
     pub(super) pool_requests: AtomicU64,
-    #[cfg(target_os = "linux")]
+    #[cfg(qed_io_uring)]
     pub(super) ring: Option<super::uring::Ring>,
 }
 
@@ -178,7 +178,7 @@ impl Engine {
             opts.threads
         };
         let id = NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed);
-        #[cfg(target_os = "linux")]
+        #[cfg(qed_io_uring)]
         let (ring, backend) = match opts.backend {
             IoBackend::Threads => (None, IoBackend::Threads),
             IoBackend::IoUring => (Some(super::uring::Ring::new(id)?), IoBackend::IoUring),
@@ -199,13 +199,15 @@ impl Engine {
                 }
             },
         };
-        #[cfg(not(target_os = "linux"))]
+        #[cfg(not(qed_io_uring))]
         let backend = match opts.backend {
             IoBackend::IoUring => {
                 return Err(Error::Unsupported {
                     field: "backend",
                     value: 0,
-                    reason: "io_uring exists on Linux only".into(),
+                    reason: "this build has no io_uring engine (Linux on x86_64, aarch64, \
+                             riscv64, loongarch64 or powerpc64 only)"
+                        .into(),
                 })
             }
             _ => IoBackend::Threads,
@@ -228,10 +230,10 @@ impl Engine {
             work: Condvar::new(),
             ring_requests: AtomicU64::new(0),
             pool_requests: AtomicU64::new(0),
-            #[cfg(target_os = "linux")]
+            #[cfg(qed_io_uring)]
             ring,
         });
-        #[cfg(target_os = "linux")]
+        #[cfg(qed_io_uring)]
         if let Some(r) = &inner.ring {
             r.start(&inner)?;
         }
@@ -368,7 +370,7 @@ impl Inner {
         s.shutdown = true;
         self.work.notify_all();
         drop(s);
-        #[cfg(target_os = "linux")]
+        #[cfg(qed_io_uring)]
         if let Some(r) = &self.ring {
             r.stop();
         }

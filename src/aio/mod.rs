@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 mod engine;
 mod notify;
-#[cfg(target_os = "linux")]
+#[cfg(qed_io_uring)]
 mod uring;
 pub use engine::{Engine, EngineOptions, EngineStats, IoBackend, MAX_THREADS};
 use notify::Notifier;
@@ -286,6 +286,7 @@ impl Shared {
     }
 
     /// Queues a request for the pool.
+    #[cfg_attr(not(qed_io_uring), allow(dead_code))]
     pub(crate) fn enqueue(self: &Arc<Self>, req: Request) {
         let mut st = lock(&self.state);
         st.queue.push_back(req);
@@ -546,7 +547,7 @@ impl AioQueue {
             st.parked_flushes.push(req);
             return Ok(());
         }
-        #[cfg(target_os = "linux")]
+        #[cfg(qed_io_uring)]
         if let Some(ring) = &sh.engine.ring {
             if uring::wants(&req.op) {
                 drop(st);
@@ -629,7 +630,7 @@ impl AioQueue {
         if self.in_own_completion() {
             return Err(deadlock("drain"));
         }
-        #[cfg(target_os = "linux")]
+        #[cfg(qed_io_uring)]
         if self
             .shared
             .engine

@@ -162,6 +162,7 @@ impl std::ops::BitOr for WriteFlags {
 }
 
 /// One piece of a request that the asynchronous engine does itself.
+#[cfg_attr(not(qed_io_uring), allow(dead_code))]
 pub(crate) enum DirectPiece {
     /// Bytes of the image file.
     Host { host_offset: u64, len: u64 },
@@ -172,6 +173,7 @@ pub(crate) enum DirectPiece {
 /// A read, or an in-place write, that the engine issues straight to the image file. Holding
 /// it keeps the image's exclusive operations (resize, repair, backing change, close) out until
 /// the I/O is done, as the gate does for a synchronous request.
+#[cfg_attr(not(qed_io_uring), allow(dead_code))]
 pub(crate) struct DirectPlan {
     pub(crate) pieces: Vec<DirectPiece>,
     pub(crate) target: crate::storage::DirectTarget,
@@ -375,6 +377,7 @@ impl Image {
     /// engine then writes with RWF_DSYNC and reports the result through
     /// [`Image::finish_direct`], which fails the handle on an error as the synchronous FUA
     /// write does.
+    #[cfg_attr(not(qed_io_uring), allow(dead_code))]
     pub(crate) fn plan_direct(
         &self,
         offset: u64,
@@ -420,6 +423,7 @@ impl Image {
     }
 
     /// Counts a request the engine did itself and names the image in its error.
+    #[cfg_attr(not(qed_io_uring), allow(dead_code))]
     pub(crate) fn finish_direct(
         &self,
         write: bool,

@@ -31,6 +31,7 @@ mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
+#[cfg(qed_io_uring)]
 pub(crate) use io::{DirectPiece, DirectPlan};
 pub use io::{Extent, ExtentKind, WriteFlags};
 pub use options::{

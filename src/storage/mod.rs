@@ -157,6 +157,7 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 /// A descriptor the asynchronous engine reads and writes directly (see
 /// [`Storage::direct_target`]).
 #[doc(hidden)]
+#[cfg_attr(not(qed_io_uring), allow(dead_code))]
 pub struct DirectTarget {
     pub(crate) fd: std::os::fd::RawFd,
     /// Offsets, lengths and buffer addresses must be multiples of this (O_DIRECT).
