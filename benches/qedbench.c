@@ -45,6 +45,8 @@
 #define _GNU_SOURCE
 #include <qed.h>
 
+#include "benchutil.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -61,6 +63,8 @@
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
+
+const char *bench_name = "qedbench";
 
 enum { FMT_AUTO, FMT_QED, FMT_RAW };
 
@@ -216,18 +220,6 @@ struct bench {
     pthread_mutex_t lock;
     pthread_cond_t done_cond;
 };
-
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("qedbench: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(EXIT_FAILURE);
-}
 
 static void bench_cb(void *opaque, int ret);
 
@@ -394,13 +386,6 @@ static void usage(void)
 
 enum { OPT_FLUSH_INTERVAL = 256, OPT_PATTERN, OPT_NO_DRAIN, OPT_WORKERS, OPT_EVENT_LOOP, OPT_FUA };
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 int main(int argc, char **argv)
 {
     int count = 75000, depth = 64, pattern = 0, flush_interval = 0, fmt = FMT_AUTO;
@@ -528,9 +513,7 @@ int main(int argc, char **argv)
     if (fua && !is_write) {
         die("--fua is only available in write tests");
     }
-    if (io_engine && setenv("QED_IO_ENGINE", io_engine, 1) < 0) {
-        die("setenv: %s", strerror(errno));
-    }
+    select_io_engine(io_engine);
     if (flush_interval && flush_interval < depth) {
         die("Flush interval can't be smaller than depth");
     }

@@ -12,6 +12,8 @@
 #define _GNU_SOURCE
 #include <qed.h>
 
+#include "benchutil.h"
+
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,12 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+const char *bench_name = "qedcheck";
 
 int main(int argc, char **argv)
 {

@@ -10,6 +10,8 @@
 #define _GNU_SOURCE
 #include <qed.h>
 
+#include "benchutil.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -18,12 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+const char *bench_name = "qedcreate";
 
 static int parse_size(const char *s, uint64_t *out)
 {

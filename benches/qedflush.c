@@ -22,6 +22,8 @@
 #define _GNU_SOURCE
 #include <qed.h>
 
+#include "benchutil.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -36,17 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("qedflush: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(EXIT_FAILURE);
-}
+const char *bench_name = "qedflush";
 
 struct shared {
     bool raw;
@@ -111,31 +103,6 @@ static void *run(void *arg)
     return NULL;
 }
 
-static long parse_num(const char *s, long max, const char *what)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 0);
-    long long mult = 1;
-    switch (*end) {
-    case 'k': case 'K': mult = 1024; end++; break;
-    case 'm': case 'M': mult = 1024 * 1024; end++; break;
-    case 'g': case 'G': mult = 1024 * 1024 * 1024; end++; break;
-    default: break;
-    }
-    if (errno || end == s || *end || v < 0 || v > max / mult) {
-        die("Invalid %s specified: %s", what, s);
-    }
-    return (long)(v * mult);
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static void usage(void)
 {
     printf("usage: qedflush [-f qed|raw] [-t writeback|none] [-i threads|io_uring|native]\n"
@@ -165,7 +132,7 @@ int main(int argc, char **argv)
             usage();
             break;
         case 'c':
-            s.count = parse_num(optarg, INT_MAX, "count");
+            s.count = parse_num(optarg, 0, INT_MAX, "count");
             break;
         case 'f':
             if (!strcmp(optarg, "qed")) {
@@ -184,13 +151,13 @@ int main(int argc, char **argv)
             }
             break;
         case 'j':
-            s.nthreads = (int)parse_num(optarg, 4096, "thread count");
+            s.nthreads = (int)parse_num(optarg, 0, 4096, "thread count");
             break;
         case 'o':
-            s.offset = (uint64_t)parse_num(optarg, LONG_MAX, "offset");
+            s.offset = (uint64_t)parse_num(optarg, 0, LONG_MAX, "offset");
             break;
         case 's':
-            s.bufsize = (size_t)parse_num(optarg, 64L << 20, "buffer size");
+            s.bufsize = (size_t)parse_num(optarg, 0, 64L << 20, "buffer size");
             break;
         case 't':
             if (!strcmp(optarg, "none")) {
@@ -200,7 +167,7 @@ int main(int argc, char **argv)
             }
             break;
         case OPT_PATTERN:
-            s.pattern = (int)parse_num(optarg, 0xff, "pattern byte");
+            s.pattern = (int)parse_num(optarg, 0, 0xff, "pattern byte");
             break;
         default:
             fprintf(stderr, "Try 'qedflush --help' for more information.\n");
@@ -214,9 +181,7 @@ int main(int argc, char **argv)
         die("threads, count and buffer size must be at least 1");
     }
     const char *filename = argv[optind];
-    if (io_engine && setenv("QED_IO_ENGINE", io_engine, 1) < 0) {
-        die("setenv: %s", strerror(errno));
-    }
+    select_io_engine(io_engine);
 
     s.raw = fmt == 'r';
     if (s.raw) {

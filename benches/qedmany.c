@@ -22,6 +22,8 @@
 #define _GNU_SOURCE
 #include <qed.h>
 
+#include "benchutil.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -34,17 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("qedmany: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    exit(EXIT_FAILURE);
-}
+const char *bench_name = "qedmany";
 
 static int failures;
 
@@ -76,31 +68,6 @@ static long status_field(const char *name)
     return v;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static long parse_num(const char *s, long max, const char *what)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 0);
-    long long mult = 1;
-    switch (*end) {
-    case 'k': case 'K': mult = 1024; end++; break;
-    case 'm': case 'M': mult = 1024 * 1024; end++; break;
-    case 'g': case 'G': mult = 1024 * 1024 * 1024; end++; break;
-    default: break;
-    }
-    if (errno || end == s || *end || v < 1 || v > max / mult) {
-        die("Invalid %s specified: %s", what, s);
-    }
-    return (long)(v * mult);
-}
-
 int main(int argc, char **argv)
 {
     long n = 200;
@@ -111,10 +78,10 @@ int main(int argc, char **argv)
     while ((c = getopt(argc, argv, "hn:s:t:i:")) != -1) {
         switch (c) {
         case 'n':
-            n = parse_num(optarg, 100000, "image count");
+            n = parse_num(optarg, 1, 100000, "image count");
             break;
         case 's':
-            size = (uint64_t)parse_num(optarg, LONG_MAX, "size");
+            size = (uint64_t)parse_num(optarg, 1, LONG_MAX, "size");
             break;
         case 't':
             if (!strcmp(optarg, "none")) {
@@ -146,9 +113,7 @@ int main(int argc, char **argv)
         die("size must be a multiple of 512 and at least 128 KiB");
     }
     const char *dir = argv[optind];
-    if (io_engine && setenv("QED_IO_ENGINE", io_engine, 1) < 0) {
-        die("setenv: %s", strerror(errno));
-    }
+    select_io_engine(io_engine);
     /* a descriptor or more per image: raise the soft limit to the hard one */
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
