@@ -337,12 +337,17 @@ impl Worker {
     /// Plans a request and issues its pieces, or hands it to the pool.
     fn start(&mut self, sh: Arc<Shared>, req: Request) {
         let (offset, bufs, write, fua) = match &req.op {
-            Op::Read { offset, bufs } => (*offset, bufs.clone(), false, false),
+            Op::Read { offset, bufs } => (*offset, bufs.as_slice(), false, false),
             Op::Write {
                 offset,
                 bufs,
                 flags,
-            } => (*offset, bufs.clone(), true, flags.contains(WriteFlags::FUA)),
+            } => (
+                *offset,
+                bufs.as_slice(),
+                true,
+                flags.contains(WriteFlags::FUA),
+            ),
             _ => return sh.enqueue(req),
         };
         let total: u64 = bufs.iter().map(|b| b.len as u64).sum();
@@ -363,7 +368,7 @@ impl Worker {
         }
         let fd = plan.target.fd;
         // Cut the caller's buffers along the pieces.
-        let mut cur = Cursor::new(&bufs);
+        let mut cur = Cursor::new(bufs);
         let mut segs = Vec::new();
         for p in &plan.pieces {
             match *p {
@@ -371,11 +376,9 @@ impl Worker {
                     segs.push((host_offset, len as usize, cur.take(len as usize)))
                 }
                 DirectPiece::Zero { len } => {
-                    for v in cur.take(len as usize) {
-                        // SAFETY: a read's buffers are the caller's, valid and ours until the
-                        // completion (the submit contract).
-                        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-                    }
+                    // SAFETY: a read's buffers are the caller's, valid and ours until the
+                    // completion (the submit contract).
+                    unsafe { zero(&cur.take(len as usize)) };
                 }
             }
         }
@@ -464,10 +467,8 @@ impl Worker {
                 return self.piece_done(s, Some(std::io::Error::from_raw_os_error(libc::EIO)));
             }
             // End of the file: the rest reads as zeros, as the synchronous read has it.
-            for v in &seg.iov {
-                // SAFETY: the caller's read buffers, valid until the completion.
-                unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
-            }
+            // SAFETY: the caller's read buffers, valid until the completion.
+            unsafe { zero(&seg.iov) };
             return self.piece_done(s, None);
         }
         seg.left -= n;
@@ -566,6 +567,17 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Fills the buffers an iovec list names with zeros.
+///
+/// # Safety
+/// Each iovec names writable memory no one else uses meanwhile.
+unsafe fn zero(iov: &[libc::iovec]) {
+    for v in iov {
+        // SAFETY: forwarded contract.
+        unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
+    }
+}
+
 /// Drops the first `n` bytes of an iovec list.
 fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
     let mut drop_front = 0;
@@ -581,4 +593,123 @@ fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
         }
     }
     iov.drain(..drop_front);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AioOptions, AioQueue, Engine, EngineOptions, IoBackend, Op, RawBuf};
+    use crate::image::{CreateOptions, Image, OpenOptions, WriteFlags};
+    use crate::storage::{DirectTarget, FileStorage, Storage};
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+
+    /// The image file, except that the ring gets a descriptor open the wrong way: its reads
+    /// (write-only descriptor) and writes (read-only) fail with EBADF in the kernel.
+    struct WrongWay {
+        inner: FileStorage,
+        read_only: std::fs::File,
+        write_only: std::fs::File,
+    }
+
+    impl Storage for WrongWay {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn direct_target(&self, write: bool) -> Option<DirectTarget> {
+            let f = if write {
+                &self.read_only
+            } else {
+                &self.write_only
+            };
+            Some(DirectTarget {
+                fd: f.as_raw_fd(),
+                align: 1,
+                _pin: None,
+            })
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    fn submit_wait(q: &AioQueue, op: Op) -> crate::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // SAFETY: the caller's buffers outlive this call, which waits for the completion.
+        unsafe { q.submit(op, 0, Box::new(move |r| drop(tx.send(r)))) }.unwrap();
+        rx.recv().unwrap()
+    }
+
+    /// Errors of the ring's own reads and writes reach the request; a failed FUA write fails
+    /// the handle; what was flushed before is intact after a reopen.
+    #[test]
+    fn ring_io_errors_complete_the_request_and_lose_nothing_flushed() {
+        let Ok(engine) = Engine::new(EngineOptions::new(2, IoBackend::IoUring)) else {
+            assert_ne!(std::env::var("QED_IO_ENGINE").as_deref(), Ok("io_uring"));
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e.qed");
+        Image::create(&p, &CreateOptions::new(4 << 20)).unwrap();
+        let open = |o: &mut std::fs::OpenOptions| o.open(&p).unwrap();
+        let storage = WrongWay {
+            inner: FileStorage::open(&p, true, false).unwrap(),
+            read_only: open(std::fs::OpenOptions::new().read(true)),
+            write_only: open(std::fs::OpenOptions::new().write(true)),
+        };
+        let mut o = OpenOptions::read_write();
+        o.lock = false;
+        let img = Arc::new(Image::open_storage(Arc::new(storage), &o).unwrap());
+        img.write_at(0, &[7u8; 4096]).unwrap();
+        img.flush().unwrap();
+        let q = AioQueue::with_engine(img.clone(), AioOptions::default(), &engine).unwrap();
+        let mut b = vec![9u8; 4096];
+        let seg = |b: &mut Vec<u8>| {
+            vec![RawBuf {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            }]
+        };
+        let ebadf = |r: crate::Result<()>| {
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains("data cluster"), "{e}");
+            assert_eq!(crate::capi::errno_of(&e), libc::EBADF, "{e}");
+        };
+        let ring0 = engine.stats().ring_requests;
+        ebadf(submit_wait(
+            &q,
+            Op::Read {
+                offset: 0,
+                bufs: seg(&mut b),
+            },
+        ));
+        let write = |b: &mut Vec<u8>, flags| Op::Write {
+            offset: 0,
+            bufs: seg(b),
+            flags,
+        };
+        ebadf(submit_wait(&q, write(&mut b, WriteFlags::NONE)));
+        assert_eq!(engine.stats().ring_requests, ring0 + 2);
+        // A plain write error leaves the handle usable; a FUA one fails it.
+        let mut r = vec![0u8; 4096];
+        img.read_at(0, &mut r).unwrap();
+        assert_eq!(r, vec![7u8; 4096]);
+        ebadf(submit_wait(&q, write(&mut b, WriteFlags::FUA)));
+        assert!(img.read_at(0, &mut r).is_err());
+        q.shutdown().unwrap();
+        drop(q);
+        drop(img);
+        let img = Image::open(&p, &OpenOptions::read_write()).unwrap();
+        img.read_at(0, &mut r).unwrap();
+        assert_eq!(r, vec![7u8; 4096]);
+    }
 }
