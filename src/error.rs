@@ -99,6 +99,22 @@ pub enum Error {
     /// The image was marked unusable after an earlier failure in the middle of a metadata update.
     #[error("image unusable after an earlier error: {0}")]
     Failed(String),
+    /// A long operation was stopped by its caller through [`Progress`](crate::image::Progress)
+    /// (ECANCELED). What it had done stays done and consistent.
+    #[error("{what} cancelled")]
+    Cancelled {
+        /// The operation.
+        what: &'static str,
+    },
+    /// The image is in use in a way that forbids the request (EBUSY), e.g. already open
+    /// read-write in this process.
+    #[error("{path}: {reason}")]
+    Busy {
+        /// The image file.
+        path: String,
+        /// What holds it.
+        reason: String,
+    },
 }
 
 impl Error {

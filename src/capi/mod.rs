@@ -19,6 +19,7 @@ pub mod debug;
 pub mod engine;
 pub mod image;
 pub mod io;
+pub mod progress;
 pub mod version;
 
 /// An error on its way to C: a positive errno and the message for `qed_last_error`.
@@ -38,6 +39,8 @@ pub(crate) fn errno_of(e: &Error) -> c_int {
         Error::Corrupt { .. } | Error::Failed(_) => libc::EIO,
         Error::ReadOnly => libc::EROFS,
         Error::Locked { .. } => libc::EAGAIN,
+        Error::Cancelled { .. } => libc::ECANCELED,
+        Error::Busy { .. } => libc::EBUSY,
         Error::BackingRefused { .. } => libc::EACCES,
         Error::Backing { source, .. } => errno_of(source),
         Error::Io { source, .. } => match source.raw_os_error() {
@@ -248,6 +251,14 @@ mod tests {
                 libc::ENOENT,
             ),
             (Error::Failed(String::new()), libc::EIO),
+            (Error::Cancelled { what: "check" }, libc::ECANCELED),
+            (
+                Error::Busy {
+                    path: String::new(),
+                    reason: String::new(),
+                },
+                libc::EBUSY,
+            ),
             (
                 Error::BackingRefused {
                     name: String::new(),

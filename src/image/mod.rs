@@ -24,6 +24,7 @@ mod check;
 mod io;
 mod l2cache;
 mod options;
+mod progress;
 mod rangelock;
 mod stats;
 mod timer;
@@ -38,6 +39,7 @@ pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
 };
+pub use progress::Progress;
 pub use stats::ImageStats;
 
 use crate::error::{Error, IoContext, Result};
