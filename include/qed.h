@@ -6,7 +6,8 @@
  * - Errors: functions return 0 (or a documented non-negative count) on success and a negative
  *   errno on failure: -EINVAL for bad arguments and invalid images, -ENOTSUP for unsupported
  *   features, -EIO for corrupt metadata, -EROFS for writes to read-only images, -EAGAIN when
- *   another process holds the image's lock. qed_last_error() then returns a message naming the
+ *   another process holds the image's lock, -EBUSY when another handle of this process has it
+ *   open in a conflicting mode, -ECANCELED when a progress callback stopped a long operation. qed_last_error() then returns a message naming the
  *   function and what was wrong (the header field and its value, the argument); it is per
  *   thread, never NULL, and valid until the thread's next qed_ call. qed_strerror() gives
  *   static text for any errno value.
@@ -241,6 +242,12 @@
  * close, never by timer.
  */
 #define QED_WRITEBACK_AT_FLUSH UINT32_MAX
+
+/**
+ * `qed_open_options.need_check_delay_ms`: no idle timer; the need-check bit is cleared only at
+ * close, by `qed_settle` and by `qed_aio_drain`.
+ */
+#define QED_NEED_CHECK_AT_CLOSE UINT32_MAX
 
 /**
  * Major version of this library.
@@ -582,6 +589,13 @@ typedef struct qed_open_options {
    * `qed_engine` at any time.
    */
   const struct qed_engine *engine;
+  /**
+   * Read-write opens: milliseconds without metadata updates (allocations, new zero
+   * clusters) after which a library thread writes everything back and clears the
+   * need-check bit, so a host that dies while the guest idles leaves a clean image (0: 5000,
+   * as QEMU; `QED_NEED_CHECK_AT_CLOSE`: only at close, `qed_settle` and `qed_aio_drain`).
+   */
+  uint32_t need_check_delay_ms;
 } qed_open_options;
 
 /**
@@ -877,9 +891,12 @@ int qed_aio_flush(struct qed_image *img, qed_completion_fn cb, void *opaque);
 
 /**
  * Waits until every submitted request has completed and its callback has returned. With
- * `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread.
+ * `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread. Then, if the image has
+ * had metadata updates since its need-check bit was last cleared and the idle timer is
+ * pending, it settles the image at once, as QEMU does on drain (see `qed_settle`).
  *
- * **Returns:** 0; `-EDEADLK` when called from inside a callback of this image.
+ * **Returns:** 0; `-EDEADLK` when called from inside a callback of this image. (A storage
+ * failure while settling fails the handle as a failed flush does; later calls report it.)
  *
  * **Thread-safety:** may be called from any thread except from this image's callbacks.
  *
@@ -1084,7 +1101,9 @@ int qed_engine_get_stats(const struct qed_engine *eng, struct qed_engine_stats *
  *
  * **Returns:** 0 and a handle in `*out`; `-EINVAL` for NULL arguments, unknown flags or an
  * invalid header; `-ENOTSUP` for unsupported features or backing formats; `-EAGAIN` when
- * another process holds a conflicting lock; `-EIO` for corruption that a read-write open could
+ * another process holds a conflicting lock; `-EBUSY` when another handle of this process has the
+ * file open read-write, or read-only for a read-write open (share that handle, or
+ * `qed_reopen` it); `-EIO` for corruption that a read-write open could
  * not repair; other `-errno` from the operating system.
  *
  * **Ownership:** `path` is borrowed for the call. The handle must eventually be released with
@@ -1268,6 +1287,46 @@ int qed_writev_flags(struct qed_image *img, uint64_t offset, const struct iovec 
  * must come from `qed_open*` and not have been closed.
  */
 int qed_flush(struct qed_image *img);
+
+/**
+ * Switches an open image between read-only (`flags` 0) and read-write (`flags`
+ * `QED_OPEN_RDWR`) in place, keeping its caches, its backing chain (always read-only) and its
+ * asynchronous queue, as QEMU's reopen does for live commit and snapshots. The file locks
+ * change as QEMU's do, so other processes see the new mode. Going read-only writes everything
+ * back and clears the need-check bit first, as `qed_close` does; going read-write repairs an
+ * image whose need-check bit is set, as `qed_open` does.
+ *
+ * **Returns:** 0 (also when the image is already in that mode); `-ENOTSUP` for any other flag
+ * bit (they are fixed at open) or, off Linux, for image files; `-EBUSY` when another handle of
+ * this process has the file open in a conflicting way; `-EAGAIN` when another process does;
+ * `-EINVAL` for a read-write reopen of a `QED_OPEN_FORCE_SHARE` handle; `-EIO` when the repair
+ * leaves corruptions. On error the handle keeps its old mode (a storage failure fails the
+ * handle, as for `qed_flush`).
+ *
+ * **Thread-safety:** may be called from any thread; waits for requests in flight, and requests
+ * submitted meanwhile wait for it. Not from this image's completion callbacks.
+ *
+ * # Safety
+ * `img` must come from `qed_open*` and not have been closed.
+ */
+int qed_reopen(struct qed_image *img, unsigned int flags);
+
+/**
+ * Writes everything back and clears the need-check bit now, as the idle timer does (see
+ * `qed_open_options.need_check_delay_ms`): the file is then clean, and a crash before the next
+ * allocating write needs no repair at the next open. For a caller about to copy or snapshot the
+ * file, or whose guest is quiesced.
+ *
+ * **Returns:** 0 (also on a read-only image, which has nothing to do); `-errno` from the
+ * storage, which is fatal for the handle as for `qed_flush`.
+ *
+ * **Thread-safety:** may be called from any thread; waits for requests in flight, and requests
+ * submitted meanwhile wait for it.
+ *
+ * # Safety
+ * `img` must come from `qed_open*` and not have been closed.
+ */
+int qed_settle(struct qed_image *img);
 
 /**
  * Makes `len` guest bytes at `offset` read as zeros: whole unallocated clusters become zero

@@ -26,6 +26,8 @@ enum Guest {
     Zeroes(u64, u64),
     Truncate(u64),
     Flush,
+    /// Write everything back and clear the need-check bit (what the idle timer does).
+    Settle,
     /// Repair with leak reclaim (guest data must not change).
     Repair,
     Close,
@@ -203,6 +205,7 @@ fn apply(img: &Image, g: &Guest) {
         Guest::Zeroes(off, len) => img.write_zeroes(*off, *len).unwrap(),
         Guest::Truncate(n) => img.truncate(*n).unwrap(),
         Guest::Flush => img.flush().unwrap(),
+        Guest::Settle => img.settle().unwrap(),
         Guest::Repair => {
             let r = img.check(CheckFix::ALL).unwrap();
             assert_eq!(r.corruptions, 0);
@@ -385,7 +388,11 @@ fn explore(
             .guest
             .iter()
             .rposition(|(g, _, end)| {
-                *end <= k && matches!(g, Guest::Flush | Guest::Close | Guest::Repair)
+                *end <= k
+                    && matches!(
+                        g,
+                        Guest::Flush | Guest::Settle | Guest::Close | Guest::Repair
+                    )
             })
             .map_or(0, |i| i + 1);
         while applied_guest < durable_upto {
@@ -411,6 +418,23 @@ fn verify(
     repair_first: bool,
 ) {
     let s = Arc::new(MemStorage::from_bytes(disk));
+    // A clear need-check bit is a promise that the image needs no repair: check it without one.
+    {
+        let opts = OpenOptions {
+            no_repair: true,
+            ..setup.opts(false)
+        };
+        let img = Image::open_storage(s.clone(), &opts)
+            .unwrap_or_else(|e| panic!("crash point {k}: read-only open failed: {e}"));
+        if !img.info().unwrap().needs_check && !repair_first {
+            let r = img.check(CheckFix::NONE).unwrap();
+            assert_eq!(
+                (r.corruptions, r.leaks, r.check_errors),
+                (0, 0, 0),
+                "crash point {k}: the need-check bit is clear but the image is not clean: {r:?}"
+            );
+        }
+    }
     let img = Image::open_storage(s.clone(), &setup.opts(true))
         .unwrap_or_else(|e| panic!("crash point {k}: read-write open failed: {e}"));
     if repair_first {
@@ -507,6 +531,7 @@ fn workload(rng: &mut Rng, setup: &Setup, n: usize) -> Vec<Guest> {
                 size += cs;
                 w.push(Guest::Truncate(size));
             }
+            8 => w.push(Guest::Settle),
             _ => w.push(Guest::Flush),
         }
     }

@@ -609,6 +609,7 @@ fn pieces_being_written_back_stay_in_the_cache() {
     let opts = OpenOptions {
         l2_cache_bytes: 0,
         writeback_delay: None,
+        need_check_delay: None,
         ..rw(Some(base))
     };
     let img = Arc::new(Image::open_storage(hooked.clone(), &opts).unwrap());

@@ -165,6 +165,7 @@ fn opts(backing: &Option<Arc<dyn Storage>>, writable: bool) -> OpenOptions {
         }),
         // Deterministic call sequences: no timer (swept on its own below).
         writeback_delay: None,
+        need_check_delay: None,
         ..Default::default()
     }
 }

@@ -17,6 +17,7 @@ use mem_image::{create, read, CS};
 fn rw(backing: Option<Arc<MemStorage>>) -> OpenOptions {
     OpenOptions {
         writeback_delay: None,
+        need_check_delay: None,
         ..mem_image::rw(backing)
     }
 }

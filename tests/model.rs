@@ -293,6 +293,7 @@ fn open_options(resolver: Option<BackingResolver>) -> OpenOptions {
         // outlive (a dead process takes its threads along): no timer here; tests/faults.rs
         // covers it.
         writeback_delay: None,
+        need_check_delay: None,
         ..Default::default()
     }
 }

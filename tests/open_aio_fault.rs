@@ -60,6 +60,7 @@ fn a_queue_that_cannot_start_fails_the_open_and_changes_nothing() {
         l2_cache_size: 0,
         max_backing_depth: 0,
         writeback_delay_ms: 0,
+        need_check_delay_ms: 0,
         backing_approve: None,
         backing_approve_opaque: std::ptr::null_mut(),
         aio: &ao,

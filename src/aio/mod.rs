@@ -625,7 +625,8 @@ impl AioQueue {
     }
 
     /// Waits until every accepted request has completed and its completion has returned. In
-    /// event-loop delivery it runs the completions itself.
+    /// event-loop delivery it runs the completions itself. Then, if the need-check idle timer
+    /// is pending, settles the image at once ([`Image::settle`]).
     pub fn drain(&self) -> Result<()> {
         if self.in_own_completion() {
             return Err(deadlock("drain"));
@@ -648,6 +649,10 @@ impl AioQueue {
             }
             let st = lock(&sh.state);
             if st.outstanding == 0 {
+                drop(st);
+                // A drained guest is idle: clear the need-check bit now rather than when the
+                // idle timer comes, as QEMU does on drain.
+                sh.img.settle_if_pending();
                 return Ok(());
             }
             let timeout =

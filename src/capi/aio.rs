@@ -523,9 +523,12 @@ pub unsafe extern "C" fn qed_aio_flush(
 }
 
 /// Waits until every submitted request has completed and its callback has returned. With
-/// `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread.
+/// `QED_AIO_EVENT_LOOP` it runs the pending callbacks on this thread. Then, if the image has
+/// had metadata updates since its need-check bit was last cleared and the idle timer is
+/// pending, it settles the image at once, as QEMU does on drain (see `qed_settle`).
 ///
-/// **Returns:** 0; `-EDEADLK` when called from inside a callback of this image.
+/// **Returns:** 0; `-EDEADLK` when called from inside a callback of this image. (A storage
+/// failure while settling fails the handle as a failed flush does; later calls report it.)
 ///
 /// **Thread-safety:** may be called from any thread except from this image's callbacks.
 ///

@@ -128,6 +128,10 @@ unsafe impl Extensible for qed_extent {
 /// close, never by timer.
 pub const QED_WRITEBACK_AT_FLUSH: u32 = u32::MAX;
 
+/// `qed_open_options.need_check_delay_ms`: no idle timer; the need-check bit is cleared only at
+/// close, by `qed_settle` and by `qed_aio_drain`.
+pub const QED_NEED_CHECK_AT_CLOSE: u32 = u32::MAX;
+
 /// Approves a backing file before it is opened (`qed_open_options.backing_approve`). `path` is
 /// the file's canonical path (symbolic links resolved), `name` the name the header stores,
 /// `depth` 1 for the image's own backing file, 2 for that file's backing file, and so on. Return
@@ -174,6 +178,11 @@ pub struct qed_open_options {
     /// see `qed_engine_global`). The image keeps its own reference: the caller may free its
     /// `qed_engine` at any time.
     pub engine: *const super::engine::qed_engine,
+    /// Read-write opens: milliseconds without metadata updates (allocations, new zero
+    /// clusters) after which a library thread writes everything back and clears the
+    /// need-check bit, so a host that dies while the guest idles leaves a clean image (0: 5000,
+    /// as QEMU; `QED_NEED_CHECK_AT_CLOSE`: only at close, `qed_settle` and `qed_aio_drain`).
+    pub need_check_delay_ms: u32,
 }
 
 // SAFETY: repr(C), struct_size first, integers, raw pointers and an optional function pointer.
@@ -255,6 +264,11 @@ pub(crate) unsafe fn c_open_options(func: &str, o: *const qed_open_options) -> C
     opts.writeback_delay = match o.writeback_delay_ms {
         0 => Some(crate::image::DEFAULT_WRITEBACK_DELAY),
         QED_WRITEBACK_AT_FLUSH => None,
+        ms => Some(std::time::Duration::from_millis(ms.into())),
+    };
+    opts.need_check_delay = match o.need_check_delay_ms {
+        0 => Some(crate::image::DEFAULT_NEED_CHECK_DELAY),
+        QED_NEED_CHECK_AT_CLOSE => None,
         ms => Some(std::time::Duration::from_millis(ms.into())),
     };
     if let Some(f) = o.backing_approve {
@@ -440,7 +454,9 @@ pub(crate) unsafe fn iovecs<'a>(
 ///
 /// **Returns:** 0 and a handle in `*out`; `-EINVAL` for NULL arguments, unknown flags or an
 /// invalid header; `-ENOTSUP` for unsupported features or backing formats; `-EAGAIN` when
-/// another process holds a conflicting lock; `-EIO` for corruption that a read-write open could
+/// another process holds a conflicting lock; `-EBUSY` when another handle of this process has the
+/// file open read-write, or read-only for a read-write open (share that handle, or
+/// `qed_reopen` it); `-EIO` for corruption that a read-write open could
 /// not repair; other `-errno` from the operating system.
 ///
 /// **Ownership:** `path` is borrowed for the call. The handle must eventually be released with
@@ -811,6 +827,71 @@ pub unsafe extern "C" fn qed_flush(img: *mut qed_image) -> c_int {
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
         img.flush().in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Switches an open image between read-only (`flags` 0) and read-write (`flags`
+/// `QED_OPEN_RDWR`) in place, keeping its caches, its backing chain (always read-only) and its
+/// asynchronous queue, as QEMU's reopen does for live commit and snapshots. The file locks
+/// change as QEMU's do, so other processes see the new mode. Going read-only writes everything
+/// back and clears the need-check bit first, as `qed_close` does; going read-write repairs an
+/// image whose need-check bit is set, as `qed_open` does.
+///
+/// **Returns:** 0 (also when the image is already in that mode); `-ENOTSUP` for any other flag
+/// bit (they are fixed at open) or, off Linux, for image files; `-EBUSY` when another handle of
+/// this process has the file open in a conflicting way; `-EAGAIN` when another process does;
+/// `-EINVAL` for a read-write reopen of a `QED_OPEN_FORCE_SHARE` handle; `-EIO` when the repair
+/// leaves corruptions. On error the handle keeps its old mode (a storage failure fails the
+/// handle, as for `qed_flush`).
+///
+/// **Thread-safety:** may be called from any thread; waits for requests in flight, and requests
+/// submitted meanwhile wait for it. Not from this image's completion callbacks.
+///
+/// # Safety
+/// `img` must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_reopen(img: *mut qed_image, flags: c_uint) -> c_int {
+    const F: &str = "qed_reopen";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        let unknown = flags & !QED_OPEN_RDWR;
+        if unknown != 0 {
+            return Err(CError::core(
+                F,
+                crate::Error::Unsupported {
+                    field: "flags",
+                    value: unknown.into(),
+                    reason: "only QED_OPEN_RDWR can change at reopen".into(),
+                },
+            ));
+        }
+        img.reopen(flags & QED_OPEN_RDWR != 0).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Writes everything back and clears the need-check bit now, as the idle timer does (see
+/// `qed_open_options.need_check_delay_ms`): the file is then clean, and a crash before the next
+/// allocating write needs no repair at the next open. For a caller about to copy or snapshot the
+/// file, or whose guest is quiesced.
+///
+/// **Returns:** 0 (also on a read-only image, which has nothing to do); `-errno` from the
+/// storage, which is fatal for the handle as for `qed_flush`.
+///
+/// **Thread-safety:** may be called from any thread; waits for requests in flight, and requests
+/// submitted meanwhile wait for it.
+///
+/// # Safety
+/// `img` must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_settle(img: *mut qed_image) -> c_int {
+    const F: &str = "qed_settle";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.settle().in_fn(F)?;
         Ok(0)
     })
 }

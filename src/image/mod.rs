@@ -21,11 +21,13 @@
 
 mod backing;
 mod check;
+mod idle;
 mod io;
 mod l2cache;
 mod options;
 mod progress;
 mod rangelock;
+mod registry;
 mod stats;
 mod timer;
 mod writeback;
@@ -37,7 +39,8 @@ pub(crate) use io::{DirectPiece, DirectPlan};
 pub use io::{Extent, ExtentKind, WriteFlags};
 pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
-    DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
+    DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_NEED_CHECK_DELAY,
+    DEFAULT_WRITEBACK_DELAY,
 };
 pub use progress::Progress;
 pub use stats::ImageStats;
@@ -106,13 +109,20 @@ pub struct Image {
     /// Header length in bytes and L1 table offset: fixed for the life of the handle.
     header_bytes: u64,
     l1_offset: u64,
-    writable: bool,
+    /// Changed only by [`Image::reopen`], under the exclusive gate.
+    writable: AtomicBool,
     /// Opened with O_DIRECT (`OpenOptions::direct`).
     direct: bool,
+    /// Opened with `OpenOptions::force_share` (which a read-write reopen refuses).
+    force_share: bool,
+    /// The image file, when opened by path: what a reopen changes.
+    file: Option<Arc<FileStorage>>,
+    /// This handle's entry among the files the process has open (locked opens by path).
+    registration: Mutex<Option<registry::Registration>>,
     /// Opened without its backing file: a backing change must not open one either.
     no_backing: bool,
     path: Option<PathBuf>,
-    hs: Mutex<HeaderState>,
+    hs: Arc<Mutex<HeaderState>>,
     size: AtomicU64,
     l1: RwLock<L1>,
     /// Offsets of every valid L2 table, for overlap checks of data entries.
@@ -123,25 +133,23 @@ pub struct Image {
     validated: Mutex<HashSet<l2cache::ChunkKey>>,
     l2: L2Cache,
     /// Next free file offset (the end of the last allocated cluster).
-    alloc: Mutex<u64>,
+    alloc: Arc<Mutex<u64>>,
     alloc_end: AtomicU64,
     /// The file length as set by the allocator (the file may be longer, grown by data writes);
     /// changed only under `alloc`.
-    extended_to: AtomicU64,
+    extended_to: Arc<AtomicU64>,
     /// File length when the metadata was loaded: entries at or past it were not written by us.
     open_eof: AtomicU64,
     /// Serialises creation of L2 tables.
     table_alloc: Mutex<()>,
     ranges: RangeLock,
     backing: RwLock<Option<Backing>>,
-    dirty: AtomicBool,
-    dirty_lock: Mutex<()>,
-    /// A check of this session could not read everything or left corruptions: close keeps the
-    /// need-check bit so that the next read-write open checks (and repairs) again.
-    recheck: AtomicBool,
+    /// The need-check bit's state and the idle timer that clears it (shares the fields the
+    /// settling needs).
+    idle: Arc<idle::Idle>,
     /// Shared by I/O, exclusive for repair, resize, backing change and close.
     gate: Arc<crate::sync::PinLock>,
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
     lock: Mutex<Option<ImageLock>>,
     /// Whether the storage grows safely under concurrent writes past its end.
     grows_on_write: bool,
@@ -304,6 +312,21 @@ impl Image {
                 reason: "force-share can only be used with read-only opens".into(),
             });
         }
+        // Another handle of this process: say so, rather than let the lock blame another process.
+        let registration = if opts.lock && !opts.force_share {
+            use std::os::unix::fs::MetadataExt;
+            let m = storage
+                .file()
+                .metadata()
+                .ctx(|| format!("reading the metadata of {}", path.display()))?;
+            Some(registry::Registration::take(
+                (m.dev(), m.ino()),
+                opts.writable,
+                &path.display().to_string(),
+            )?)
+        } else {
+            None
+        };
         let lock = if opts.lock {
             let mode = match (opts.writable, opts.force_share) {
                 (true, _) => LockMode::ReadWrite,
@@ -315,13 +338,19 @@ impl Image {
             None
         };
         let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        Self::open_inner(
-            Arc::new(storage),
+        let storage = Arc::new(storage);
+        let mut img = Self::open_inner(
+            storage.clone(),
             opts,
             Some(&canon),
             std::slice::from_ref(&canon),
             lock,
-        )
+        )?;
+        img.file = Some(storage);
+        *img.registration
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = registration;
+        Ok(img)
     }
 
     /// Opens an image on caller-provided storage. A backing file is opened through
@@ -374,7 +403,7 @@ impl Image {
             Info,
             "{}: opened {}, virtual size {}, cluster size {}, table size {}{}",
             self.label(),
-            if self.writable {
+            if self.is_writable() {
                 "read-write"
             } else {
                 "read-only"
@@ -473,20 +502,53 @@ impl Image {
         let grows_on_write = storage.grows_on_write();
         let has_backing_file = header.has_backing_file();
         let storage_for_wb = storage.clone();
+        // Opened without the repair a set bit asks for: the bit must stay set.
+        let recheck = writable && header.needs_check();
+        let (header_bytes, l1_offset, image_size) = (
+            header.header_bytes(),
+            header.l1_table_offset,
+            header.image_size,
+        );
+        let hs = Arc::new(Mutex::new(HeaderState {
+            header,
+            backing_name,
+        }));
+        let gate: Arc<crate::sync::PinLock> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let alloc = Arc::new(Mutex::new(0));
+        let extended_to = Arc::new(AtomicU64::new(0));
+        let wb = Arc::new(writeback::WriteBack::new(
+            storage_for_wb,
+            opts.writeback_delay,
+            path.map(|p| p.display().to_string()),
+            counters.clone(),
+        ));
+        let idle = Arc::new(idle::Idle::new(
+            opts.need_check_delay,
+            gate.clone(),
+            storage.clone(),
+            wb.clone(),
+            hs.clone(),
+            recheck,
+            closed.clone(),
+            alloc.clone(),
+            extended_to.clone(),
+            label.to_string(),
+        ));
         let img = Image {
             storage,
             geometry,
-            header_bytes: header.header_bytes(),
-            l1_offset: header.l1_table_offset,
-            writable,
+            header_bytes,
+            l1_offset,
+            writable: AtomicBool::new(writable),
             direct: opts.direct,
+            force_share: opts.force_share,
+            file: None,
+            registration: Mutex::new(None),
             no_backing: opts.no_backing,
             path: path.map(Path::to_path_buf),
-            size: AtomicU64::new(header.image_size),
-            hs: Mutex::new(HeaderState {
-                header,
-                backing_name,
-            }),
+            size: AtomicU64::new(image_size),
+            hs,
             l1: RwLock::new(L1 {
                 entries: Vec::new(),
                 bad: Vec::new(),
@@ -495,26 +557,19 @@ impl Image {
             session_tables: RwLock::new(HashSet::new()),
             validated: Mutex::new(HashSet::new()),
             l2: L2Cache::new(opts.l2_cache_bytes),
-            alloc: Mutex::new(0),
+            alloc,
             alloc_end: AtomicU64::new(0),
-            extended_to: AtomicU64::new(0),
+            extended_to,
             open_eof: AtomicU64::new(0),
             table_alloc: Mutex::new(()),
             ranges: RangeLock::default(),
             backing: RwLock::new(backing),
-            dirty: AtomicBool::new(false),
-            dirty_lock: Mutex::new(()),
-            recheck: AtomicBool::new(false),
-            gate: Arc::default(),
-            closed: AtomicBool::new(false),
+            idle,
+            gate,
+            closed,
             lock: Mutex::new(lock),
             grows_on_write,
-            wb: Arc::new(writeback::WriteBack::new(
-                storage_for_wb,
-                opts.writeback_delay,
-                path.map(|p| p.display().to_string()),
-                counters.clone(),
-            )),
+            wb,
             write_through: AtomicBool::new(!has_backing_file),
             stats: counters,
         };
@@ -636,7 +691,7 @@ impl Image {
 
     /// Whether the image is open read-write.
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writable.load(Ordering::Acquire)
     }
 
     /// The open backing file, if any.
@@ -670,7 +725,7 @@ impl Image {
             backing_format,
             needs_check: h.needs_check(),
             file_size: self.storage.len().ctx(|| "reading image length".into())?,
-            writable: self.writable,
+            writable: self.is_writable(),
         })
     }
 
@@ -726,7 +781,7 @@ impl Image {
     /// Checks that the image is open, usable and writable.
     pub fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
-        if !self.writable {
+        if !self.is_writable() {
             return Err(Error::ReadOnly);
         }
         Ok(())
@@ -748,11 +803,12 @@ impl Image {
     /// state (QEMU does not flush it; a reordering cache could then persist an L2 update without
     /// the bit).
     fn mark_dirty(&self) -> Result<()> {
-        if self.dirty.load(Ordering::Acquire) {
+        self.idle.touched();
+        if self.idle.dirty.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _g = lock(&self.dirty_lock);
-        if self.dirty.load(Ordering::Acquire) {
+        let _g = lock(&self.idle.dirty_lock);
+        if self.idle.dirty.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut hs = lock(&self.hs);
@@ -762,7 +818,7 @@ impl Image {
         self.write_header(&h)?;
         self.sync()?;
         hs.header = h;
-        self.dirty.store(true, Ordering::Release);
+        self.idle.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -774,7 +830,7 @@ impl Image {
 
     fn flush_unnamed(&self) -> Result<()> {
         self.check_usable()?;
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
         self.writeback()
@@ -880,6 +936,16 @@ impl Image {
         self.check_writable()?;
         let _g = self.gate.write();
         let hs_header = lock(&self.hs).header.clone();
+        // An unknown compatible feature may keep data in the header area the name would
+        // overwrite, or depend on the backing file: QEMU refuses too.
+        let unknown = hs_header.compat_features & !COMPAT_FEATURE_MASK;
+        if unknown != 0 {
+            return Err(Error::Unsupported {
+                field: "compat_features",
+                value: unknown,
+                reason: "cannot change the backing file of an image with unknown compatible feature bits".into(),
+            });
+        }
         if let Some(n) = name {
             let room = hs_header.header_bytes().saturating_sub(HEADER_LEN as u64);
             if n.is_empty()
@@ -950,22 +1016,14 @@ impl Image {
     /// was refused as such) look valid, and a repair would then trust it over the data a
     /// read-only open serves there.
     fn square_file_length(&self) -> Result<()> {
-        let next = lock(&self.alloc);
-        let len = self.storage.len().ctx(|| "reading image length".into())?;
-        if len > *next {
-            self.storage
-                .set_len(*next)
-                .ctx(|| format!("setting image length to {:#x}", *next))?;
-            self.extended_to.store(*next, Ordering::Release);
-        }
-        Ok(())
+        self.idle.square_file_length()
     }
 
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
         self.check_usable()?;
-        if fix.any() && !self.writable {
+        if fix.any() && !self.is_writable() {
             return Err(Error::ReadOnly);
         }
         let _g = self.gate.write();
@@ -982,7 +1040,7 @@ impl Image {
             // A crash in the middle of a repair is repaired at the next open.
             self.mark_dirty()?;
         }
-        if self.writable {
+        if self.is_writable() {
             // The check reads the tables from the file: write staged entries back first.
             self.writeback()?;
             self.square_file_length()?;
@@ -1010,22 +1068,18 @@ impl Image {
                 r.check_errors
             );
         }
-        if r.check_errors > 0 || r.corruptions > 0 {
-            self.recheck.store(true, Ordering::Release);
+        let left = r.check_errors > 0 || r.corruptions > 0;
+        if left {
+            self.idle.recheck.store(true, Ordering::Release);
         }
         if fix.any() {
             self.load_metadata()?;
             // A repaired image with nothing left to fix is clean again, as after QEMU's
-            // `qemu-img check -r`. Everything is flushed and no request is in flight.
-            if r.corruptions == 0 && r.check_errors == 0 && header.needs_check() {
-                let _d = lock(&self.dirty_lock);
-                let mut hs = lock(&self.hs);
-                let mut h = hs.header.clone();
-                h.features &= !FEATURE_NEED_CHECK;
-                self.write_header(&h)?;
-                self.sync()?;
-                hs.header = h;
-                self.dirty.store(false, Ordering::Release);
+            // `qemu-img check -r` (the bit was set by `mark_dirty` above). No request is in
+            // flight.
+            if !left {
+                self.idle.recheck.store(false, Ordering::Release);
+                self.idle.settle_locked()?;
             }
         }
         Ok(r)
@@ -1040,6 +1094,7 @@ impl Image {
         let _g = self.gate.write();
         let r = self.named(self.close_inner());
         lock(&self.lock).take();
+        lock(&self.registration).take();
         match &r {
             Ok(()) => qed_log!(Info, "{}: closed", self.label()),
             Err(e) => qed_log!(Error, "{}: close failed: {e}", self.label()),
@@ -1050,27 +1105,181 @@ impl Image {
 
     fn close_inner(&self) -> Result<()> {
         self.wb.stop_timer();
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
-        if self.wb.is_failed() {
-            // Nothing more is written: the need-check bit stays set and the next read-write
-            // open repairs the image.
-            return Err(self.wb.failed_error());
-        }
-        self.writeback()?;
-        self.square_file_length()?;
-        self.sync()?;
-        if self.dirty.load(Ordering::Acquire) && !self.recheck.load(Ordering::Acquire) {
-            let mut hs = lock(&self.hs);
-            let mut h = hs.header.clone();
-            h.features &= !FEATURE_NEED_CHECK;
-            self.write_header(&h)?;
+        // The need-check bit stays set when the handle failed (nothing more is written) or
+        // something is left to repair: the next read-write open repairs the image.
+        if !self.idle.settle_locked()? {
+            self.square_file_length()?;
             self.sync()?;
-            hs.header = h;
-            self.dirty.store(false, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Writes everything back and clears the need-check bit now, as the idle timer does after
+    /// [`OpenOptions::need_check_delay`] without metadata updates: the file is then clean, and a
+    /// crash before the next allocating write needs no repair at the next open. For a caller
+    /// about to copy or snapshot the file, or whose guest is quiesced. Waits for requests in
+    /// flight; a read-only handle has nothing to do.
+    pub fn settle(&self) -> Result<()> {
+        self.check_usable()?;
+        if !self.is_writable() {
+            return Ok(());
+        }
+        self.named(self.idle.settle().map(|_| ()))
+    }
+
+    /// Switches the open image between read-only and read-write in place, keeping its caches and
+    /// its backing chain (which stays read-only), as QEMU's reopen does for live commit and
+    /// snapshots. The file locks change as QEMU's do: a read-write handle refuses other writers
+    /// and readers that do not share, a read-only one refuses writers only. Going read-only
+    /// writes everything back and clears the need-check bit first (as a close does); going
+    /// read-write repairs an image whose need-check bit is set (as an open does). Waits for
+    /// requests in flight; requests submitted meanwhile wait for it.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when another handle of this process has the file open in a conflicting
+    /// way; [`Error::Locked`] when another process does; [`Error::InvalidArgument`] for a
+    /// read-write reopen of a force-share handle; [`Error::Corrupt`] when the repair a
+    /// read-write reopen needs leaves corruptions (the handle stays read-only);
+    /// [`Error::Unsupported`] off Linux for image files. On any error the handle keeps its
+    /// mode (unless its storage failed, which fails the handle as a failed flush does).
+    pub fn reopen(&self, writable: bool) -> Result<()> {
+        self.named(self.reopen_unnamed(writable))
+    }
+
+    fn reopen_unnamed(&self, writable: bool) -> Result<()> {
+        self.check_usable()?;
+        if writable && self.force_share {
+            return Err(Error::InvalidArgument {
+                what: "force_share",
+                value: 1,
+                reason: "a force-share handle cannot be reopened read-write".into(),
+            });
+        }
+        let _g = self.gate.write();
+        if writable == self.is_writable() {
+            return Ok(());
+        }
+        if !writable {
+            // Leave the file as a close would: everything written back, the bit cleared.
+            self.idle.settle_locked()?;
+            self.square_file_length()?;
+            self.sync()?;
+        }
+        self.switch_mode(writable)?;
+        if writable {
+            if let Err(e) = self.prepare_writes() {
+                // A failure of the storage has failed the handle already; else go back.
+                if !self.wb.is_failed() {
+                    let _ = self.switch_mode(false);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the file's access mode, its locks and this process's registration; the caller
+    /// holds the gate exclusively.
+    fn switch_mode(&self, writable: bool) -> Result<()> {
+        let label = self.label();
+        if let Some(file) = &self.file {
+            let new = file
+                .reopen_file(writable)
+                .ctx(|| format!("reopening {label}"))?;
+            if let Some(r) = lock(&self.registration).as_mut() {
+                r.change(writable, &label)?;
+            }
+            let mut lk = lock(&self.lock);
+            if let Some(old) = lk.take() {
+                let mode = old.mode();
+                let new_mode = if writable {
+                    LockMode::ReadWrite
+                } else {
+                    LockMode::ReadOnly
+                };
+                // Locks of one process's two descriptions conflict like any others: drop the
+                // old ones first. Another process may take the file in between; we then try to
+                // get our old locks back.
+                let _ = old.unlock();
+                match lock_image(&new, new_mode) {
+                    Ok(l) => *lk = Some(l),
+                    Err(e) => {
+                        let back = lock_image(file.file(), mode);
+                        let lost = back.is_err();
+                        *lk = back.ok();
+                        drop(lk);
+                        if let Some(r) = lock(&self.registration).as_mut() {
+                            let _ = r.change(!writable, &label);
+                        }
+                        let e = lock_error(self.path.as_deref().unwrap_or(Path::new("")), e);
+                        if lost {
+                            qed_log!(Error, "{label}: reopen failed and the old locks could not be taken again: the image is open without locks");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            file.adopt(new, writable)
+                .map_err(|e| self.fail(Error::io(format!("reopening {label}"), e)))?;
+        }
+        self.writable.store(writable, Ordering::Release);
+        qed_log!(
+            Info,
+            "{label}: reopened {}",
+            if writable { "read-write" } else { "read-only" }
+        );
+        Ok(())
+    }
+
+    /// What a read-write open does before the first write: repair an image whose need-check
+    /// bit is set, clear unknown autoclear bits.
+    fn prepare_writes(&self) -> Result<()> {
+        let header = lock(&self.hs).header.clone();
+        self.idle.recheck.store(false, Ordering::Release);
+        if header.needs_check() {
+            qed_log!(
+                Info,
+                "{}: need-check bit set: checking and repairing",
+                self.label()
+            );
+            let r = self.check_locked(CheckFix::ALL);
+            let left = match &r {
+                Ok(r) => r.corruptions > 0 || r.check_errors > 0,
+                Err(_) => true,
+            };
+            if left {
+                let r = r?;
+                return Err(Error::Corrupt {
+                    what: "image",
+                    offset: 0,
+                    reason: format!(
+                        "{} corruptions and {} unreadable tables remain after the repair a read-write reopen needs; the handle stays read-only",
+                        r.corruptions, r.check_errors
+                    ),
+                });
+            }
+        }
+        if header.autoclear_features & !AUTOCLEAR_FEATURE_MASK != 0 {
+            let mut hs = lock(&self.hs);
+            let mut h = hs.header.clone();
+            h.autoclear_features &= AUTOCLEAR_FEATURE_MASK;
+            self.write_header(&h)?;
+            hs.header = h;
+        }
+        Ok(())
+    }
+
+    /// Settles now if the idle timer is pending (QEMU fires it at once on drain). A failure is
+    /// the handle's (it fails, and its requests report that), not the drain's: logged only.
+    pub(crate) fn settle_if_pending(&self) {
+        if self.is_writable() && !self.wb.is_failed() && self.idle.pending() {
+            if let Err(e) = self.idle.settle() {
+                qed_log!(Warn, "{}: settling at drain: {e}", self.label());
+            }
+        }
     }
 }
 
@@ -1122,7 +1331,7 @@ impl std::fmt::Debug for Image {
             .field("path", &self.path)
             .field("size", &self.size())
             .field("geometry", &self.geometry)
-            .field("writable", &self.writable)
+            .field("writable", &self.is_writable())
             .finish()
     }
 }

@@ -141,10 +141,18 @@ pub struct OpenOptions {
     /// and close. Images without a backing file write their entries at once and lose nothing
     /// a process death could take.
     pub writeback_delay: Option<std::time::Duration>,
+    /// Read-write opens: this long after the last metadata update (an allocation, a new zero
+    /// cluster), everything is written back and the need-check bit cleared, so a host that
+    /// dies while the guest idles leaves a clean image (default: 5 seconds, as QEMU). `None`
+    /// (or zero): the bit is cleared only at close and by [`Image::settle`](super::Image::settle).
+    pub need_check_delay: Option<std::time::Duration>,
 }
 
 /// Default for [`OpenOptions::writeback_delay`].
 pub const DEFAULT_WRITEBACK_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Default for [`OpenOptions::need_check_delay`].
+pub const DEFAULT_NEED_CHECK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Default L2 cache budget: 1 TiB of 64 KiB clusters needs 128 MiB of L2 entries.
 pub const DEFAULT_L2_CACHE_BYTES: usize = 128 << 20;
@@ -166,6 +174,7 @@ impl Default for OpenOptions {
             backing_approver: None,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             writeback_delay: Some(DEFAULT_WRITEBACK_DELAY),
+            need_check_delay: Some(DEFAULT_NEED_CHECK_DELAY),
         }
     }
 }
@@ -185,6 +194,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("backing_approver", &self.backing_approver.is_some())
             .field("max_backing_depth", &self.max_backing_depth)
             .field("writeback_delay", &self.writeback_delay)
+            .field("need_check_delay", &self.need_check_delay)
             .finish()
     }
 }

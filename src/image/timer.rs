@@ -1,19 +1,24 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! One process-wide timer thread for the delayed write-back of staged L2 entries, however many
-//! images are open. It holds only weak references: an image closed or dropped before its
+//! One process-wide timer thread for the delayed write-back of staged L2 entries and the
+//! need-check idle timer, however many images are open. It holds only weak references: an image closed or dropped before its
 //! write-back is due is never kept alive, and its entry just expires. The thread starts with
 //! the first write-back due (every signal blocked, as all library threads) and then stays.
 
 use super::lock;
-use super::writeback::WriteBack;
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
+/// Something the timer runs when it is due.
+pub(super) trait Fire: Send + Sync {
+    /// Runs on the timer thread; other images' timers wait meanwhile.
+    fn fire(self: std::sync::Arc<Self>);
+}
+
 #[derive(Default)]
 struct Queue {
-    /// Write-backs by due time (then by arrival, so equal times do not collide).
-    due: BTreeMap<(Instant, u64), Weak<WriteBack>>,
+    /// Timers by due time (then by arrival, so equal times do not collide).
+    due: BTreeMap<(Instant, u64), Weak<dyn Fire>>,
     arrivals: u64,
     started: bool,
 }
@@ -25,9 +30,9 @@ struct Timer {
 
 static TIMER: OnceLock<Timer> = OnceLock::new();
 
-/// Runs `wb`'s [`WriteBack::timer_fired`] at `at`, unless it is gone by then. False when the
-/// timer thread cannot be started (entries then wait for the next flush, as with no delay).
-pub(super) fn schedule(at: Instant, wb: Weak<WriteBack>) -> bool {
+/// Runs `f`'s [`Fire::fire`] at `at`, unless it is gone by then. False when the timer thread
+/// cannot be started (staged entries then wait for the next flush, as with no delay).
+pub(super) fn schedule(at: Instant, wb: Weak<dyn Fire>) -> bool {
     let t = TIMER.get_or_init(|| Timer {
         queue: Mutex::new(Queue::default()),
         cv: Condvar::new(),
@@ -52,7 +57,7 @@ pub(super) fn schedule(at: Instant, wb: Weak<WriteBack>) -> bool {
     true
 }
 
-/// The timer thread: fires each write-back when due, one at a time, holding no lock while it
+/// The timer thread: fires each timer when due, one at a time, holding no lock while it
 /// runs (images schedule and close meanwhile).
 fn run(t: &'static Timer) {
     loop {
@@ -71,8 +76,8 @@ fn run(t: &'static Timer) {
             }
         };
         drop(q);
-        if let Some(wb) = wb.and_then(|w| w.upgrade()) {
-            wb.timer_fired();
+        if let Some(f) = wb.and_then(|w| w.upgrade()) {
+            f.fire();
         }
     }
 }

@@ -320,12 +320,13 @@ impl WriteBack {
         }
         // A delay too long to represent never comes: only flushes write back.
         if let Some(at) = Instant::now().checked_add(delay) {
-            t.armed = super::timer::schedule(at, Arc::downgrade(self));
+            let weak = Arc::downgrade(&(self.clone() as Arc<dyn super::timer::Fire>));
+            t.armed = super::timer::schedule(at, weak);
         }
     }
 
     /// The timer's call when the write-back is due.
-    pub(super) fn timer_fired(&self) {
+    fn timer_fired(&self) {
         {
             let mut t = lock(&self.timer);
             t.armed = false;
@@ -341,5 +342,11 @@ impl WriteBack {
     /// beside close's own; close does not wait for the timer.
     pub(super) fn stop_timer(&self) {
         lock(&self.timer).stop = true;
+    }
+}
+
+impl super::timer::Fire for WriteBack {
+    fn fire(self: Arc<Self>) {
+        self.timer_fired();
     }
 }

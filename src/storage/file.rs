@@ -20,7 +20,8 @@ const IOV_MAX: usize = 1024;
 pub struct FileStorage {
     file: File,
     direct: bool,
-    writable: bool,
+    /// Changed only by [`FileStorage::adopt`], while the image admits no I/O.
+    writable: std::sync::atomic::AtomicBool,
     /// O_DIRECT only: aligned writes share it, a bounced read-modify-write of an unaligned
     /// write (and set_len) holds it alone, so it never writes an old copy of a block back over
     /// an aligned write that landed between its read and its write.
@@ -38,7 +39,7 @@ pub struct FileStorage {
     /// trip each, and survive the death of the process as data writes do. The kernel keeps the
     /// two coherent: an O_DIRECT read or write of a range first writes back (and drops) its
     /// cached pages, and data and tables never share a block (clusters are 4 KiB or more).
-    meta: Option<File>,
+    meta: std::sync::OnceLock<File>,
 }
 
 impl FileStorage {
@@ -57,15 +58,19 @@ impl FileStorage {
         } else {
             None
         };
+        let meta_lock = std::sync::OnceLock::new();
+        if let Some(m) = meta {
+            let _ = meta_lock.set(m);
+        }
         Ok(FileStorage {
             file,
             direct,
-            writable,
+            writable: writable.into(),
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
-            meta,
+            meta: meta_lock,
         })
     }
 
@@ -81,12 +86,12 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             direct: false,
-            writable: true,
+            writable: true.into(),
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
-            meta: None,
+            meta: std::sync::OnceLock::new(),
         })
     }
 
@@ -95,12 +100,12 @@ impl FileStorage {
         FileStorage {
             file,
             direct: false,
-            writable,
+            writable: writable.into(),
             rmw: Default::default(),
             buffered_writes: Mutex::new(()),
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
-            meta: None,
+            meta: std::sync::OnceLock::new(),
         }
     }
 
@@ -111,7 +116,55 @@ impl FileStorage {
 
     /// Whether the file was opened for writing.
     pub fn is_writable(&self) -> bool {
+        self.writable.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Opens the same file again (the same inode, whatever its path now names), read-write or
+    /// read-only, with this storage's O_DIRECT setting, for [`FileStorage::adopt`]. Linux only
+    /// (through `/proc/self/fd`); elsewhere `Unsupported`.
+    pub(crate) fn reopen_file(&self, writable: bool) -> io::Result<File> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use std::os::fd::AsRawFd;
+            let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+            let mut o = OpenOptions::new();
+            o.read(true).write(writable);
+            if self.direct {
+                sys::open_direct(&mut o, &path)
+            } else {
+                o.open(&path)
+            }
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = writable;
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "reopening an image file is implemented on Linux only",
+            ))
+        }
+    }
+
+    /// Makes this storage's descriptor refer to `new` (from [`FileStorage::reopen_file`]),
+    /// atomically for other threads; the old open file description, and the locks it holds, go
+    /// when its last descriptor closes. The caller admits no I/O meanwhile.
+    pub(crate) fn adopt(&self, new: File, writable: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if writable && self.direct && self.meta.get().is_none() {
+            let path = format!("/proc/self/fd/{}", new.as_raw_fd());
+            let m = OpenOptions::new().read(true).write(true).open(path)?;
+            let _ = self.meta.set(m);
+        }
+        // SAFETY: both descriptors are open and ours; dup2 replaces `self.file`'s descriptor
+        // in one step (close-on-exec is set again below, as dup2 clears it).
+        if unsafe { libc::dup2(new.as_raw_fd(), self.file.as_raw_fd()) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fcntl on our own descriptor; no memory effects.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         self.writable
+            .store(writable, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn aligned(&self, ptrs: impl Iterator<Item = (usize, usize)>, offset: u64) -> bool {
@@ -342,7 +395,7 @@ impl Storage for FileStorage {
     fn direct_target(&self, write: bool) -> Option<super::DirectTarget> {
         // Buffered writes stay on the synchronous path: io_uring hands them to kernel worker
         // threads on most file systems, which costs more than the pool's own writes.
-        if write && !(self.direct && self.writable) {
+        if write && !(self.direct && self.is_writable()) {
             return None;
         }
         let pin = if self.direct && write {
@@ -390,7 +443,7 @@ impl Storage for FileStorage {
     }
 
     fn write_metadata_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match &self.meta {
+        match self.meta.get() {
             Some(m) => {
                 use std::os::unix::fs::FileExt;
                 sys::to_off(offset.saturating_add(buf.len() as u64))?;
