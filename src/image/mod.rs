@@ -27,6 +27,7 @@ mod options;
 mod progress;
 mod rangelock;
 mod stats;
+mod stream;
 mod timer;
 mod writeback;
 
@@ -111,6 +112,9 @@ pub struct Image {
     direct: bool,
     /// Opened without its backing file: a backing change must not open one either.
     no_backing: bool,
+    /// Reads served by the backing file copy its clusters into the image
+    /// (`OpenOptions::copy_on_read`).
+    copy_on_read: bool,
     path: Option<PathBuf>,
     hs: Mutex<HeaderState>,
     size: AtomicU64,
@@ -394,6 +398,13 @@ impl Image {
         lock: Option<ImageLock>,
     ) -> Result<Image> {
         let label = stats::label_of(path);
+        if opts.copy_on_read && !opts.writable {
+            return Err(Error::InvalidArgument {
+                what: "copy_on_read",
+                value: 1,
+                reason: "copy-on-read writes into the image: it needs a read-write open".into(),
+            });
+        }
         let counters = Arc::new(stats::Counters::default());
         let file_len = storage.len().ctx(|| "reading image length".into())?;
         let mut first = [0u8; HEADER_LEN];
@@ -481,6 +492,7 @@ impl Image {
             writable,
             direct: opts.direct,
             no_backing: opts.no_backing,
+            copy_on_read: opts.copy_on_read,
             path: path.map(Path::to_path_buf),
             size: AtomicU64::new(header.image_size),
             hs: Mutex::new(HeaderState {
@@ -879,6 +891,15 @@ impl Image {
     ) -> Result<()> {
         self.check_writable()?;
         let _g = self.gate.write();
+        self.change_backing_locked(name, format)
+    }
+
+    /// [`Image::change_backing_file`] for a caller that holds the gate exclusively.
+    fn change_backing_locked(
+        &self,
+        name: Option<&str>,
+        format: Option<BackingFormat>,
+    ) -> Result<()> {
         let hs_header = lock(&self.hs).header.clone();
         if let Some(n) = name {
             let room = hs_header.header_bytes().saturating_sub(HEADER_LEN as u64);

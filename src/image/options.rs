@@ -141,6 +141,10 @@ pub struct OpenOptions {
     /// and close. Images without a backing file write their entries at once and lose nothing
     /// a process death could take.
     pub writeback_delay: Option<std::time::Duration>,
+    /// Read-write opens only: a read served by the backing file also copies the clusters it
+    /// touches into the image (QEMU's `copy-on-read`), so the next read of them stays local.
+    /// A guest write always wins over the copy; a copy that fails fails the read, as in QEMU.
+    pub copy_on_read: bool,
 }
 
 /// Default for [`OpenOptions::writeback_delay`].
@@ -166,6 +170,7 @@ impl Default for OpenOptions {
             backing_approver: None,
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             writeback_delay: Some(DEFAULT_WRITEBACK_DELAY),
+            copy_on_read: false,
         }
     }
 }
@@ -185,6 +190,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("backing_approver", &self.backing_approver.is_some())
             .field("max_backing_depth", &self.max_backing_depth)
             .field("writeback_delay", &self.writeback_delay)
+            .field("copy_on_read", &self.copy_on_read)
             .finish()
     }
 }
