@@ -160,7 +160,7 @@ static void flags_and_ranges(const char *p, qed_image *img, uint64_t size)
 
     EXPECT_ERR(qed_open(p, 1u << 20, &out), -EINVAL, "flags");
     EXPECT_ERR(qed_open(p, 0x80000000u, &out), -EINVAL, "flags");
-    EXPECT_ERR(qed_open(p, QED_OPEN_RDWR | 128, &out), -EINVAL, "flags");
+    EXPECT_ERR(qed_open(p, QED_OPEN_RDWR | (1u << 20), &out), -EINVAL, "flags");
     EXPECT(out == SENTINEL);
     EXPECT_ERR(qed_check(img, 4, &cr), -EINVAL, "fix");
     EXPECT_ERR(qed_check(img, ~0u, &cr), -EINVAL, "fix");

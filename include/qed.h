@@ -216,6 +216,13 @@
 #define QED_OPEN_CONFINE_BACKING 64
 
 /**
+ * Read-write opens only (refused with -EINVAL otherwise): a read served by the backing file
+ * also copies the clusters it touches into the image (QEMU's copy-on-read). A guest write
+ * always wins over the copy; a copy that fails fails the read, as in QEMU.
+ */
+#define QED_OPEN_COPY_ON_READ 128
+
+/**
  * The range is not allocated in this image: it reads from the backing file, or as zeros.
  */
 #define QED_BLOCK_UNALLOCATED 0
@@ -719,6 +726,34 @@ typedef struct qed_io_ops {
    */
   void (*release)(void *opaque);
 } qed_io_ops;
+
+/**
+ * Called by a long operation with how far it got: `done` of `total` (bytes for copies,
+ * clusters for checks; `done` never decreases). Return 0 to go on, anything else to stop the
+ * operation, which then returns `-ECANCELED` with everything it did left consistent. Called on
+ * the thread that called the operation, at least at the start and at the end.
+ */
+typedef int (*qed_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+/**
+ * A progress callback for long operations. Set `struct_size` first (see "Structs that grow"
+ * at the top); passing NULL where a `const qed_progress *` is taken means no reports and no
+ * cancellation.
+ */
+typedef struct qed_progress {
+  /**
+   * `sizeof(struct qed_progress)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * The callback; NULL for none.
+   */
+  qed_progress_fn progress;
+  /**
+   * Passed to `progress` unchanged.
+   */
+  void *opaque;
+} qed_progress;
 
 
 
@@ -1465,6 +1500,32 @@ int qed_open_with_io(const struct qed_io_ops *ops, void *opaque, const struct qe
  * must come from `qed_open*` and not have been closed.
  */
 int qed_create_with_io(const struct qed_io_ops *ops, void *opaque, const struct qed_create_options *opts);
+
+/**
+ * Streams the backing chain into the image while it stays in use: every cluster the image
+ * does not have is copied from the backing chain (clusters that read as zeros become zero
+ * clusters), then the data is flushed and the backing file is removed from the header, as
+ * `qed_change_backing_file(img, NULL, NULL)` does. Guest reads and writes from other threads
+ * and through the asynchronous queue go on meanwhile; a guest write always wins over the copy.
+ * `progress` (NULL for none) is called with bytes of the virtual disk.
+ *
+ * **Returns:** 0 when the image no longer has a backing file (also when it had none);
+ * `-ECANCELED` when the progress callback returned nonzero: the image is then a valid overlay
+ * that still has its backing file and reads the same, and a later `qed_stream` finishes the
+ * job (as after a crash in the middle of a stream); `-EROFS` for a read-only image;
+ * `-EINVAL` for a NULL image, a bad `progress` struct, or an image opened with
+ * `QED_OPEN_NO_BACKING` whose header names a backing file; `-errno` for I/O errors.
+ *
+ * **Ownership:** `progress` is borrowed for the duration of the call.
+ *
+ * **Thread-safety:** runs on the calling thread, which it blocks until done; the progress
+ * callback runs on that thread. Other threads may use the image meanwhile.
+ *
+ * # Safety
+ * `img` must come from `qed_open*` and not have been closed; `progress` is NULL or valid per
+ * the size-prefix rule, and its callback may be called with its `opaque`.
+ */
+int qed_stream(struct qed_image *img, const struct qed_progress *progress);
 
 /**
  * The library version, `"MAJOR.MINOR.PATCH"`.

@@ -30,6 +30,8 @@ enum Guest {
     Settle,
     /// Repair with leak reclaim (guest data must not change).
     Repair,
+    /// Stream the backing file into the image (guest data must not change).
+    Stream,
     Close,
 }
 
@@ -210,6 +212,7 @@ fn apply(img: &Image, g: &Guest) {
             let r = img.check(CheckFix::ALL).unwrap();
             assert_eq!(r.corruptions, 0);
         }
+        Guest::Stream => img.stream(&qed::image::Progress::new()).unwrap(),
         Guest::Close => img.close().unwrap(),
     }
 }
@@ -1262,4 +1265,47 @@ fn crash_states_of_concurrent_writers_and_flushes() {
     }
     println!("crash: {total} crash states of concurrent workloads explored");
     assert!(total >= 10_000, "only {total} MT crash states");
+}
+
+/// A stream copies the backing file into the overlay and then drops it from the header: at
+/// every crash point, the image (with its backing file still named, or without it once the
+/// header went out) repairs clean and reads exactly what the chain read before.
+#[test]
+fn crash_states_during_stream_read_as_the_chain() {
+    // Data with zero clusters in between (they become zero clusters) and a zero stretch.
+    let mut bytes: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8 | 0x80).collect();
+    for (i, c) in bytes.chunks_mut(4096).enumerate() {
+        if i % 7 == 3 || (128..192).contains(&i) {
+            c.fill(0);
+        }
+    }
+    let raw = Arc::new(MemStorage::from_bytes(&bytes));
+    let mut total = 0;
+    for (i, (ts, qemu, stride)) in [(1, false, 1), (2, true, 5)].into_iter().enumerate() {
+        let setup = Setup {
+            cluster_size: 4096,
+            table_size: ts,
+            size: 2 << 20,
+            qemu: qemu.then(|| QemuJudge::new(Some(&raw))),
+            backing: Some(raw.clone()),
+            fixed_length: false,
+        };
+        let mut rng = Rng::new(0x57 + i as u64);
+        // The overlay's own data: partial clusters (copied on write) and whole ones.
+        let prepare = [
+            Guest::Write(1000, pattern(&mut rng, 5000)),
+            Guest::Write(600 << 10, pattern(&mut rng, 64 << 10)),
+            Guest::Write((2 << 20) - 4096, pattern(&mut rng, 4096)),
+        ];
+        let rec = record(&setup, &prepare, &[Guest::Stream, Guest::Close]);
+        let n = explore(&setup, &rec, &mut rng, 16, stride, false);
+        println!(
+            "crash: stream (4K/ts{ts}, qemu={qemu}): {} storage ops, {n} crash states explored",
+            rec.ops.len()
+        );
+        // The stream's writes: data, entries, the header without the backing file.
+        assert!(rec.ops.len() > 20, "{} storage ops", rec.ops.len());
+        total += n;
+    }
+    assert!(total > 500, "only {total} crash states");
 }

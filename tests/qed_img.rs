@@ -981,12 +981,45 @@ fn errors_name_the_file() {
 }
 
 #[test]
+fn stream_drops_the_backing_file() {
+    let d = Dir::new();
+    raw_chain(&d);
+    qed_chain(&d);
+    for top in ["ov.qed", "top.qed"] {
+        let before = format!("{top}.raw");
+        d.qemu(&["convert", "-O", "raw", top, &before]).ok();
+        let o = d.ours(&["stream", "-p", top]).ok();
+        // qemu-img -p's lines: each ended by a carriage return, the last by a newline.
+        assert!(o.stdout.starts_with("    (0.00/100%)\r"), "{:?}", o.stdout);
+        assert!(
+            o.stdout.ends_with("    (100.00/100%)\r\n"),
+            "{:?}",
+            o.stdout
+        );
+        let info = d.qemu(&["info", top]).ok();
+        assert!(
+            !info.stdout.contains("backing file"),
+            "{top}: {}",
+            info.stdout
+        );
+        assert_eq!(d.qemu(&["check", top]).code, 0, "check {top}");
+        assert_eq!(d.qemu(&["compare", &before, top]).code, 0, "compare {top}");
+        // Nothing left to do; -q prints nothing.
+        let o = d.ours(&["stream", "-q", "-p", top]).ok();
+        assert_eq!(o.stdout, "");
+    }
+    let o = d.ours(&["stream", "-f", "raw", "base.raw"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("base.raw"), "{}", o.stderr);
+}
+
+#[test]
 fn help_lists_every_subcommand() {
     let o = Command::new(QED_IMG).arg("--help").output().unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
     for sub in [
         "create", "info", "check", "map", "convert", "compare", "resize", "rebase", "commit",
-        "bench",
+        "bench", "stream",
     ] {
         assert!(s.contains(sub), "{sub} missing from --help:\n{s}");
     }

@@ -24,13 +24,18 @@ pub const QED_OPEN_NO_LOCK: c_uint = 32;
 /// its subfolders); anything else is refused with -EACCES. Use it, or `QED_OPEN_NO_BACKING`,
 /// for images from untrusted sources (see "Backing files and security" at the top).
 pub const QED_OPEN_CONFINE_BACKING: c_uint = 64;
+/// Read-write opens only (refused with -EINVAL otherwise): a read served by the backing file
+/// also copies the clusters it touches into the image (QEMU's copy-on-read). A guest write
+/// always wins over the copy; a copy that fails fails the read, as in QEMU.
+pub const QED_OPEN_COPY_ON_READ: c_uint = 128;
 const OPEN_FLAGS: c_uint = QED_OPEN_RDWR
     | QED_OPEN_NO_BACKING
     | QED_OPEN_CHECK
     | QED_OPEN_DIRECT
     | QED_OPEN_FORCE_SHARE
     | QED_OPEN_NO_LOCK
-    | QED_OPEN_CONFINE_BACKING;
+    | QED_OPEN_CONFINE_BACKING
+    | QED_OPEN_COPY_ON_READ;
 
 /// An open image. Opaque to C.
 pub struct qed_image {
@@ -295,8 +300,15 @@ pub(crate) fn open_options(func: &str, flags: c_uint) -> CResult<OpenOptions> {
             format_args!("unknown flags {:#x}", flags & !OPEN_FLAGS),
         ));
     }
+    if flags & QED_OPEN_COPY_ON_READ != 0 && flags & QED_OPEN_RDWR == 0 {
+        return Err(CError::arg(
+            func,
+            "QED_OPEN_COPY_ON_READ writes into the image: it needs QED_OPEN_RDWR",
+        ));
+    }
     Ok(OpenOptions {
         writable: flags & QED_OPEN_RDWR != 0,
+        copy_on_read: flags & QED_OPEN_COPY_ON_READ != 0,
         no_backing: flags & QED_OPEN_NO_BACKING != 0,
         no_repair: flags & QED_OPEN_CHECK != 0,
         direct: flags & QED_OPEN_DIRECT != 0,

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod image;
 pub mod io;
 pub mod progress;
+pub mod stream;
 pub mod version;
 
 /// An error on its way to C: a positive errno and the message for `qed_last_error`.

@@ -216,6 +216,8 @@ pub(crate) fn open_by_path(
         BackingFormat::Qed => {
             let mut sub = opts.clone();
             sub.writable = false;
+            // The backing files are read, never written: copy-on-read is the top image's.
+            sub.copy_on_read = false;
             let mut chain = chain.to_vec();
             chain.push(canon.clone());
             let img = Image::logged_open(

@@ -228,8 +228,19 @@ impl Image {
         let mut cur = SgMut::new(bufs);
         let end = offset + total;
         let mut pos = offset;
+        // Copy-on-read copies each range at most once, then maps it again.
+        let mut copied_to = offset;
         while pos < end {
             let ext = self.lookup(pos, end - pos)?;
+            if ext.kind == ExtentKind::Unallocated
+                && pos >= copied_to
+                && self.copy_on_read
+                && self.is_writable()
+                && self.copy_for_read(pos, ext.length)?
+            {
+                copied_to = pos + ext.length;
+                continue;
+            }
             let mut segs = cur.take(ext.length);
             match ext.kind {
                 ExtentKind::Data { host_offset } => self
@@ -486,7 +497,7 @@ impl Image {
     }
 
     /// Bytes from `pos` to the end of the guest range its L2 table maps.
-    fn to_table_end(&self, pos: u64) -> u64 {
+    pub(super) fn to_table_end(&self, pos: u64) -> u64 {
         let bits = self.geometry.l2_coverage_bits();
         if bits >= 64 {
             return u64::MAX - pos;
@@ -621,7 +632,7 @@ impl Image {
 
     /// Points the L2 entries of the clusters starting at guest `pos` (all in one L2 table) at
     /// `values`, creating the table if needed. The data must already be written.
-    fn install_entries(&self, pos: u64, values: &[u64]) -> Result<()> {
+    pub(super) fn install_entries(&self, pos: u64, values: &[u64]) -> Result<()> {
         let g = self.geometry;
         let l1i = g.l1_index(pos) as usize;
         let l2i = g.l2_index(pos);
@@ -806,7 +817,7 @@ impl Image {
 
     /// The extent at guest `pos` (inside the image), at most `max_len` bytes, within one L2
     /// table and, when the table exists, one 512-entry piece of it.
-    fn lookup(&self, pos: u64, max_len: u64) -> Result<Extent> {
+    pub(super) fn lookup(&self, pos: u64, max_len: u64) -> Result<Extent> {
         match self.lookup_inner(pos, max_len, false)? {
             Some(e) => Ok(e),
             None => Err(Error::Failed(format!(

@@ -29,6 +29,7 @@ mod progress;
 mod rangelock;
 mod registry;
 mod stats;
+mod stream;
 mod timer;
 mod writeback;
 
@@ -121,6 +122,9 @@ pub struct Image {
     registration: Mutex<Option<registry::Registration>>,
     /// Opened without its backing file: a backing change must not open one either.
     no_backing: bool,
+    /// Reads served by the backing file copy its clusters into the image
+    /// (`OpenOptions::copy_on_read`).
+    copy_on_read: bool,
     path: Option<PathBuf>,
     hs: Arc<Mutex<HeaderState>>,
     size: AtomicU64,
@@ -423,6 +427,13 @@ impl Image {
         lock: Option<ImageLock>,
     ) -> Result<Image> {
         let label = stats::label_of(path);
+        if opts.copy_on_read && !opts.writable {
+            return Err(Error::InvalidArgument {
+                what: "copy_on_read",
+                value: 1,
+                reason: "copy-on-read writes into the image: it needs a read-write open".into(),
+            });
+        }
         let counters = Arc::new(stats::Counters::default());
         let file_len = storage.len().ctx(|| "reading image length".into())?;
         let mut first = [0u8; HEADER_LEN];
@@ -546,6 +557,7 @@ impl Image {
             file: None,
             registration: Mutex::new(None),
             no_backing: opts.no_backing,
+            copy_on_read: opts.copy_on_read,
             path: path.map(Path::to_path_buf),
             size: AtomicU64::new(image_size),
             hs,
@@ -935,6 +947,15 @@ impl Image {
     ) -> Result<()> {
         self.check_writable()?;
         let _g = self.gate.write();
+        self.change_backing_locked(name, format)
+    }
+
+    /// [`Image::change_backing_file`] for a caller that holds the gate exclusively.
+    fn change_backing_locked(
+        &self,
+        name: Option<&str>,
+        format: Option<BackingFormat>,
+    ) -> Result<()> {
         let hs_header = lock(&self.hs).header.clone();
         // An unknown compatible feature may keep data in the header area the name would
         // overwrite, or depend on the backing file: QEMU refuses too.
@@ -1127,7 +1148,11 @@ impl Image {
         if !self.is_writable() {
             return Ok(());
         }
-        self.named(self.idle.settle().map(|_| ()))
+        let _g = self.gate.write();
+        // Closed meanwhile: close settled.
+        self.check_usable()?;
+        // Also a flush: completed writes are durable when this returns, bit or no bit.
+        self.named(self.idle.settle_locked().map(|_| ()))
     }
 
     /// Switches the open image between read-only and read-write in place, keeping its caches and

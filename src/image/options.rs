@@ -146,6 +146,10 @@ pub struct OpenOptions {
     /// dies while the guest idles leaves a clean image (default: 5 seconds, as QEMU). `None`
     /// (or zero): the bit is cleared only at close and by [`Image::settle`](super::Image::settle).
     pub need_check_delay: Option<std::time::Duration>,
+    /// Read-write opens only: a read served by the backing file also copies the clusters it
+    /// touches into the image (QEMU's `copy-on-read`), so the next read of them stays local.
+    /// A guest write always wins over the copy; a copy that fails fails the read, as in QEMU.
+    pub copy_on_read: bool,
 }
 
 /// Default for [`OpenOptions::writeback_delay`].
@@ -175,6 +179,7 @@ impl Default for OpenOptions {
             max_backing_depth: DEFAULT_MAX_BACKING_DEPTH,
             writeback_delay: Some(DEFAULT_WRITEBACK_DELAY),
             need_check_delay: Some(DEFAULT_NEED_CHECK_DELAY),
+            copy_on_read: false,
         }
     }
 }
@@ -195,6 +200,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("max_backing_depth", &self.max_backing_depth)
             .field("writeback_delay", &self.writeback_delay)
             .field("need_check_delay", &self.need_check_delay)
+            .field("copy_on_read", &self.copy_on_read)
             .finish()
     }
 }

@@ -43,6 +43,9 @@ pub(crate) enum Cmd {
     Rebase(RebaseArgs),
     /// Write an overlay's clusters down into its backing file
     Commit(CommitArgs),
+    /// Copy the backing chain into the overlay, then drop the backing file (live streaming's
+    /// offline form)
+    Stream(StreamArgs),
     /// Run a simple I/O benchmark, as qemu-img bench
     ///
     /// qemu-img bench's requests in its order: DEPTH in flight, each completion starting the
@@ -255,6 +258,20 @@ pub(crate) struct RebaseArgs {
     pub(crate) cache: Option<String>,
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub(crate) src_cache: Option<String>,
+    pub(crate) file: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StreamArgs {
+    /// Image format (must be qed)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub(crate) fmt: Option<String>,
+    /// Print progress as qemu-img -p does: `    (12.34/100%)` lines ended by a carriage return
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub(crate) quiet: bool,
     pub(crate) file: String,
 }
 

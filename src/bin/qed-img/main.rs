@@ -18,6 +18,7 @@ mod json;
 mod map;
 mod rebase;
 mod resize;
+mod stream;
 
 use clap::Parser;
 pub(crate) use cli::*;
@@ -34,6 +35,7 @@ fn run(cmd: Cmd) -> CliResult<i32> {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Stream(a) => stream::run(a),
         Cmd::Bench(a) => bench::run(a),
     }
 }
