@@ -32,7 +32,7 @@ pub mod capi;
 pub use error::{Error, Result};
 pub use image::{
     Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
-    Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions, WriteFlags,
+    Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions, WriteFlags, WriteZeroesFlags,
 };
 pub use log::{set_log_callback, LogCallback, LogLevel};
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -236,6 +236,17 @@ fn apply_op(disk: &mut Vec<u8>, op: &MemOp, sectors: Option<&[bool]>) {
             }
         }
         MemOp::SetLen(n) => disk.resize(*n as usize, 0),
+        MemOp::PunchHole { offset, len } => {
+            // A punch is a write of zeros that never grows the file (torn like one, too).
+            let end = (*offset + *len).min(disk.len() as u64);
+            if *offset < end {
+                let zeros = MemOp::Write {
+                    offset: *offset,
+                    data: vec![0; (end - *offset) as usize],
+                };
+                apply_op(disk, &zeros, sectors);
+            }
+        }
         MemOp::Flush => {}
     }
 }
