@@ -18,6 +18,7 @@ mod json;
 mod map;
 mod rebase;
 mod resize;
+mod sparsify;
 
 use clap::Parser;
 pub(crate) use cli::*;
@@ -35,6 +36,7 @@ fn run(cmd: Cmd) -> CliResult<i32> {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Sparsify(a) => sparsify::run(a),
     }
 }
 
