@@ -734,14 +734,6 @@ typedef struct qed_io_ops {
    * `qed_open_with_io` fails after taking the table).
    */
   void (*release)(void *opaque);
-  /**
-   * Optional: give the space of `len` bytes at `offset` back, keeping the length; they
-   * must then read as zeros (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, NBD's trim with zeroing).
-   * Made durable by the next `flush`. Return `-ENOTSUP` where it cannot: the library then
-   * writes zeros instead, or refuses a `QED_ZERO_NO_FALLBACK` request. NULL: discard and
-   * `QED_ZERO_MAY_UNMAP` write zeros.
-   */
-  int (*punch_hole)(void *opaque, uint64_t offset, uint64_t len);
 } qed_io_ops;
 
 

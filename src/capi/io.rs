@@ -47,13 +47,6 @@ pub struct qed_io_ops {
     /// Optional: called once, after the last other callback, when the image is closed (or when
     /// `qed_open_with_io` fails after taking the table).
     pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
-    /// Optional: give the space of `len` bytes at `offset` back, keeping the length; they
-    /// must then read as zeros (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, NBD's trim with zeroing).
-    /// Made durable by the next `flush`. Return `-ENOTSUP` where it cannot: the library then
-    /// writes zeros instead, or refuses a `QED_ZERO_NO_FALLBACK` request. NULL: discard and
-    /// `QED_ZERO_MAY_UNMAP` write zeros.
-    pub punch_hole:
-        Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64) -> c_int>,
 }
 
 // SAFETY: repr(C), struct_size first, then optional function pointers (NULL when zeroed).
@@ -117,16 +110,6 @@ impl Storage for CallbackStorage {
         let f = self.ops.set_length.expect("checked at open");
         // SAFETY: calling the caller's callback with its own opaque pointer.
         ret(unsafe { f(self.opaque, len) }, "set_length")
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let Some(f) = self.ops.punch_hole else {
-            return Err(io::ErrorKind::Unsupported.into());
-        };
-        // SAFETY: calling the caller's callback with its own opaque pointer.
-        ret(unsafe { f(self.opaque, offset, len) }, "punch_hole")
-    }
-    fn can_punch_hole(&self) -> bool {
-        self.ops.punch_hole.is_some()
     }
 }
 
