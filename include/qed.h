@@ -245,6 +245,22 @@
 #define QED_REQ_FUA 1
 
 /**
+ * Flag of `qed_write_zeroes_flags` and `qed_aio_write_zeroes_flags`: whole allocated clusters
+ * may give their space back to the host file system (a hole is punched; the cluster keeps its
+ * table entry and reads as zeros) instead of being overwritten with zeros (QEMU's
+ * `BDRV_REQ_MAY_UNMAP`; NBD without `NBD_CMD_FLAG_NO_HOLE`).
+ */
+#define QED_ZERO_MAY_UNMAP 1
+
+/**
+ * Flag of `qed_write_zeroes_flags` and `qed_aio_write_zeroes_flags`: fail with `-ENOTSUP`,
+ * changing nothing, instead of writing zero bytes anywhere (a partial cluster that does not
+ * already read as zeros, or an allocated cluster without `QED_ZERO_MAY_UNMAP` or on storage
+ * that cannot punch holes): QEMU's `BDRV_REQ_NO_FALLBACK`, NBD's `NBD_CMD_FLAG_FAST_ZERO`.
+ */
+#define QED_ZERO_NO_FALLBACK 2
+
+/**
  * `qed_open_options.writeback_delay_ms`: write staged table entries back only at flush and
  * close, never by timer.
  */
@@ -446,7 +462,8 @@ typedef struct qed_stats {
    */
   uint64_t flush_requests;
   /**
-   * Requests (read, write, write zeroes, flush; synchronous or not) that returned an error.
+   * Requests (read, write, write zeroes, discard, flush; synchronous or not) that returned an
+   * error.
    */
   uint64_t failed_requests;
   /**
@@ -486,6 +503,19 @@ typedef struct qed_stats {
    * Leaked clusters those repairs reclaimed.
    */
   uint64_t leaks_fixed;
+  /**
+   * Discard requests that completed (synchronous or not).
+   */
+  uint64_t discard_requests;
+  /**
+   * Bytes those requests discarded.
+   */
+  uint64_t discard_bytes;
+  /**
+   * Data clusters whose space was given back to the host file system (discard,
+   * write-zeroes with `QED_ZERO_MAY_UNMAP`).
+   */
+  uint64_t clusters_punched;
 } qed_stats;
 
 /**
@@ -779,6 +809,16 @@ typedef struct qed_progress {
 
 
 
+
+
+
+
+
+
+
+
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -910,6 +950,32 @@ int qed_aio_writev_flags(struct qed_image *img, uint64_t offset, const struct io
  * `img` must be a live handle.
  */
 int qed_aio_write_zeroes(struct qed_image *img, uint64_t offset, uint64_t len, qed_completion_fn cb, void *opaque);
+
+/**
+ * `qed_write_zeroes_flags`, asynchronously: a refusal of `QED_ZERO_NO_FALLBACK` comes as
+ * `cb(opaque, -ENOTSUP)`, with nothing changed.
+ *
+ * **Returns:** as `qed_aio_write`; `-ENOTSUP` (and `cb` never runs) for unknown flag bits.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_write_zeroes_flags(struct qed_image *img, uint64_t offset, uint64_t len, unsigned int flags, qed_completion_fn cb, void *opaque);
+
+/**
+ * `qed_discard`, asynchronously: `cb(opaque, ret)` runs once when the range reads as zeros.
+ * Ordered like a write (a later `qed_aio_flush` covers it).
+ *
+ * **Returns:** as `qed_aio_write`.
+ *
+ * **Thread-safety:** as `qed_aio_read`.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int qed_aio_discard(struct qed_image *img, uint64_t offset, uint64_t len, qed_completion_fn cb, void *opaque);
 
 /**
  * Flushes: `cb` runs after every write submitted before this call has completed and the
@@ -1376,6 +1442,39 @@ int qed_settle(struct qed_image *img);
  * must come from `qed_open*` and not have been closed.
  */
 int qed_write_zeroes(struct qed_image *img, uint64_t offset, uint64_t len);
+
+/**
+ * Makes `len` guest bytes at `offset` read as zeros with request `flags` (`QED_ZERO_*`; 0
+ * behaves as `qed_write_zeroes`, except that unallocated clusters of an image without a
+ * backing file are left as they are).
+ *
+ * **Returns:** as `qed_write`; `-ENOTSUP` for unknown flag bits (named in `qed_last_error`),
+ * and with `QED_ZERO_NO_FALLBACK` when zeros would have to be written (nothing changed).
+ *
+ * **Thread-safety:** may be called concurrently on the same image from any thread.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_write_zeroes_flags(struct qed_image *img, uint64_t offset, uint64_t len, unsigned int flags);
+
+/**
+ * Discards `len` guest bytes at `offset`: afterwards they read as zeros (also over a backing
+ * file), and whole data clusters give their space back to the host file system (a hole is
+ * punched in the image file; the cluster keeps its table entry, so the image stays
+ * consistent). Partial clusters at the ends are written with zeros; where the storage cannot
+ * punch holes, allocated clusters are too. Durable after the next `qed_flush`.
+ *
+ * **Returns:** as `qed_write`.
+ *
+ * **Thread-safety:** may be called concurrently on the same image from any thread.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_discard(struct qed_image *img, uint64_t offset, uint64_t len);
 
 /**
  * Grows the virtual size to `new_size` bytes (a multiple of 512).

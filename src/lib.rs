@@ -33,6 +33,7 @@ pub use error::{Error, Result};
 pub use image::{
     Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
     Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions, Progress, WriteFlags,
+    WriteZeroesFlags,
 };
 pub use log::{set_log_callback, LogCallback, LogLevel};
 pub use storage::{FileStorage, MemStorage, Storage};

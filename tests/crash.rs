@@ -24,6 +24,8 @@ use std::sync::Arc;
 enum Guest {
     Write(u64, Vec<u8>),
     Zeroes(u64, u64),
+    /// A discard: reads as zeros afterwards, whole data clusters punched.
+    Discard(u64, u64),
     Truncate(u64),
     Flush,
     /// Write everything back and clear the need-check bit (what the idle timer does).
@@ -205,6 +207,7 @@ fn apply(img: &Image, g: &Guest) {
     match g {
         Guest::Write(off, d) => img.write_at(*off, d).unwrap(),
         Guest::Zeroes(off, len) => img.write_zeroes(*off, *len).unwrap(),
+        Guest::Discard(off, len) => img.discard(*off, *len).unwrap(),
         Guest::Truncate(n) => img.truncate(*n).unwrap(),
         Guest::Flush => img.flush().unwrap(),
         Guest::Settle => img.settle().unwrap(),
@@ -242,6 +245,17 @@ fn apply_op(disk: &mut Vec<u8>, op: &MemOp, sectors: Option<&[bool]>) {
             }
         }
         MemOp::SetLen(n) => disk.resize(*n as usize, 0),
+        MemOp::PunchHole { offset, len } => {
+            // A punch is a write of zeros that never grows the file (torn like one, too).
+            let end = (*offset + *len).min(disk.len() as u64);
+            if *offset < end {
+                let zeros = MemOp::Write {
+                    offset: *offset,
+                    data: vec![0; (end - *offset) as usize],
+                };
+                apply_op(disk, &zeros, sectors);
+            }
+        }
         MemOp::Flush => {}
     }
 }
@@ -257,7 +271,9 @@ fn apply_model(m: &mut Expect, g: &Guest) {
         Guest::Write(off, d) => {
             m.durable[*off as usize..*off as usize + d.len()].copy_from_slice(d)
         }
-        Guest::Zeroes(off, len) => m.durable[*off as usize..(*off + *len) as usize].fill(0),
+        Guest::Zeroes(off, len) | Guest::Discard(off, len) => {
+            m.durable[*off as usize..(*off + *len) as usize].fill(0)
+        }
         Guest::Truncate(n) => {
             // The grown area reads as zeros, whatever the backing file holds there.
             m.durable[m.durable_size as usize..*n as usize].fill(0);
@@ -494,7 +510,9 @@ fn check_bytes(img: &Image, got: &[u8], m: &Expect, inflight: &[&Guest], k: usiz
             Guest::Write(off, d) => {
                 (*off as usize..*off as usize + d.len()).contains(&i) && d[i - *off as usize] == b
             }
-            Guest::Zeroes(off, len) => (*off..*off + *len).contains(&(i as u64)) && b == 0,
+            Guest::Zeroes(off, len) | Guest::Discard(off, len) => {
+                (*off..*off + *len).contains(&(i as u64)) && b == 0
+            }
             _ => false,
         });
         if !ok && std::env::var("QED_CRASH_DEBUG").is_ok() {
@@ -651,6 +669,77 @@ fn crash_states_of_mixed_workloads_are_all_recoverable() {
     println!("crash: {total} crash states explored in all (seed {seed:#x})");
     // README promises 13,000+ crash states per run (mixed workloads; repair's are extra).
     assert!(total >= 13_000, "only {total} crash states explored");
+}
+
+/// Discards in the crash enumeration: an image full of data (flushed before recording), then
+/// discards (whole clusters punched, partial ends written, unallocated clusters over the
+/// backing file made zero clusters), writes into punched clusters and flushes. Every crash
+/// state after a flushed discard reads zeros there; before the flush, each byte reads old or
+/// zero, never anything else; every state repairs clean. The memory storage logs each punch,
+/// which a crash keeps, drops or tears like a write of zeros.
+#[test]
+fn crash_states_of_discards_are_all_recoverable() {
+    let raw = Arc::new(MemStorage::from_bytes(
+        &(0..(2u32 << 20))
+            .map(|i| (i % 251) as u8 | 0x40)
+            .collect::<Vec<_>>(),
+    ));
+    let mut total = 0;
+    for (i, (cluster_size, backing, fixed_length)) in [
+        (4096u32, None, false),
+        (8192, Some(raw.clone()), false),
+        (4096, Some(raw.clone()), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let setup = Setup {
+            cluster_size,
+            table_size: 1,
+            size: 1 << 20,
+            backing,
+            fixed_length,
+            qemu: None,
+        };
+        let cs = cluster_size as u64;
+        let mut rng = Rng::new(0xD15C + i as u64);
+        // Half the image written before recording (the rest stays unallocated).
+        let prepare = vec![Guest::Write(
+            0,
+            pattern(&mut rng, (setup.size / 2) as usize),
+        )];
+        let mut w = Vec::new();
+        for _ in 0..24 {
+            let off = rng.below(setup.size / 512) * 512 + rng.below(2) * rng.below(512);
+            let len = (1 + rng.below(6 * cs)).min(setup.size - off);
+            match rng.below(6) {
+                0..=2 => w.push(Guest::Discard(off, len)),
+                3 => {
+                    let c = rng.below(setup.size / cs) * cs;
+                    w.push(Guest::Discard(c, cs * (1 + rng.below(3))));
+                }
+                4 => w.push(Guest::Write(off, pattern(&mut rng, len.min(cs) as usize))),
+                _ => w.push(Guest::Flush),
+            }
+        }
+        w.push(Guest::Flush);
+        w.push(Guest::Close);
+        let rec = record(&setup, &prepare, &w);
+        assert!(
+            rec.ops.iter().any(|o| matches!(o, MemOp::PunchHole { .. })),
+            "the workload punched nothing"
+        );
+        let n = explore(&setup, &rec, &mut rng, 16, 1, false);
+        println!(
+            "crash (discard): {}K backing={} fixed_length={}: {} storage ops, {n} crash states",
+            cluster_size / 1024,
+            setup.backing.is_some(),
+            fixed_length,
+            rec.ops.len()
+        );
+        total += n;
+    }
+    assert!(total >= 1000, "only {total} crash states explored");
 }
 
 /// QEMU cannot open table_size 1, which every setup above uses: these geometries are QEMU's

@@ -200,6 +200,12 @@ fn crash_states_from(base: &[u8], ops: &[MemOp], from: usize, mut visit: impl Fn
                 disk[start..end].copy_from_slice(data);
             }
             MemOp::SetLen(n) => disk.resize(*n as usize, 0),
+            MemOp::PunchHole { offset, len } => {
+                let end = ((*offset + *len) as usize).min(disk.len());
+                if (*offset as usize) < end {
+                    disk[*offset as usize..end].fill(0);
+                }
+            }
             MemOp::Flush => {}
         }
     }

@@ -157,7 +157,15 @@ fn model_run(dir: &Path, direct: bool, engine: &Engine) {
             let kind = rng(&mut seed) % 4;
             if kind == 0 {
                 // zeroes, sometimes over whole clusters
-                submit_wait(&q, Op::WriteZeroes { offset: off, len }).unwrap();
+                submit_wait(
+                    &q,
+                    Op::WriteZeroes {
+                        offset: off,
+                        len,
+                        flags: Default::default(),
+                    },
+                )
+                .unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             } else if kind == 1 {
                 let mut at = off as usize;

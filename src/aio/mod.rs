@@ -17,7 +17,7 @@
 //! engine completes with `EIO`.
 
 use crate::error::{Error, Result};
-use crate::image::{Image, WriteFlags};
+use crate::image::{Image, WriteFlags, WriteZeroesFlags};
 use crate::log::qed_log;
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::RawFd;
@@ -63,8 +63,19 @@ pub enum Op {
         /// Per-request flags ([`WriteFlags::FUA`]).
         flags: WriteFlags,
     },
-    /// Write zeroes.
+    /// Write zeroes ([`Image::write_zeroes`], or [`Image::write_zeroes_flags`] when `flags`
+    /// has any).
     WriteZeroes {
+        /// Guest offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Request flags.
+        flags: WriteZeroesFlags,
+    },
+    /// Discard ([`Image::discard`]): the range reads as zeros, whole clusters give their space
+    /// back.
+    Discard {
         /// Guest offset.
         offset: u64,
         /// Length in bytes.
@@ -173,7 +184,10 @@ pub(crate) struct Request {
 
 impl Request {
     fn is_write(&self) -> bool {
-        matches!(self.op, Op::Write { .. } | Op::WriteZeroes { .. })
+        matches!(
+            self.op,
+            Op::Write { .. } | Op::WriteZeroes { .. } | Op::Discard { .. }
+        )
     }
 }
 
@@ -366,7 +380,11 @@ impl Shared {
                     .collect();
                 img.write_sg_flags(*offset, &v, *flags)
             }
-            Op::WriteZeroes { offset, len } => img.write_zeroes(*offset, *len),
+            Op::WriteZeroes { offset, len, flags } if *flags == WriteZeroesFlags::NONE => {
+                img.write_zeroes(*offset, *len)
+            }
+            Op::WriteZeroes { offset, len, flags } => img.write_zeroes_flags(*offset, *len, *flags),
+            Op::Discard { offset, len } => img.discard(*offset, *len),
             Op::Flush => img.flush(),
         }));
         r.unwrap_or_else(|p| {

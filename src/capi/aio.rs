@@ -2,7 +2,7 @@
 //! The asynchronous entry points: `qed_aio_*`, callbacks `cb(opaque, ret)` called exactly once.
 
 use super::abi::{read_in, Extensible};
-use super::image::{buf_mut, buf_ref, image, iovecs, qed_image, write_flags};
+use super::image::{buf_mut, buf_ref, image, iovecs, qed_image, write_flags, zero_flags};
 use super::{errno_of, qed_boundary, qed_completion_fn, CError, CResult, InFn};
 use crate::aio::{AioOptions, AioQueue, Completion, Delivery, Op, RawBuf, SubmitError};
 use std::ffi::{c_int, c_uint, c_void};
@@ -493,8 +493,71 @@ pub unsafe extern "C" fn qed_aio_write_zeroes(
         let h = unsafe { handle(F, img) }?;
         h.img.check_writable().in_fn(F)?;
         h.img.check_range(offset, len).in_fn(F)?;
+        let op = Op::WriteZeroes {
+            offset,
+            len,
+            flags: Default::default(),
+        };
         // SAFETY: no buffers.
-        unsafe { submit(F, h, Op::WriteZeroes { offset, len }, cb, opaque) }
+        unsafe { submit(F, h, op, cb, opaque) }
+    })
+}
+
+/// `qed_write_zeroes_flags`, asynchronously: a refusal of `QED_ZERO_NO_FALLBACK` comes as
+/// `cb(opaque, -ENOTSUP)`, with nothing changed.
+///
+/// **Returns:** as `qed_aio_write`; `-ENOTSUP` (and `cb` never runs) for unknown flag bits.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_write_zeroes_flags(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    flags: c_uint,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_write_zeroes_flags";
+    qed_boundary!(F, {
+        let flags = zero_flags(F, flags)?;
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        h.img.check_writable().in_fn(F)?;
+        h.img.check_range(offset, len).in_fn(F)?;
+        // SAFETY: no buffers.
+        unsafe { submit(F, h, Op::WriteZeroes { offset, len, flags }, cb, opaque) }
+    })
+}
+
+/// `qed_discard`, asynchronously: `cb(opaque, ret)` runs once when the range reads as zeros.
+/// Ordered like a write (a later `qed_aio_flush` covers it).
+///
+/// **Returns:** as `qed_aio_write`.
+///
+/// **Thread-safety:** as `qed_aio_read`.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_aio_discard(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    cb: qed_completion_fn,
+    opaque: *mut c_void,
+) -> c_int {
+    const F: &str = "qed_aio_discard";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let h = unsafe { handle(F, img) }?;
+        h.img.check_writable().in_fn(F)?;
+        h.img.check_range(offset, len).in_fn(F)?;
+        // SAFETY: no buffers.
+        unsafe { submit(F, h, Op::Discard { offset, len }, cb, opaque) }
     })
 }
 

@@ -143,7 +143,8 @@ pub struct qed_stats {
     pub write_zeroes_bytes: u64,
     /// Flush requests that completed.
     pub flush_requests: u64,
-    /// Requests (read, write, write zeroes, flush; synchronous or not) that returned an error.
+    /// Requests (read, write, write zeroes, discard, flush; synchronous or not) that returned an
+    /// error.
     pub failed_requests: u64,
     /// Flushes of the image file (by requests, write-back, close and the repair at open;
     /// concurrent flush requests share one). A check's own flushes are not counted.
@@ -164,6 +165,13 @@ pub struct qed_stats {
     pub corruptions_fixed: u64,
     /// Leaked clusters those repairs reclaimed.
     pub leaks_fixed: u64,
+    /// Discard requests that completed (synchronous or not).
+    pub discard_requests: u64,
+    /// Bytes those requests discarded.
+    pub discard_bytes: u64,
+    /// Data clusters whose space was given back to the host file system (discard,
+    /// write-zeroes with `QED_ZERO_MAY_UNMAP`).
+    pub clusters_punched: u64,
 }
 
 // SAFETY: repr(C), u32 size first, integers only.
@@ -211,6 +219,9 @@ pub unsafe extern "C" fn qed_get_stats(img: *mut qed_image, stats: *mut qed_stat
             repairs: s.repairs,
             corruptions_fixed: s.corruptions_fixed,
             leaks_fixed: s.leaks_fixed,
+            discard_requests: s.discard_requests,
+            discard_bytes: s.discard_bytes,
+            clusters_punched: s.clusters_punched,
         };
         // SAFETY: stats is NULL (refused) or points to struct_size writable bytes, per the
         // size-prefix contract.

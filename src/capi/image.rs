@@ -4,7 +4,9 @@
 
 use super::abi::{read_in_opt, write_out, Extensible};
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
-use crate::image::{BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions, WriteFlags};
+use crate::image::{
+    BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions, WriteFlags, WriteZeroesFlags,
+};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
 
@@ -104,6 +106,28 @@ pub(crate) fn write_flags(func: &str, flags: c_uint) -> CResult<WriteFlags> {
         msg: format!(
             "{func}: flags {flags:#x}: unknown bits {:#x} (this version knows QED_REQ_FUA only)",
             flags & !WriteFlags::ALL.bits()
+        ),
+    })
+}
+
+/// Flag of `qed_write_zeroes_flags` and `qed_aio_write_zeroes_flags`: whole allocated clusters
+/// may give their space back to the host file system (a hole is punched; the cluster keeps its
+/// table entry and reads as zeros) instead of being overwritten with zeros (QEMU's
+/// `BDRV_REQ_MAY_UNMAP`; NBD without `NBD_CMD_FLAG_NO_HOLE`).
+pub const QED_ZERO_MAY_UNMAP: c_uint = 1;
+/// Flag of `qed_write_zeroes_flags` and `qed_aio_write_zeroes_flags`: fail with `-ENOTSUP`,
+/// changing nothing, instead of writing zero bytes anywhere (a partial cluster that does not
+/// already read as zeros, or an allocated cluster without `QED_ZERO_MAY_UNMAP` or on storage
+/// that cannot punch holes): QEMU's `BDRV_REQ_NO_FALLBACK`, NBD's `NBD_CMD_FLAG_FAST_ZERO`.
+pub const QED_ZERO_NO_FALLBACK: c_uint = 2;
+
+/// Checks write-zeroes flags: unknown bits are refused (`-ENOTSUP`) and named.
+pub(crate) fn zero_flags(func: &str, flags: c_uint) -> CResult<WriteZeroesFlags> {
+    WriteZeroesFlags::from_bits(flags).ok_or_else(|| CError {
+        errno: libc::ENOTSUP,
+        msg: format!(
+            "{func}: flags {flags:#x}: unknown bits {:#x} (this version knows QED_ZERO_MAY_UNMAP and QED_ZERO_NO_FALLBACK only)",
+            flags & !WriteZeroesFlags::ALL.bits()
         ),
     })
 }
@@ -925,6 +949,59 @@ pub unsafe extern "C" fn qed_write_zeroes(img: *mut qed_image, offset: u64, len:
         // SAFETY: handle contract.
         let img = unsafe { image(F, img) }?;
         img.write_zeroes(offset, len).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Makes `len` guest bytes at `offset` read as zeros with request `flags` (`QED_ZERO_*`; 0
+/// behaves as `qed_write_zeroes`, except that unallocated clusters of an image without a
+/// backing file are left as they are).
+///
+/// **Returns:** as `qed_write`; `-ENOTSUP` for unknown flag bits (named in `qed_last_error`),
+/// and with `QED_ZERO_NO_FALLBACK` when zeros would have to be written (nothing changed).
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_write_zeroes_flags(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    flags: c_uint,
+) -> c_int {
+    const F: &str = "qed_write_zeroes_flags";
+    qed_boundary!(F, {
+        let flags = zero_flags(F, flags)?;
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.write_zeroes_flags(offset, len, flags).in_fn(F)?;
+        Ok(0)
+    })
+}
+
+/// Discards `len` guest bytes at `offset`: afterwards they read as zeros (also over a backing
+/// file), and whole data clusters give their space back to the host file system (a hole is
+/// punched in the image file; the cluster keeps its table entry, so the image stays
+/// consistent). Partial clusters at the ends are written with zeros; where the storage cannot
+/// punch holes, allocated clusters are too. Durable after the next `qed_flush`.
+///
+/// **Returns:** as `qed_write`.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_discard(img: *mut qed_image, offset: u64, len: u64) -> c_int {
+    const F: &str = "qed_discard";
+    qed_boundary!(F, {
+        // SAFETY: handle contract.
+        let img = unsafe { image(F, img) }?;
+        img.discard(offset, len).in_fn(F)?;
         Ok(0)
     })
 }

@@ -161,6 +161,53 @@ impl std::ops::BitOr for WriteFlags {
     }
 }
 
+/// Flags of a write-zeroes request (the block layer's `BDRV_REQ_MAY_UNMAP` and
+/// `BDRV_REQ_NO_FALLBACK`; NBD's `NBD_CMD_FLAG_NO_HOLE` is the absence of the first and
+/// `NBD_CMD_FLAG_FAST_ZERO` the second).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WriteZeroesFlags(u32);
+
+impl WriteZeroesFlags {
+    /// No flags: [`Image::write_zeroes`].
+    pub const NONE: WriteZeroesFlags = WriteZeroesFlags(0);
+    /// Whole allocated clusters may give their space back to the host file system (a hole is
+    /// punched, the cluster keeps its table entry and reads as zeros) instead of being
+    /// overwritten with zeros.
+    pub const MAY_UNMAP: WriteZeroesFlags = WriteZeroesFlags(1);
+    /// Refuse with [`Error::Unsupported`] (ENOTSUP), changing nothing, rather than write zero
+    /// bytes anywhere: a request is done only with table entries and punched holes, or not at
+    /// all (NBD's fast zero: the client then writes the zeros itself, or not).
+    pub const NO_FALLBACK: WriteZeroesFlags = WriteZeroesFlags(2);
+    /// Every flag this version knows.
+    pub const ALL: WriteZeroesFlags = WriteZeroesFlags(3);
+
+    /// The flags as bits (the values of the C API's `QED_ZERO_*`).
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// The flags from bits; `None` when a bit this version does not know is set.
+    pub const fn from_bits(bits: u32) -> Option<WriteZeroesFlags> {
+        if bits & !Self::ALL.0 != 0 {
+            None
+        } else {
+            Some(WriteZeroesFlags(bits))
+        }
+    }
+
+    /// Whether every flag of `other` is set.
+    pub const fn contains(self, other: WriteZeroesFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for WriteZeroesFlags {
+    type Output = WriteZeroesFlags;
+    fn bitor(self, o: WriteZeroesFlags) -> WriteZeroesFlags {
+        WriteZeroesFlags(self.0 | o.0)
+    }
+}
+
 /// One piece of a request that the asynchronous engine does itself.
 #[cfg_attr(not(qed_io_uring), allow(dead_code))]
 pub(crate) enum DirectPiece {
@@ -988,6 +1035,254 @@ impl Image {
         let values = vec![crate::format::L2_ZERO_CLUSTER; (ext.length >> cb) as usize];
         self.install_entries(pos, &values)?;
         Ok(ext.length)
+    }
+
+    /// Discards `len` guest bytes at `offset`: afterwards they read as zeros (also over a
+    /// backing file), and whole data clusters give their space back to the host file system.
+    ///
+    /// Whole clusters: allocated ones keep their table entry (so nothing leaks and the image
+    /// stays consistent for QEMU) and get a hole punched in the image file; unallocated ones
+    /// over a backing file become zero clusters; unallocated ones without a backing file and
+    /// zero clusters stay as they are. Partial clusters at the ends are written with zeros
+    /// (unless they already read as zeros without a backing file's help). Where the storage
+    /// cannot punch holes, allocated clusters are overwritten with zeros as by
+    /// [`Image::write_zeroes`]. The same as [`Image::write_zeroes_flags`] with
+    /// [`WriteZeroesFlags::MAY_UNMAP`], counted as a discard.
+    ///
+    /// Ordering: the request holds the gate shared (so no resize, repair or backing change
+    /// overlaps it) and the range lock of the clusters it changes, so an allocating write to
+    /// the same cluster runs wholly before or after that cluster's change. A write in place
+    /// (synchronous or the io_uring engine's) takes no range lock; against a punch it is
+    /// ordered per file-system block by the kernel, and the storage keeps its O_DIRECT
+    /// read-modify-writes (and the ring's aligned writes in flight) out of a punch, so each
+    /// block of an overlapping write lands wholly before or after the hole. Durable after the
+    /// next flush, like a write: a crash before it leaves each byte old or zero.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.named(self.zero_checked(offset, len, WriteZeroesFlags::MAY_UNMAP));
+        self.account(Req::Discard, offset, len, r)
+    }
+
+    /// [`Image::write_zeroes`] with request flags: [`WriteZeroesFlags::MAY_UNMAP`] lets whole
+    /// allocated clusters be punched (as [`Image::discard`] does) instead of overwritten, and
+    /// [`WriteZeroesFlags::NO_FALLBACK`] refuses with [`Error::Unsupported`] (ENOTSUP) before
+    /// anything changes when the request would need zero bytes written: a partial cluster that
+    /// does not already read as zeros on its own, or an allocated cluster without MAY_UNMAP or
+    /// on storage that cannot punch holes. Unlike [`Image::write_zeroes`] (kept as it is),
+    /// unallocated clusters of an image without a backing file are left as they are.
+    ///
+    /// A write that allocates a cluster of the range after the check and before its zeroing
+    /// is ordered before the zeroing: with NO_FALLBACK its cluster is punched even without
+    /// MAY_UNMAP (the one way to zero it without writing), and on storage that cannot punch the
+    /// request then fails with ENOTSUP, having zeroed the clusters before it.
+    pub fn write_zeroes_flags(&self, offset: u64, len: u64, flags: WriteZeroesFlags) -> Result<()> {
+        let r = self.named(self.zero_checked(offset, len, flags));
+        self.account(Req::WriteZeroes, offset, len, r)
+    }
+
+    fn zero_checked(&self, offset: u64, len: u64, flags: WriteZeroesFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let _g = self.gate.read();
+        let unmap = flags.contains(WriteZeroesFlags::MAY_UNMAP) && self.storage.can_punch_hole();
+        if flags.contains(WriteZeroesFlags::NO_FALLBACK) {
+            self.check_no_fallback(offset, len, unmap)?;
+        }
+        self.zero_unmap_locked(offset, len, flags, unmap)
+    }
+
+    /// Whether the guest bytes of `ext` already read as zeros with no change.
+    fn reads_zero_as_is(&self, ext: &Extent) -> bool {
+        match ext.kind {
+            ExtentKind::Zero => true,
+            ExtentKind::Unallocated => rlock(&self.backing).is_none(),
+            ExtentKind::Data { .. } => false,
+        }
+    }
+
+    /// Refuses (changing nothing) a NO_FALLBACK request that would have to write zero bytes.
+    fn check_no_fallback(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let g = self.geometry;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.lookup(pos, end - pos)?;
+            let whole = g.cluster_floor(pos) == pos && ext.length >= g.cluster_bytes();
+            let ok = self.reads_zero_as_is(&ext)
+                || (whole && ext.kind == ExtentKind::Unallocated)
+                || (whole && unmap);
+            if !ok {
+                let reason = match ext.kind {
+                    ExtentKind::Data { .. } if whole => {
+                        if self.storage.can_punch_hole() {
+                            "allocated clusters would be overwritten with zeros (no MAY_UNMAP)"
+                        } else {
+                            "allocated clusters would be overwritten with zeros (the image's storage cannot punch holes)"
+                        }
+                    }
+                    _ => "part of a cluster would be written with zeros",
+                };
+                return Err(Error::Unsupported {
+                    field: "write zeroes without fallback at guest offset",
+                    value: pos,
+                    reason: reason.into(),
+                });
+            }
+            pos += ext.length;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the range under the gate: partial clusters written with zeros where they do not
+    /// already read as zeros, whole ones as [`Image::discard`] describes (punched only with
+    /// `unmap`).
+    fn zero_unmap_locked(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: WriteZeroesFlags,
+        unmap: bool,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let no_fallback = flags.contains(WriteZeroesFlags::NO_FALLBACK);
+        let end = offset + len;
+        let a = g.cluster_ceil(offset).min(end);
+        let b = g.cluster_floor(end).max(a);
+        // Partial clusters (checked already with NO_FALLBACK; a race into them is ordered
+        // before this request, and then its bytes are overwritten as any write's would be).
+        let partial = |from: u64, to: u64| -> Result<()> {
+            if from >= to {
+                return Ok(());
+            }
+            let ext = self.lookup(from, to - from)?;
+            if ext.length == to - from && self.reads_zero_as_is(&ext) {
+                return Ok(());
+            }
+            if no_fallback {
+                return Err(Error::Unsupported {
+                    field: "write zeroes without fallback at guest offset",
+                    value: from,
+                    reason: "a write allocated the partial cluster during the request".into(),
+                });
+            }
+            self.write_locked(from, to - from, &zero_iov(to - from))
+        };
+        partial(offset, a)?;
+        let mut pos = a;
+        while pos < b {
+            let ext = self.lookup(pos, b - pos)?;
+            match ext.kind {
+                ExtentKind::Data { host_offset } => {
+                    // With NO_FALLBACK the check passed, so this cluster was allocated since:
+                    // punching is the only way left to zero it without writing.
+                    if (unmap || no_fallback) && self.punch(pos, ext.length, host_offset)? {
+                        pos += ext.length;
+                        continue;
+                    }
+                    if no_fallback {
+                        return Err(Error::Unsupported {
+                            field: "write zeroes without fallback at guest offset",
+                            value: pos,
+                            reason: "the image's storage cannot punch holes".into(),
+                        });
+                    }
+                    self.write_locked(pos, ext.length, &zero_iov(ext.length))?;
+                    pos += ext.length;
+                }
+                ExtentKind::Zero => pos += ext.length,
+                ExtentKind::Unallocated if rlock(&self.backing).is_none() => pos += ext.length,
+                // 0 when a writer allocated it first: the next lookup sees its data.
+                ExtentKind::Unallocated => pos += self.zero_clusters(pos, ext.length)?,
+            }
+        }
+        partial(b, end)
+    }
+
+    /// Punches the whole data clusters of the guest range at `pos` (contiguous in the file at
+    /// `host`): they keep their table entries and read as zeros. False (nothing changed) when
+    /// the storage turns out not to punch holes.
+    fn punch(&self, pos: u64, len: u64, host: u64) -> Result<bool> {
+        let cb = self.geometry.cluster_bits();
+        let c0 = pos >> cb;
+        // Data mappings do not change under the shared gate; the range lock orders the punch
+        // with whatever else changes these clusters under it (allocation, zeroing).
+        let _range = self.ranges.lock(c0, c0 + (len >> cb));
+        match self.storage.punch_hole(host, len) {
+            Ok(()) => {
+                add(&self.stats.clusters_punched, len >> cb);
+                qed_log!(
+                    Trace,
+                    "{}: punched {len:#x} bytes at {host:#x} for guest {pos:#x}",
+                    self.label()
+                );
+                Ok(true)
+            }
+            Err(e) if crate::storage::is_unsupported(&e) => Ok(false),
+            Err(e) => Err(Error::io(
+                format!("punching a hole in data clusters at {host:#x}"),
+                e,
+            )),
+        }
+    }
+
+    /// Gives back the space of every data cluster that reads as zeros (a hole is punched; the
+    /// cluster keeps its entry and still reads as zeros), for an image whose guest wrote zeros
+    /// over data. Returns the number of clusters punched (clusters already holes in the file
+    /// are not counted). Each 512-cluster piece of table is done with the gate held
+    /// exclusively, so concurrent requests wait for that piece rather than race with it.
+    /// [`Error::Unsupported`] when the storage cannot punch holes.
+    pub fn sparsify(&self) -> Result<u64> {
+        self.named(self.sparsify_unnamed())
+    }
+
+    fn sparsify_unnamed(&self) -> Result<u64> {
+        self.check_writable()?;
+        if !self.storage.can_punch_hole() {
+            return Err(Error::Unsupported {
+                field: "sparsify",
+                value: 0,
+                reason: "the image's storage cannot punch holes".into(),
+            });
+        }
+        let cs = self.geometry.cluster_bytes();
+        let mut buf = vec![0u8; cs as usize];
+        let mut punched = 0;
+        let mut pos = 0;
+        loop {
+            let _g = self.gate.write();
+            let size = self.size();
+            if pos >= size {
+                return Ok(punched);
+            }
+            let piece_end = size.min(pos + self.to_chunk_end(pos));
+            while pos < piece_end {
+                let ext = self.lookup(pos, piece_end - pos)?;
+                let ExtentKind::Data { host_offset } = ext.kind else {
+                    pos += ext.length;
+                    continue;
+                };
+                // Whole clusters (the piece starts and ends on cluster boundaries; the virtual
+                // size may not, and the tail of its last cluster is the image's own).
+                let mut c = 0;
+                while c < ext.length {
+                    let host = host_offset + c;
+                    let hole = match self.storage.data_from(host) {
+                        Ok(None) => true,
+                        Ok(Some(d)) => d >= host + cs,
+                        Err(_) => false,
+                    };
+                    if !hole {
+                        self.storage
+                            .read_at(&mut buf, host)
+                            .ctx(|| format!("reading data cluster at {host:#x}"))?;
+                        if buf.iter().all(|&x| x == 0) && self.punch(pos + c, cs, host)? {
+                            punched += 1;
+                        }
+                    }
+                    c += cs;
+                }
+                pos += ext.length;
+            }
+        }
     }
 
     /// The extent at guest `offset`, at most `len` bytes, merged across L2 tables while the kind

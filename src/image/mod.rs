@@ -37,7 +37,7 @@ pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
 #[cfg(qed_io_uring)]
 pub(crate) use io::{DirectPiece, DirectPlan};
-pub use io::{Extent, ExtentKind, WriteFlags};
+pub use io::{Extent, ExtentKind, WriteFlags, WriteZeroesFlags};
 pub use options::{
     BackingApprover, BackingFormat, BackingPolicy, BackingResolver, CreateOptions, OpenOptions,
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_NEED_CHECK_DELAY,

@@ -29,7 +29,14 @@ pub struct ImageStats {
     pub write_zeroes_bytes: u64,
     /// Flush requests that completed.
     pub flush_requests: u64,
-    /// Requests (read, write, write zeroes, flush) that returned an error.
+    /// Discard requests that completed.
+    pub discard_requests: u64,
+    /// Bytes those requests discarded.
+    pub discard_bytes: u64,
+    /// Data clusters whose space was given back to the host file system (discard,
+    /// write-zeroes with MAY_UNMAP, sparsify).
+    pub clusters_punched: u64,
+    /// Requests (read, write, write zeroes, discard, flush) that returned an error.
     pub failed_requests: u64,
     /// Flushes of the image file issued by requests, write-back, close and the repair at open
     /// (concurrent flush requests share one). A check's own flushes are not counted.
@@ -79,6 +86,9 @@ pub(super) struct Counters {
     pub repairs: AtomicU64,
     pub corruptions_fixed: AtomicU64,
     pub leaks_fixed: AtomicU64,
+    pub discard_requests: AtomicU64,
+    pub discard_bytes: AtomicU64,
+    pub clusters_punched: AtomicU64,
 }
 
 /// Adds `n` to a counter.
@@ -109,6 +119,9 @@ impl Counters {
             repairs: g(&self.repairs),
             corruptions_fixed: g(&self.corruptions_fixed),
             leaks_fixed: g(&self.leaks_fixed),
+            discard_requests: g(&self.discard_requests),
+            discard_bytes: g(&self.discard_bytes),
+            clusters_punched: g(&self.clusters_punched),
         }
     }
 
@@ -126,6 +139,7 @@ pub(super) enum Req {
     Read,
     Write,
     WriteZeroes,
+    Discard,
     Flush,
 }
 
@@ -144,6 +158,7 @@ impl Image {
                     Req::Read => (&c.read_requests, Some(&c.read_bytes)),
                     Req::Write => (&c.write_requests, Some(&c.write_bytes)),
                     Req::WriteZeroes => (&c.write_zeroes_requests, Some(&c.write_zeroes_bytes)),
+                    Req::Discard => (&c.discard_requests, Some(&c.discard_bytes)),
                     Req::Flush => (&c.flush_requests, None),
                 };
                 add(n, 1);

@@ -23,8 +23,10 @@ impl FaultCalls {
     pub const LEN: FaultCalls = FaultCalls(8);
     /// Length changes (`set_len`, `preallocate`).
     pub const SET_LEN: FaultCalls = FaultCalls(16);
+    /// Holes punched (`punch_hole`; `can_punch_hole` only asks and never fails).
+    pub const PUNCH: FaultCalls = FaultCalls(32);
     /// Every kind.
-    pub const ALL: FaultCalls = FaultCalls(31);
+    pub const ALL: FaultCalls = FaultCalls(63);
 
     /// Both sets.
     pub const fn union(self, other: FaultCalls) -> FaultCalls {
@@ -155,7 +157,7 @@ impl<S: Storage> FaultStorage<S> {
         self.lock().fired
     }
 
-    /// How many writes and length changes reached the storage after the fault first fired
+    /// How many writes, punches and length changes reached the storage after the fault first fired
     /// (an error path that must change nothing keeps this at 0).
     pub fn changed_after_fault(&self) -> u64 {
         self.lock().changed_after
@@ -188,7 +190,10 @@ impl<S: Storage> FaultStorage<S> {
                 Verdict::Fail(f.errno, f.torn)
             }
             _ => {
-                if s.fired > 0 && kind.intersects(FaultCalls::WRITE.union(FaultCalls::SET_LEN)) {
+                let changes = FaultCalls::WRITE
+                    .union(FaultCalls::SET_LEN)
+                    .union(FaultCalls::PUNCH);
+                if s.fired > 0 && kind.intersects(changes) {
                     s.changed_after += 1;
                 }
                 Verdict::Pass
@@ -333,6 +338,29 @@ impl<S: Storage> Storage for FaultStorage<S> {
             Verdict::Pass => self.inner.data_from(offset),
             Verdict::Fail(e, _) => Err(err(e)),
         }
+    }
+
+    /// A failing punch that is torn punches the first half of its sectors, as a torn write
+    /// writes them.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.judge(FaultCalls::PUNCH) {
+            Verdict::Pass => self.inner.punch_hole(offset, len),
+            Verdict::Fail(e, torn) => {
+                let n = if torn {
+                    torn_len(offset, usize::try_from(len).unwrap_or(usize::MAX))
+                } else {
+                    0
+                };
+                if n > 0 {
+                    self.inner.punch_hole(offset, n as u64)?;
+                }
+                Err(err(e))
+            }
+        }
+    }
+
+    fn can_punch_hole(&self) -> bool {
+        self.inner.can_punch_hole()
     }
 }
 

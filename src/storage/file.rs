@@ -40,7 +40,13 @@ pub struct FileStorage {
     /// two coherent: an O_DIRECT read or write of a range first writes back (and drops) its
     /// cached pages, and data and tables never share a block (clusters are 4 KiB or more).
     meta: std::sync::OnceLock<File>,
+    /// Whether the file system punches holes: [`PUNCH_UNKNOWN`] until asked or tried.
+    punch: std::sync::atomic::AtomicU8,
 }
+
+const PUNCH_UNKNOWN: u8 = 0;
+const PUNCH_YES: u8 = 1;
+const PUNCH_NO: u8 = 2;
 
 impl FileStorage {
     /// Opens `path`, read-only or read-write, optionally with O_DIRECT (F_NOCACHE on macOS;
@@ -71,6 +77,7 @@ impl FileStorage {
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta: meta_lock,
+            punch: std::sync::atomic::AtomicU8::new(PUNCH_UNKNOWN),
         })
     }
 
@@ -92,6 +99,7 @@ impl FileStorage {
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta: std::sync::OnceLock::new(),
+            punch: std::sync::atomic::AtomicU8::new(PUNCH_UNKNOWN),
         })
     }
 
@@ -106,6 +114,7 @@ impl FileStorage {
             nowait_reads: std::sync::atomic::AtomicBool::new(true),
             dsync_writes: std::sync::atomic::AtomicBool::new(true),
             meta: std::sync::OnceLock::new(),
+            punch: std::sync::atomic::AtomicU8::new(PUNCH_UNKNOWN),
         }
     }
 
@@ -533,6 +542,56 @@ impl Storage for FileStorage {
         let _g = self.direct.then(|| self.rmw.write());
         self.file.set_len(len)
     }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.punch.load(Relaxed) == PUNCH_NO {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        // O_DIRECT: a bounced read-modify-write that read a block before the punch would write
+        // its old copy back into the hole after it, so the punch excludes it (and, like it,
+        // waits for the aligned writes in flight, the engine's ring included).
+        let _g = self.direct.then(|| self.rmw.write());
+        let r = sys::punch_hole(self.file.as_raw_fd(), offset, len);
+        match &r {
+            Ok(()) => self.punch.store(PUNCH_YES, Relaxed),
+            Err(e) if sys::unsupported(e) => self.punch.store(PUNCH_NO, Relaxed),
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn can_punch_hole(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.punch.load(Relaxed) {
+            PUNCH_YES => return true,
+            PUNCH_NO => return false,
+            _ => {}
+        }
+        if !self.is_writable() {
+            return false;
+        }
+        // Ask the file system with a punch past the end (KEEP_SIZE: no byte changes), with
+        // every write of ours held off so that none lands there between the length and the
+        // punch. File systems check the mode before the range, so the answer is theirs.
+        let r = {
+            let _direct = self.direct.then(|| self.rmw.write());
+            let _buffered = (!self.direct).then(|| {
+                self.buffered_writes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            });
+            self.file.metadata().and_then(|m| {
+                let at = m.len().next_multiple_of(1 << 20) + (1 << 20);
+                sys::punch_hole(self.file.as_raw_fd(), at, DIRECT_ALIGN as u64)
+            })
+        };
+        // Only "unsupported" is a no: another error (EFBIG near the limit) says nothing.
+        let yes = !matches!(&r, Err(e) if sys::unsupported(e));
+        self.punch
+            .store(if yes { PUNCH_YES } else { PUNCH_NO }, Relaxed);
+        yes
+    }
 }
 
 #[cfg(test)]
@@ -574,6 +633,33 @@ mod tests {
             assert_eq!(s.len().unwrap(), 16387, "direct={direct}");
             s.set_len(16384).unwrap();
         }
+    }
+
+    #[test]
+    fn punch_hole_frees_blocks_and_reads_zeros() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.write_at(&vec![0xAAu8; 1 << 20], 0).unwrap();
+        s.flush().unwrap();
+        let before = std::fs::metadata(&p).unwrap().blocks();
+        // The work tree's file system (ext4, tmpfs, XFS, btrfs) punches holes; one that does
+        // not would make the engine's discard write zeros, which this test must not hide.
+        assert!(s.can_punch_hole(), "no hole punching on {}", p.display());
+        assert_eq!(s.len().unwrap(), 1 << 20, "the probe changed the length");
+        s.punch_hole(64 << 10, 512 << 10).unwrap();
+        assert_eq!(s.len().unwrap(), 1 << 20);
+        let after = std::fs::metadata(&p).unwrap().blocks();
+        assert!(
+            after + (512 << 10) / 512 <= before,
+            "blocks {before} -> {after}"
+        );
+        let mut b = vec![1u8; 1 << 20];
+        s.read_at(&mut b, 0).unwrap();
+        assert!(b[..64 << 10].iter().all(|&x| x == 0xAA));
+        assert!(b[64 << 10..576 << 10].iter().all(|&x| x == 0));
+        assert!(b[576 << 10..].iter().all(|&x| x == 0xAA));
     }
 
     #[test]

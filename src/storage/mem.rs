@@ -31,6 +31,14 @@ pub enum MemOp {
     Flush,
     /// A length change.
     SetLen(u64),
+    /// A hole punched (`punch_hole`): the bytes inside the length read as zeros once it lands;
+    /// lost in a crash, they keep their old values. Never changes the length.
+    PunchHole {
+        /// Offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 #[derive(Default)]
@@ -46,6 +54,8 @@ pub struct MemStorage {
     inner: Mutex<Inner>,
     /// Behave like an O_DIRECT file: the engine must extend the file before writing past it.
     fixed_length: std::sync::atomic::AtomicBool,
+    /// Refuse `punch_hole` as unsupported (tests of the write-zeros fallback).
+    no_punch: std::sync::atomic::AtomicBool,
 }
 
 impl MemStorage {
@@ -73,6 +83,13 @@ impl MemStorage {
     pub fn set_fixed_length(&self, fixed: bool) {
         self.fixed_length
             .store(fixed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes [`Storage::punch_hole`] fail as unsupported (or work again), as on a file system
+    /// without hole punching (tests of the fallback that writes zeros).
+    pub fn set_punch_supported(&self, supported: bool) {
+        self.no_punch
+            .store(!supported, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Starts (or restarts) recording operations.
@@ -141,6 +158,23 @@ impl Inner {
             done += n;
         }
         self.len = self.len.max(offset + buf.len() as u64);
+    }
+
+    /// Zeros the bytes of `[offset, offset + len)` inside the length, dropping whole pages.
+    fn punch(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.len);
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE;
+            let in_page = pos % PAGE;
+            let n = (PAGE - in_page).min(end - pos);
+            if n == PAGE {
+                self.pages.remove(&page);
+            } else if let Some(p) = self.pages.get_mut(&page) {
+                p[in_page as usize..(in_page + n) as usize].fill(0);
+            }
+            pos += n;
+        }
     }
 
     fn set_len(&mut self, len: u64) {
@@ -234,6 +268,28 @@ impl Storage for MemStorage {
             .map(|(&p, _)| (p * PAGE).max(offset)))
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.can_punch_hole() {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        if offset
+            .checked_add(len)
+            .map_or(true, |e| e > i64::MAX as u64)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let mut g = self.lock();
+        g.punch(offset, len);
+        if let Some(log) = g.log.as_mut() {
+            log.push(MemOp::PunchHole { offset, len });
+        }
+        Ok(())
+    }
+
+    fn can_punch_hole(&self) -> bool {
+        !self.no_punch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         check_range(len, 0)?;
         let mut g = self.lock();
@@ -266,5 +322,40 @@ mod tests {
         assert_eq!(log.len(), 4);
         assert_eq!(log[3], MemOp::Flush);
         assert!(s.write_at(b"x", u64::MAX).is_err());
+    }
+
+    #[test]
+    fn punched_holes_read_zeros_keep_the_length_and_are_logged() {
+        let s = MemStorage::recording();
+        s.write_at(&vec![7u8; 3 * PAGE as usize], 0).unwrap();
+        s.punch_hole(PAGE - 1, PAGE + 2).unwrap();
+        // Past the end: nothing, and the length stays.
+        s.punch_hole(3 * PAGE - 1, 10).unwrap();
+        assert_eq!(s.len().unwrap(), 3 * PAGE);
+        let b = s.to_bytes();
+        assert!(b[..PAGE as usize - 1].iter().all(|&x| x == 7));
+        assert!(b[PAGE as usize - 1..2 * PAGE as usize + 1]
+            .iter()
+            .all(|&x| x == 0));
+        assert!(b[2 * PAGE as usize + 1..3 * PAGE as usize - 1]
+            .iter()
+            .all(|&x| x == 7));
+        assert_eq!(b[3 * PAGE as usize - 1], 0);
+        // The whole middle page is a hole now.
+        assert_eq!(s.data_from(PAGE).unwrap(), Some(2 * PAGE));
+        let log = s.take_log();
+        assert_eq!(
+            log[1],
+            MemOp::PunchHole {
+                offset: PAGE - 1,
+                len: PAGE + 2
+            }
+        );
+        s.set_punch_supported(false);
+        assert!(!s.can_punch_hole());
+        assert_eq!(
+            s.punch_hole(0, 1).unwrap_err().kind(),
+            io::ErrorKind::Unsupported
+        );
     }
 }

@@ -107,6 +107,25 @@ pub trait Storage: Send + Sync {
     fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
         Ok(Some(offset))
     }
+    /// Gives the space of `len` bytes at `offset` back (a hole), keeping the length: they then
+    /// read as zeros. Made durable by the next `flush`, like a write; a failure leaves the
+    /// bytes old or zero. `ErrorKind::Unsupported` (or ENOTSUP/EOPNOTSUPP) when the storage
+    /// cannot: the caller then writes zeros. The default cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Whether [`Storage::punch_hole`] is expected to work: false means it certainly fails as
+    /// unsupported, so a caller that must not write zeros instead can refuse before it changes
+    /// anything. The default (no `punch_hole`) says false.
+    fn can_punch_hole(&self) -> bool {
+        false
+    }
+}
+
+/// Whether `e` says that a storage call does not exist (here, or on this file system).
+pub fn is_unsupported(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported || sys::unsupported(e)
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -151,6 +170,12 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
         (**self).data_from(offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn can_punch_hole(&self) -> bool {
+        (**self).can_punch_hole()
     }
 }
 

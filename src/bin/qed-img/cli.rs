@@ -53,6 +53,27 @@ pub(crate) enum Cmd {
     /// functions); raw files through DEPTH threads making synchronous calls. The time covers
     /// the requests only, not opening or closing.
     Bench(BenchArgs),
+    /// Give back the host space of data clusters that read as zeros
+    ///
+    /// In place: every allocated cluster of a QED image whose bytes are all zeros gets a hole
+    /// punched in the image file (fallocate PUNCH_HOLE), so a guest's written-then-zeroed
+    /// space returns to the host file system. Each cluster keeps its table entry and still
+    /// reads as zeros, so the image stays consistent (qemu-img check finds no leak) and its
+    /// contents do not change. The backing file is not opened. Fails when the file system
+    /// cannot punch holes.
+    Sparsify(SparsifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SparsifyArgs {
+    /// Image format (must be qed)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub(crate) fmt: Option<String>,
+    /// Quiet: print nothing on success
+    #[arg(short = 'q')]
+    pub(crate) quiet: bool,
+    /// The QED image to sparsify in place
+    pub(crate) file: String,
 }
 
 /// `--output=human|json`.

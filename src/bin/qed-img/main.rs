@@ -18,6 +18,7 @@ mod json;
 mod map;
 mod rebase;
 mod resize;
+mod sparsify;
 mod stream;
 
 use clap::Parser;
@@ -37,6 +38,7 @@ fn run(cmd: Cmd) -> CliResult<i32> {
         Cmd::Commit(a) => commit::run(a),
         Cmd::Stream(a) => stream::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Sparsify(a) => sparsify::run(a),
     }
 }
 
