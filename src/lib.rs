@@ -31,8 +31,9 @@ pub mod capi;
 
 pub use error::{Error, Result};
 pub use image::{
-    Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
-    Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions, WriteFlags,
+    Backing, BackingApprover, BackingFormat, BackingPolicy, ChainExtent, ChainKind, CheckFix,
+    CheckResult, CreateOptions, Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions,
+    WriteFlags,
 };
 pub use log::{set_log_callback, LogCallback, LogLevel};
 pub use storage::{FileStorage, MemStorage, Storage};

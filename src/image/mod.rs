@@ -26,6 +26,7 @@ mod l2cache;
 mod options;
 mod rangelock;
 mod stats;
+mod status;
 mod timer;
 mod writeback;
 
@@ -39,6 +40,7 @@ pub use options::{
     DEFAULT_L2_CACHE_BYTES, DEFAULT_MAX_BACKING_DEPTH, DEFAULT_WRITEBACK_DELAY,
 };
 pub use stats::ImageStats;
+pub use status::{ChainExtent, ChainKind};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::parse_backing_name;
