@@ -33,12 +33,24 @@ fn rows(img: &Image, offset: u64, len: u64) -> Vec<Row> {
 
 /// Creates a QED image of `size` bytes with `cluster` byte clusters over `backing`.
 fn create(dir: &Path, name: &str, size: u64, cluster: u32, backing: Option<(&str, BackingFormat)>) {
+    create_tables(dir, name, size, cluster, 4, backing)
+}
+
+/// [`create`] with `table` clusters per table.
+fn create_tables(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    cluster: u32,
+    table: u32,
+    backing: Option<(&str, BackingFormat)>,
+) {
     Image::create(
         dir.join(name),
         &CreateOptions {
             size,
             cluster_size: cluster,
-            table_size: 4,
+            table_size: table,
             backing_file: backing.map(|b| b.0.to_string()),
             backing_format: backing.map(|b| b.1),
         },
@@ -424,6 +436,7 @@ enum Layer {
         name: String,
         size: u64,
         cluster: u64,
+        table: u32,
     },
     Raw {
         name: String,
@@ -502,8 +515,10 @@ fn random_chain(dir: &Path, rng: &mut Rng) -> Vec<Layer> {
     for i in 0..qeds {
         layers.push(Layer::Qed {
             name: format!("l{i}.qed"),
-            size: rng.range(2, 16) * 256 * KIB,
+            size: rng.range(2, 24) * 256 * KIB,
             cluster: [4096, 65536][rng.below(2) as usize],
+            // 4 MiB per L2 table at 4 KiB clusters: extents cross tables.
+            table: [2, 4][rng.below(2) as usize],
         });
     }
     if rng.chance(60) {
@@ -532,8 +547,9 @@ fn random_chain(dir: &Path, rng: &mut Rng) -> Vec<Layer> {
                 name,
                 size,
                 cluster,
+                table,
             } => {
-                create(dir, name, *size, *cluster as u32, below);
+                create_tables(dir, name, *size, *cluster as u32, *table, below);
                 let mut ops = Vec::new();
                 for _ in 0..rng.range(0, 7) {
                     let off = rng.below(*size / 512) * 512;

@@ -83,6 +83,16 @@ fn backing_size(b: &Backing) -> Result<u64> {
 /// The first extent at `pos` through the chain below `img` (at `depth`), at most `len` bytes;
 /// `[pos, pos + len)` lies inside `img`.
 fn piece(img: &Image, depth: u32, pos: u64, len: u64) -> Result<ChainExtent> {
+    // At most one L2 table's range (as QEMU's QED driver answers): a walk over a long
+    // unallocated run above a fragmented backing file then scans each table once per piece of
+    // it, not the whole run again for every piece.
+    let bits = img.geometry().l2_coverage_bits();
+    let len = if bits < 64 {
+        let cov = 1u64 << bits;
+        len.min((pos & !(cov - 1)).saturating_add(cov) - pos)
+    } else {
+        len
+    };
     let e = img.block_status(pos, len)?;
     let mut out = ChainExtent {
         offset: pos,
