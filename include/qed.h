@@ -224,18 +224,35 @@
 
 /**
  * The range is not allocated in this image: it reads from the backing file, or as zeros.
+ * With `QED_BLOCK_STATUS_CHAIN`: no image of the chain stores it, so it reads as zeros.
  */
 #define QED_BLOCK_UNALLOCATED 0
 
 /**
- * The range is allocated data at `host_offset` in the image file.
+ * The range is allocated data at `host_offset` in the image file (with
+ * `QED_BLOCK_STATUS_CHAIN`: in the file of the image at `depth`, a QED image or a raw file).
  */
 #define QED_BLOCK_DATA 1
 
 /**
  * The range is made of zero clusters: it reads as zeros whatever the backing file holds.
+ * With `QED_BLOCK_STATUS_CHAIN` also a hole in a raw backing file (`host_offset` then gives
+ * its offset in that file, with `QED_EXTENT_OFFSET_VALID`).
  */
 #define QED_BLOCK_ZERO 2
+
+/**
+ * `qed_extent.flags`: `host_offset` is an offset in the file of the image at `depth` (set for
+ * data, and for holes of a raw backing file).
+ */
+#define QED_EXTENT_OFFSET_VALID 1
+
+/**
+ * `qed_block_status_ext` flag: answer through the backing chain (the chain opened with the
+ * image; no file is opened): data or zeros at the depth that decides the range, or
+ * unallocated in every image of the chain.
+ */
+#define QED_BLOCK_STATUS_CHAIN 1
 
 /**
  * Request flag of `qed_write_flags`, `qed_writev_flags` and their `qed_aio_` forms: force unit
@@ -695,7 +712,9 @@ typedef struct qed_info {
 } qed_info;
 
 /**
- * One extent reported by `qed_block_status`. Set `struct_size` first.
+ * One extent reported by `qed_block_status` and `qed_block_status_ext`. Set `struct_size`
+ * first; a caller built with the 0.1 header (32 bytes, no `depth` and `flags`) gets the
+ * fields it has.
  */
 typedef struct qed_extent {
   /**
@@ -715,9 +734,18 @@ typedef struct qed_extent {
    */
   uint64_t length;
   /**
-   * File offset of the first byte for `QED_BLOCK_DATA`, else 0.
+   * File offset of the first byte for `QED_BLOCK_DATA`, else 0 (see `flags`).
    */
   uint64_t host_offset;
+  /**
+   * The image that decides the range: 0 this image, 1 its backing file, and so on (0
+   * without `QED_BLOCK_STATUS_CHAIN`). Added in 0.2.
+   */
+  uint32_t depth;
+  /**
+   * `QED_EXTENT_OFFSET_VALID` or 0. Added in 0.2.
+   */
+  uint32_t flags;
 } qed_extent;
 
 /**
@@ -1539,6 +1567,29 @@ int qed_get_backing_file(struct qed_image *img, char *buf, size_t size, char *fm
  * must come from `qed_open*` and not have been closed.
  */
 int qed_block_status(struct qed_image *img, uint64_t offset, uint64_t len, struct qed_extent *extent);
+
+/**
+ * Like `qed_block_status`, with `flags`: 0 answers for this image alone (as
+ * `qed_block_status`); `QED_BLOCK_STATUS_CHAIN` answers through the backing chain: data
+ * (`host_offset` in the file of the image at `depth`), zeros (a zero cluster, or a hole of a
+ * raw backing file) or unallocated in every image (reads as zeros; `depth` is the deepest image
+ * that covers the range), each extent ending where the answer changes. An image opened with
+ * `QED_OPEN_NO_BACKING` answers for itself. `extent->depth` and `extent->flags` are filled when
+ * `struct_size` includes them.
+ *
+ * **Returns:** 0 with `*extent` filled; `-EINVAL` for NULL arguments, a bad `struct_size`,
+ * `len` 0 or a range past the virtual size; `-ENOTSUP` for unknown `flags` bits (nothing is
+ * done); `-EIO` for corrupt metadata in any image of the chain, or a failed read of it.
+ *
+ * **Ownership:** `extent` is the caller's, written only on success.
+ *
+ * **Thread-safety:** may be called concurrently on the same image from any thread.
+ *
+ * # Safety
+ * Pointers must be NULL where allowed or valid for the access described above; a handle
+ * must come from `qed_open*` and not have been closed.
+ */
+int qed_block_status_ext(struct qed_image *img, uint64_t offset, uint64_t len, unsigned int flags, struct qed_extent *extent);
 
 /**
  * Changes the backing file named in the header, as `qemu-img rebase -u` does (no data is

@@ -31,9 +31,9 @@ pub mod capi;
 
 pub use error::{Error, Result};
 pub use image::{
-    Backing, BackingApprover, BackingFormat, BackingPolicy, CheckFix, CheckResult, CreateOptions,
-    Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions, Progress, WriteFlags,
-    WriteZeroesFlags,
+    Backing, BackingApprover, BackingFormat, BackingPolicy, ChainExtent, ChainKind, CheckFix,
+    CheckResult, CreateOptions, Extent, ExtentKind, Image, ImageInfo, ImageStats, OpenOptions,
+    Progress, WriteFlags, WriteZeroesFlags,
 };
 pub use log::{set_log_callback, LogCallback, LogLevel};
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -332,6 +332,85 @@ fn map_matches_qemu() {
         .contains("\"depth\": 1, \"present\": true, \"zero\": false, \"data\": true"));
 }
 
+/// Raw backing files made with truncate and writes, of odd lengths that end in data or in a
+/// hole, under overlays larger than they are, with zero clusters over their data; a QED backing
+/// file shorter than its overlay; a chain of three over a raw file; nothing allocated anywhere.
+#[test]
+fn map_through_chains_matches_qemu() {
+    let d = Dir::new();
+    let sparse = |name: &str, len: u64, writes: &[(u64, usize, u8)]| {
+        let f = std::fs::File::create(d.p(name)).expect("create raw");
+        f.set_len(len).expect("truncate");
+        for &(off, n, pat) in writes {
+            std::os::unix::fs::FileExt::write_all_at(&f, &vec![pat; n], off).expect("write");
+        }
+    };
+    // Ends in data 700 bytes into a sector: QEMU maps data to the end, then the rest of the
+    // sector as a zero hole.
+    sparse(
+        "tail.raw",
+        (3 << 20) + 700,
+        &[(4096, 8192, 1), (3 << 20, 700, 2)],
+    );
+    // Ends in a hole, mid-sector.
+    sparse("hole.raw", (2 << 20) + 1000, &[(1 << 20, 100, 3)]);
+    for (base, ov) in [("tail.raw", "tail.qed"), ("hole.raw", "hole.qed")] {
+        d.qemu(&[
+            "create", "-q", "-f", "qed", "-b", base, "-F", "raw", ov, "8M",
+        ])
+        .ok();
+        d.qio(
+            "qed",
+            ov,
+            &["write -P 9 0 4k", "write -z 1M 64k", "write -P 8 5M 64k"],
+        );
+    }
+    // A chain of three over the raw file, each level shorter than the one above.
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "tail.raw", "-F", "raw", "c1.qed", "4M",
+    ])
+    .ok();
+    d.qio("qed", "c1.qed", &["write -P 5 64k 64k", "write -z 3M 64k"]);
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "c1.qed", "-F", "qed", "c2.qed", "6M",
+    ])
+    .ok();
+    d.qio("qed", "c2.qed", &["write -z 1M 64k", "write -P 6 4M 4k"]);
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "c2.qed", "-F", "qed", "c3.qed", "7M",
+    ])
+    .ok();
+    d.qio("qed", "c3.qed", &["write -P 7 128k 4k"]);
+    // Nothing allocated in any level.
+    d.qemu(&["create", "-q", "-f", "qed", "e1.qed", "1M"]).ok();
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "e1.qed", "-F", "qed", "e2.qed", "3M",
+    ])
+    .ok();
+    for file in [
+        "tail.qed", "hole.qed", "c1.qed", "c2.qed", "c3.qed", "e2.qed", "tail.raw", "hole.raw",
+    ] {
+        same(&d, &["map", "--output=json", file]);
+        same(&d, &["map", file]);
+    }
+    same(
+        &d,
+        &["map", "--output=json", "-s", "3M", "-l", "1M", "c3.qed"],
+    );
+    // The chain's depths are all there: data at 0, 1 and 3, zeros at 1 and 2.
+    let o = d.ours(&["map", "--output=json", "c3.qed"]).ok();
+    for want in [
+        "\"depth\": 0, \"present\": true, \"zero\": false, \"data\": true",
+        "\"depth\": 1, \"present\": true, \"zero\": true, \"data\": false",
+        "\"depth\": 2, \"present\": true, \"zero\": true, \"data\": false, \"compressed\": false}",
+        "\"depth\": 2, \"present\": true, \"zero\": false, \"data\": true",
+        "\"depth\": 3, \"present\": true, \"zero\": false, \"data\": true",
+        "\"depth\": 3, \"present\": true, \"zero\": true, \"data\": false",
+    ] {
+        assert!(o.stdout.contains(want), "{want} not in\n{}", o.stdout);
+    }
+}
+
 #[test]
 fn check_matches_qemu_exit_codes_and_output() {
     let d = Dir::new();

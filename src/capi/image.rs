@@ -5,7 +5,8 @@
 use super::abi::{read_in_opt, write_out, Extensible};
 use super::{c_str, opt_c_str, qed_boundary, CError, CResult, InFn};
 use crate::image::{
-    BackingFormat, BackingPolicy, ExtentKind, Image, OpenOptions, WriteFlags, WriteZeroesFlags,
+    BackingFormat, BackingPolicy, ChainKind, ExtentKind, Image, OpenOptions, WriteFlags,
+    WriteZeroesFlags,
 };
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
@@ -87,11 +88,25 @@ unsafe impl Extensible for qed_info {
 }
 
 /// The range is not allocated in this image: it reads from the backing file, or as zeros.
+/// With `QED_BLOCK_STATUS_CHAIN`: no image of the chain stores it, so it reads as zeros.
 pub const QED_BLOCK_UNALLOCATED: c_uint = 0;
-/// The range is allocated data at `host_offset` in the image file.
+/// The range is allocated data at `host_offset` in the image file (with
+/// `QED_BLOCK_STATUS_CHAIN`: in the file of the image at `depth`, a QED image or a raw file).
 pub const QED_BLOCK_DATA: c_uint = 1;
 /// The range is made of zero clusters: it reads as zeros whatever the backing file holds.
+/// With `QED_BLOCK_STATUS_CHAIN` also a hole in a raw backing file (`host_offset` then gives
+/// its offset in that file, with `QED_EXTENT_OFFSET_VALID`).
 pub const QED_BLOCK_ZERO: c_uint = 2;
+
+/// `qed_extent.flags`: `host_offset` is an offset in the file of the image at `depth` (set for
+/// data, and for holes of a raw backing file).
+pub const QED_EXTENT_OFFSET_VALID: u32 = 1;
+
+/// `qed_block_status_ext` flag: answer through the backing chain (the chain opened with the
+/// image; no file is opened): data or zeros at the depth that decides the range, or
+/// unallocated in every image of the chain.
+pub const QED_BLOCK_STATUS_CHAIN: c_uint = 1;
+const BLOCK_STATUS_FLAGS: c_uint = QED_BLOCK_STATUS_CHAIN;
 
 /// Request flag of `qed_write_flags`, `qed_writev_flags` and their `qed_aio_` forms: force unit
 /// access. The write completes only once it is durable, with the table entries that lead to
@@ -132,7 +147,9 @@ pub(crate) fn zero_flags(func: &str, flags: c_uint) -> CResult<WriteZeroesFlags>
     })
 }
 
-/// One extent reported by `qed_block_status`. Set `struct_size` first.
+/// One extent reported by `qed_block_status` and `qed_block_status_ext`. Set `struct_size`
+/// first; a caller built with the 0.1 header (32 bytes, no `depth` and `flags`) gets the
+/// fields it has.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct qed_extent {
@@ -144,8 +161,13 @@ pub struct qed_extent {
     pub offset: u64,
     /// Length in bytes (at most the length asked for).
     pub length: u64,
-    /// File offset of the first byte for `QED_BLOCK_DATA`, else 0.
+    /// File offset of the first byte for `QED_BLOCK_DATA`, else 0 (see `flags`).
     pub host_offset: u64,
+    /// The image that decides the range: 0 this image, 1 its backing file, and so on (0
+    /// without `QED_BLOCK_STATUS_CHAIN`). Added in 0.2.
+    pub depth: u32,
+    /// `QED_EXTENT_OFFSET_VALID` or 0. Added in 0.2.
+    pub flags: u32,
 }
 
 // SAFETY: repr(C), struct_size first, integers only.
@@ -1148,27 +1170,97 @@ pub unsafe extern "C" fn qed_block_status(
 ) -> c_int {
     const F: &str = "qed_block_status";
     qed_boundary!(F, {
-        // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
-        // SAFETY: NULL or valid per the size-prefix rule.
-        unsafe { super::abi::check_out(F, "extent", extent) }?;
-        let e = img.block_status(offset, len).in_fn(F)?;
-        let (status, host_offset) = match e.kind {
-            ExtentKind::Data { host_offset } => (QED_BLOCK_DATA, host_offset),
-            ExtentKind::Zero => (QED_BLOCK_ZERO, 0),
-            ExtentKind::Unallocated => (QED_BLOCK_UNALLOCATED, 0),
-        };
-        let v = qed_extent {
-            struct_size: 0,
-            status,
-            offset: e.offset,
-            length: e.length,
-            host_offset,
-        };
-        // SAFETY: valid per the size-prefix rule (checked above).
-        unsafe { write_out(F, "extent", extent, v) }?;
-        Ok(0)
+        // SAFETY: forwarded contract.
+        unsafe { block_status(F, img, offset, len, 0, extent) }
     })
+}
+
+/// Like `qed_block_status`, with `flags`: 0 answers for this image alone (as
+/// `qed_block_status`); `QED_BLOCK_STATUS_CHAIN` answers through the backing chain: data
+/// (`host_offset` in the file of the image at `depth`), zeros (a zero cluster, or a hole of a
+/// raw backing file) or unallocated in every image (reads as zeros; `depth` is the deepest image
+/// that covers the range), each extent ending where the answer changes. An image opened with
+/// `QED_OPEN_NO_BACKING` answers for itself. `extent->depth` and `extent->flags` are filled when
+/// `struct_size` includes them.
+///
+/// **Returns:** 0 with `*extent` filled; `-EINVAL` for NULL arguments, a bad `struct_size`,
+/// `len` 0 or a range past the virtual size; `-ENOTSUP` for unknown `flags` bits (nothing is
+/// done); `-EIO` for corrupt metadata in any image of the chain, or a failed read of it.
+///
+/// **Ownership:** `extent` is the caller's, written only on success.
+///
+/// **Thread-safety:** may be called concurrently on the same image from any thread.
+///
+/// # Safety
+/// Pointers must be NULL where allowed or valid for the access described above; a handle
+/// must come from `qed_open*` and not have been closed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_block_status_ext(
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    flags: c_uint,
+    extent: *mut qed_extent,
+) -> c_int {
+    const F: &str = "qed_block_status_ext";
+    qed_boundary!(F, {
+        // SAFETY: forwarded contract.
+        unsafe { block_status(F, img, offset, len, flags, extent) }
+    })
+}
+
+/// The body of `qed_block_status` and `qed_block_status_ext`.
+///
+/// # Safety
+/// As for `qed_block_status_ext`.
+unsafe fn block_status(
+    func: &str,
+    img: *mut qed_image,
+    offset: u64,
+    len: u64,
+    flags: c_uint,
+    extent: *mut qed_extent,
+) -> CResult<c_int> {
+    // SAFETY: handle contract.
+    let img = unsafe { image(func, img) }?;
+    // SAFETY: NULL or valid per the size-prefix rule.
+    unsafe { super::abi::check_out(func, "extent", extent) }?;
+    if flags & !BLOCK_STATUS_FLAGS != 0 {
+        return Err(CError {
+            errno: libc::ENOTSUP,
+            msg: format!(
+                "{func}: flags {flags:#x}: unknown bits {:#x} (this version knows QED_BLOCK_STATUS_CHAIN only)",
+                flags & !BLOCK_STATUS_FLAGS
+            ),
+        });
+    }
+    let mut v = qed_extent::default();
+    if flags & QED_BLOCK_STATUS_CHAIN != 0 {
+        let e = img.block_status_chain(offset, len).in_fn(func)?;
+        (v.offset, v.length, v.depth) = (e.offset, e.length, e.depth);
+        v.status = match e.kind {
+            ChainKind::Data => QED_BLOCK_DATA,
+            ChainKind::Zero => QED_BLOCK_ZERO,
+            _ => QED_BLOCK_UNALLOCATED,
+        };
+        if let Some(h) = e.host_offset {
+            (v.host_offset, v.flags) = (h, QED_EXTENT_OFFSET_VALID);
+        }
+    } else {
+        let e = img.block_status(offset, len).in_fn(func)?;
+        (v.offset, v.length) = (e.offset, e.length);
+        v.status = match e.kind {
+            ExtentKind::Data { host_offset } => {
+                (v.host_offset, v.flags) = (host_offset, QED_EXTENT_OFFSET_VALID);
+                QED_BLOCK_DATA
+            }
+            ExtentKind::Zero => QED_BLOCK_ZERO,
+            ExtentKind::Unallocated => QED_BLOCK_UNALLOCATED,
+        };
+    }
+    // SAFETY: valid per the size-prefix rule (checked above).
+    unsafe { write_out(func, "extent", extent, v) }?;
+    Ok(0)
 }
 
 /// Changes the backing file named in the header, as `qemu-img rebase -u` does (no data is

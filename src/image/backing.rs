@@ -272,6 +272,9 @@ impl Storage for LockedStorage {
     fn data_from(&self, offset: u64) -> std::io::Result<Option<u64>> {
         self.inner.data_from(offset)
     }
+    fn hole_from(&self, offset: u64) -> std::io::Result<u64> {
+        self.inner.hole_from(offset)
+    }
 }
 
 #[cfg(test)]

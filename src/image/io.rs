@@ -1288,15 +1288,7 @@ impl Image {
     /// The extent at guest `offset`, at most `len` bytes, merged across L2 tables while the kind
     /// stays the same (data extents also stay contiguous in the file).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.check_usable()?;
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Err(Error::InvalidArgument {
-                what: "len",
-                value: 0,
-                reason: "block status of an empty range".into(),
-            });
-        }
+        self.check_status_args(offset, len)?;
         let _g = self.gate.read();
         let end = offset + len;
         let mut ext = self.lookup(offset, len)?;
@@ -1318,18 +1310,8 @@ impl Image {
 
     /// Every extent of `[offset, offset + len)`, in order.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let mut out = Vec::new();
-        let end = offset.checked_add(len).ok_or(Error::OutOfRange {
-            offset,
-            len,
-            size: self.size(),
-        })?;
-        let mut pos = offset;
-        while pos < end {
-            let e = self.block_status(pos, end - pos)?;
-            pos += e.length;
-            out.push(e);
-        }
-        Ok(out)
+        self.collect_extents(offset, len, |p, l| {
+            self.block_status(p, l).map(|e| (e, e.length))
+        })
     }
 }

@@ -29,6 +29,7 @@ mod progress;
 mod rangelock;
 mod registry;
 mod stats;
+mod status;
 mod stream;
 mod timer;
 mod writeback;
@@ -45,6 +46,7 @@ pub use options::{
 };
 pub use progress::Progress;
 pub use stats::ImageStats;
+pub use status::{ChainExtent, ChainKind};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::parse_backing_name;

@@ -19,7 +19,7 @@ impl FaultCalls {
     pub const WRITE: FaultCalls = FaultCalls(2);
     /// Flushes.
     pub const FLUSH: FaultCalls = FaultCalls(4);
-    /// Length queries (`len`, `data_from`).
+    /// Length queries (`len`, `data_from`, `hole_from`).
     pub const LEN: FaultCalls = FaultCalls(8);
     /// Length changes (`set_len`, `preallocate`).
     pub const SET_LEN: FaultCalls = FaultCalls(16);
@@ -361,6 +361,13 @@ impl<S: Storage> Storage for FaultStorage<S> {
 
     fn can_punch_hole(&self) -> bool {
         self.inner.can_punch_hole()
+    }
+
+    fn hole_from(&self, offset: u64) -> io::Result<u64> {
+        match self.judge(FaultCalls::LEN) {
+            Verdict::Pass => self.inner.hole_from(offset),
+            Verdict::Fail(e, _) => Err(err(e)),
+        }
     }
 }
 

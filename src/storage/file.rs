@@ -515,6 +515,16 @@ impl Storage for FileStorage {
         }
     }
 
+    fn hole_from(&self, offset: u64) -> io::Result<u64> {
+        match sys::seek(self.file.as_raw_fd(), offset, sys::Seek::Hole) {
+            Ok(r) => Ok(r),
+            // At or past the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(offset),
+            // File systems without SEEK_HOLE: data up to the end.
+            Err(_) => Ok(self.len()?.max(offset)),
+        }
+    }
+
     fn grows_on_write(&self) -> bool {
         // An O_DIRECT bounce write past the end trims its padding with set_len, which could cut
         // a concurrent write that grew the file; the engine extends the file first instead.

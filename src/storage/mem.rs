@@ -290,6 +290,23 @@ impl Storage for MemStorage {
         !self.no_punch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn hole_from(&self, offset: u64) -> io::Result<u64> {
+        let g = self.lock();
+        if offset >= g.len {
+            return Ok(offset);
+        }
+        // Pages ever written are data (even when written with zeros), as a file system's
+        // allocated blocks are; the first missing page after `offset` starts a hole.
+        let mut page = offset / PAGE;
+        for &p in g.pages.range(page..).map(|(p, _)| p) {
+            if p != page {
+                break;
+            }
+            page += 1;
+        }
+        Ok((page * PAGE).max(offset).min(g.len))
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         check_range(len, 0)?;
         let mut g = self.lock();

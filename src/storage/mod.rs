@@ -121,6 +121,13 @@ pub trait Storage: Send + Sync {
     fn can_punch_hole(&self) -> bool {
         false
     }
+    /// The first offset at or after `offset` that starts a hole (reads as zeros without
+    /// storing them); the end of the storage counts as one, and an `offset` past the end is
+    /// returned as it is. With `data_from`, tells a sparse file's data from its holes for block
+    /// status; the default knows no holes (everything up to the end is data).
+    fn hole_from(&self, offset: u64) -> io::Result<u64> {
+        Ok(self.len()?.max(offset))
+    }
 }
 
 /// Whether `e` says that a storage call does not exist (here, or on this file system).
@@ -177,6 +184,33 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     fn can_punch_hole(&self) -> bool {
         (**self).can_punch_hole()
     }
+    fn hole_from(&self, offset: u64) -> io::Result<u64> {
+        (**self).hole_from(offset)
+    }
+}
+
+/// Whether `offset` starts data or a hole in `storage`, and how far that reaches (at most
+/// `len`), from [`Storage::data_from`] and [`Storage::hole_from`], as QEMU's file-posix driver
+/// answers: at and past the end of the storage is a hole (so the partial sector after a file's
+/// last byte is one), and storage that knows no holes is data up to its end.
+pub fn sparse_status(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+    if offset >= storage.len()? {
+        return Ok((false, len));
+    }
+    let data = match storage.data_from(offset)? {
+        None => return Ok((false, len)),
+        Some(d) => d,
+    };
+    if data > offset {
+        return Ok((false, (data - offset).min(len)));
+    }
+    let hole = storage.hole_from(offset)?;
+    // (A hole at `offset` itself contradicts data_from, as a racing writer could make it:
+    // call it data, which is never wrong.)
+    if hole <= offset {
+        return Ok((true, len));
+    }
+    Ok((true, (hole - offset).min(len)))
 }
 
 /// A descriptor the asynchronous engine reads and writes directly (see

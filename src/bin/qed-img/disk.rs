@@ -6,7 +6,7 @@
 use crate::common::{format_of, io_msg, path_combine, CliError, CliResult, Context, Fmt};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
-use qed::{Backing, ExtentKind, FileStorage, Image, OpenOptions, Storage};
+use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -89,17 +89,6 @@ impl Layer {
     }
 }
 
-/// What one layer says about a range (QEMU's BDRV_BLOCK_* flags).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct LayerStatus {
-    pub(crate) data: bool,
-    pub(crate) zero: bool,
-    pub(crate) allocated: bool,
-    /// Host offset in the layer's file (BDRV_BLOCK_OFFSET_VALID).
-    pub(crate) offset: Option<u64>,
-    pub(crate) len: u64,
-}
-
 /// `qemu-img map`'s view of a range: the first layer that decides it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Status {
@@ -173,8 +162,8 @@ impl Disk {
                             cur_path = bpath;
                         }
                         Backing::Raw(_) => {
-                            // Our own descriptor, for SEEK_DATA/SEEK_HOLE; the library holds
-                            // the lock.
+                            // Our own descriptor, for info's sizes; the library holds the lock
+                            // (and answers block status through its own).
                             let ro = OpenMode::default();
                             layers.push(Layer::Raw {
                                 file: RawFile::open(&bpath, &ro, false)?,
@@ -294,132 +283,47 @@ impl Disk {
         Ok(())
     }
 
-    /// What layer `i` alone says about `[offset, offset + bytes)` (QEMU's `bdrv_block_status`
-    /// with want_zero). `offset` lies inside the layer.
-    pub(crate) fn layer_status(&self, i: usize, offset: u64, bytes: u64) -> CliResult<LayerStatus> {
-        let layer = &self.layers[i];
-        let size = layer.size()?;
-        if offset >= size {
-            return Ok(LayerStatus {
-                zero: true,
-                len: 0,
-                ..Default::default()
-            });
-        }
-        let bytes = bytes.min(size - offset);
-        match layer {
+    /// qemu-img map's `get_block_status`: the layer that decides `[offset, offset + bytes)`,
+    /// walking down the chain (the library's chain block status for a QED image).
+    pub(crate) fn status(&self, offset: u64, bytes: u64) -> CliResult<Status> {
+        let mut st = Status {
+            start: offset,
+            len: bytes,
+            depth: 0,
+            present: true,
+            zero: false,
+            data: true,
+            offset: None,
+            layer: None,
+        };
+        match &self.layers[0] {
             Layer::Qed { img, path } => {
-                // QED reports at most one L2 table's range at a time.
-                let g = img.geometry();
-                let bits = g.l2_coverage_bits();
-                let bytes = if bits < 64 {
-                    let cov = 1u64 << bits;
-                    bytes.min((offset & !(cov - 1)).saturating_add(cov) - offset)
-                } else {
-                    bytes
-                };
-                let ext = img
-                    .block_status(offset, bytes)
+                let e = img
+                    .block_status_chain(offset, bytes)
                     .map_err(|e| CliError::new(format!("{path}: {e}")))?;
-                let mut st = LayerStatus {
-                    len: ext.length,
-                    ..Default::default()
-                };
-                match ext.kind {
-                    ExtentKind::Data { host_offset } => {
-                        st.data = true;
-                        st.allocated = true;
-                        st.offset = Some(host_offset);
-                    }
-                    ExtentKind::Zero => {
-                        st.zero = true;
-                        st.allocated = true;
-                    }
-                    ExtentKind::Unallocated => match self.layers.get(i + 1) {
-                        None => st.zero = true,
-                        Some(b) => {
-                            if offset >= b.size()? {
-                                st.zero = true;
-                            }
-                        }
-                    },
+                st.len = e.length;
+                st.depth = e.depth as usize;
+                st.offset = e.host_offset;
+                match e.kind {
+                    ChainKind::Zero => (st.zero, st.data) = (true, false),
+                    // QEMU's generic layer: no image has it, it reads as zeros.
+                    ChainKind::Unallocated => (st.present, st.zero, st.data) = (false, true, false),
+                    // Data, and anything a newer library reports: read it.
+                    _ => {}
                 }
-                Ok(st)
             }
             Layer::Raw { file, path } => {
-                let fd = file.storage.file().as_raw_fd();
-                let file_len = file.len()?;
-                let (data, len) = seek_status(fd, offset, bytes, file_len)
+                // The block layer sees a raw file in whole sectors; map never asks past them.
+                let (data, len) = qed::storage::sparse_status(&file.storage, offset, bytes)
                     .map_err(|e| CliError::new(format!("{path}: {}", io_msg(&e))))?;
-                Ok(LayerStatus {
-                    data,
-                    zero: !data,
-                    allocated: true,
-                    offset: Some(offset),
-                    len,
-                })
+                st.len = len;
+                st.offset = Some(offset);
+                (st.zero, st.data) = (!data, data);
             }
         }
+        st.layer = st.offset.map(|_| st.depth);
+        Ok(st)
     }
-
-    /// qemu-img map's `get_block_status`: walk down the chain until a layer decides the range.
-    pub(crate) fn status(&self, offset: u64, bytes: u64) -> CliResult<Status> {
-        let mut bytes = bytes;
-        let mut depth = 0;
-        loop {
-            let st = self.layer_status(depth, offset, bytes)?;
-            if st.len == 0 {
-                // Past the end of this layer (cannot happen below a layer that checked it).
-                return Ok(Status {
-                    start: offset,
-                    len: bytes,
-                    depth,
-                    present: false,
-                    zero: true,
-                    data: false,
-                    offset: None,
-                    layer: None,
-                });
-            }
-            if st.zero || st.data || depth + 1 == self.layers.len() {
-                return Ok(Status {
-                    start: offset,
-                    len: st.len,
-                    depth,
-                    present: st.allocated,
-                    zero: st.zero,
-                    data: st.data,
-                    offset: st.offset,
-                    layer: st.offset.map(|_| depth),
-                });
-            }
-            bytes = st.len;
-            depth += 1;
-        }
-    }
-}
-
-/// file-posix's block status: data or hole at `offset` (via SEEK_DATA / SEEK_HOLE), and how far
-/// it reaches (at most `bytes`).
-fn seek_status(fd: i32, offset: u64, bytes: u64, file_len: u64) -> std::io::Result<(bool, u64)> {
-    let data = match sys::seek(fd, offset, sys::Seek::Data) {
-        Ok(d) => d,
-        // A trailing hole.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((false, bytes)),
-        // No information: everything is data.
-        Err(_) => return Ok((true, bytes)),
-    };
-    if data > offset {
-        return Ok((false, (data - offset).min(bytes)));
-    }
-    let Ok(hole) = sys::seek(fd, offset, sys::Seek::Hole) else {
-        return Ok((true, bytes));
-    };
-    if hole >= file_len {
-        // Data up to the end of the file covers the partial sector at its end too.
-        return Ok((true, bytes));
-    }
-    Ok((true, (hole - offset).min(bytes)))
 }
 
 /// Zeroes a range of a raw file: punch a hole (keeping the size), or write zeros if the file
