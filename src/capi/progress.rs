@@ -1,7 +1,5 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed_progress`: the C face of [`Progress`] for long operations.
-// Used by the long operations of issue 13 as they gain progress reports (removed then).
-#![allow(dead_code)]
 
 use super::abi::{read_in_opt, Extensible};
 use super::CError;

@@ -21,6 +21,8 @@
 
 mod backing;
 mod check;
+mod commit;
+mod copy;
 mod io;
 mod l2cache;
 mod options;
@@ -32,6 +34,7 @@ mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
+pub use copy::{copy, CopyOptions, CopySource, CopyStatus, CopyTarget};
 #[cfg(qed_io_uring)]
 pub(crate) use io::{DirectPiece, DirectPlan};
 pub use io::{Extent, ExtentKind, WriteFlags};
@@ -440,7 +443,13 @@ impl Image {
 
         if opts.writable && header.needs_check() && !opts.no_repair {
             qed_log!(Info, "{label}: need-check bit set: checking and repairing");
-            let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
+            let r = check::run(
+                &*storage,
+                &header,
+                &geometry,
+                CheckFix::ALL,
+                &Progress::new(),
+            )?;
             counters.repaired(&r);
             log_check(&label, "repair at open", &r);
             if r.check_errors > 0 || r.corruptions > 0 {
@@ -964,12 +973,29 @@ impl Image {
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
+        self.check_with(fix, &Progress::new())
+    }
+
+    /// [`Image::check`] reporting to `progress` (in guest clusters whose L2 table was examined)
+    /// and stopping with [`Error::Cancelled`] when it is cancelled. A check without repair
+    /// stops at once and changes nothing. A repair stops only where the file is consistent:
+    /// before its first write (nothing changed), or after every corruption it found is fixed
+    /// (only leaks may remain); the handle stays usable and, when anything was written, the
+    /// need-check bit stays set so that the next read-write open finishes the repair.
+    pub fn check_with(&self, fix: CheckFix, progress: &Progress) -> Result<CheckResult> {
         self.check_usable()?;
         if fix.any() && !self.writable {
             return Err(Error::ReadOnly);
         }
         let _g = self.gate.write();
-        self.named(match self.check_locked(fix) {
+        self.named(match self.check_locked(fix, progress) {
+            Err(Error::Cancelled { what }) if fix.any() => {
+                // Stopped at a safe point (see check.rs): reload what the repair changed and
+                // keep the need-check bit for the next open.
+                self.recheck.store(true, Ordering::Release);
+                self.load_metadata().map_err(|e| self.fail(e))?;
+                Err(Error::Cancelled { what })
+            }
             // A repair stopped half way: the file may no longer match what this handle holds
             // in memory, so it may not write again (the next open repairs).
             Err(e) if fix.any() => Err(self.fail(e)),
@@ -977,7 +1003,7 @@ impl Image {
         })
     }
 
-    fn check_locked(&self, fix: CheckFix) -> Result<CheckResult> {
+    fn check_locked(&self, fix: CheckFix, progress: &Progress) -> Result<CheckResult> {
         if fix.any() {
             // A crash in the middle of a repair is repaired at the next open.
             self.mark_dirty()?;
@@ -991,7 +1017,7 @@ impl Image {
         if fix.any() {
             qed_log!(Info, "{}: checking and repairing", self.label());
         }
-        let r = check::run(&*self.storage, &header, &self.geometry, fix);
+        let r = check::run(&*self.storage, &header, &self.geometry, fix, progress);
         if fix.any() {
             // A repair rewrites tables behind the cache's back, even one that fails half way.
             self.wb.meta_changed();
@@ -1026,6 +1052,8 @@ impl Image {
                 self.sync()?;
                 hs.header = h;
                 self.dirty.store(false, Ordering::Release);
+                // Whatever an earlier (cancelled) repair left is repaired now.
+                self.recheck.store(false, Ordering::Release);
             }
         }
         Ok(r)

@@ -1,8 +1,6 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! Progress reports and cancellation for long operations (check and repair, commit, streaming,
 //! convert): one handle the caller keeps, clones across threads and may cancel from any of them.
-// Used by the long operations of issue 13 as they gain progress reports (removed then).
-#![allow(dead_code)]
 
 use crate::error::{Error, Result};
 use std::ops::ControlFlow;
