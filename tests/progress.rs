@@ -33,7 +33,9 @@ fn s(p: &Path) -> &str {
 
 /// A progress handle that records every report and cancels at report number `stop_at`
 /// (1-based; 0 never).
-fn recorder(stop_at: usize) -> (Progress, Arc<Mutex<Vec<(u64, u64)>>>) {
+type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
+
+fn recorder(stop_at: usize) -> (Progress, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let p = Progress::with_callback(move |d, t| {
