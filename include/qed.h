@@ -399,6 +399,34 @@ typedef struct qed_check_result {
 } qed_check_result;
 
 /**
+ * Called by a long operation with how far it got: `done` of `total` (bytes for copies,
+ * clusters for checks; `done` never decreases). Return 0 to go on, anything else to stop the
+ * operation, which then returns `-ECANCELED` with everything it did left consistent. Called on
+ * the thread that called the operation, at least at the start and at the end.
+ */
+typedef int (*qed_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+/**
+ * A progress callback for long operations. Set `struct_size` first (see "Structs that grow"
+ * at the top); passing NULL where a `const qed_progress *` is taken means no reports and no
+ * cancellation.
+ */
+typedef struct qed_progress {
+  /**
+   * `sizeof(struct qed_progress)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * The callback; NULL for none.
+   */
+  qed_progress_fn progress;
+  /**
+   * Passed to `progress` unchanged.
+   */
+  void *opaque;
+} qed_progress;
+
+/**
  * How to create an image. Zero-initialised fields take the defaults; set `struct_size` first
  * (see "Structs that grow" at the top).
  */
@@ -785,34 +813,6 @@ typedef struct qed_io_ops {
   void (*release)(void *opaque);
 } qed_io_ops;
 
-/**
- * Called by a long operation with how far it got: `done` of `total` (bytes for copies,
- * clusters for checks; `done` never decreases). Return 0 to go on, anything else to stop the
- * operation, which then returns `-ECANCELED` with everything it did left consistent. Called on
- * the thread that called the operation, at least at the start and at the end.
- */
-typedef int (*qed_progress_fn)(void *opaque, uint64_t done, uint64_t total);
-
-/**
- * A progress callback for long operations. Set `struct_size` first (see "Structs that grow"
- * at the top); passing NULL where a `const qed_progress *` is taken means no reports and no
- * cancellation.
- */
-typedef struct qed_progress {
-  /**
-   * `sizeof(struct qed_progress)`, set by the caller.
-   */
-  uint32_t struct_size;
-  /**
-   * The callback; NULL for none.
-   */
-  qed_progress_fn progress;
-  /**
-   * Passed to `progress` unchanged.
-   */
-  void *opaque;
-} qed_progress;
-
 
 
 
@@ -1091,6 +1091,32 @@ int qed_aio_cancel(struct qed_image *img, void *opaque);
  * must come from `qed_open*` and not have been closed.
  */
 int qed_check(struct qed_image *img, unsigned int fix, struct qed_check_result *result);
+
+/**
+ * `qed_check` with a progress callback that can also stop it. Progress is in guest clusters
+ * whose L2 table was examined, of the virtual disk's clusters.
+ *
+ * A check without repair stops at the next report after the callback returns nonzero,
+ * having changed nothing. A repair stops only where the image is consistent: before its first
+ * write (nothing changed), or, once it wrote a fix, after every corruption it found is fixed
+ * (a stop asked for during the table scan waits until the scan's fixes are written) or between
+ * two rounds of leak reclaiming. The handle stays usable; when anything was written, the
+ * need-check bit stays set so that the next read-write open finishes the repair.
+ *
+ * **Returns:** as `qed_check`, and `-ECANCELED` when the callback stopped it (`*result` is
+ * not written then).
+ *
+ * **Ownership:** `result` and `progress` are borrowed for the call; `progress` may be NULL
+ * (no reports).
+ *
+ * **Thread-safety:** may be called from any thread; the callback runs on the calling thread,
+ * while other requests on the image wait: it must not call functions on `img`.
+ *
+ * # Safety
+ * As `qed_check`; `progress` is NULL or valid per the size-prefix rule, and its callback is
+ * callable with its `opaque`.
+ */
+int qed_check_ext(struct qed_image *img, unsigned int fix, struct qed_check_result *result, const struct qed_progress *progress);
 
 /**
  * Creates a QED image file at `path` (an existing file is replaced).
@@ -1650,6 +1676,61 @@ int qed_open_with_io(const struct qed_io_ops *ops, void *opaque, const struct qe
  * must come from `qed_open*` and not have been closed.
  */
 int qed_create_with_io(const struct qed_io_ops *ops, void *opaque, const struct qed_create_options *opts);
+
+/**
+ * Commits `img` into its backing file: writes every cluster `img` holds (data, and zero
+ * clusters as zeros) into the backing file named in its header, which this call opens
+ * read-write (resolved relative to the image, as `qed_open` does), growing it to `img`'s size
+ * if it is shorter, then flushes and closes it. `img` is left as it is and may be read-only;
+ * it must have been opened with `QED_OPEN_NO_BACKING` (its own read-only hold on the backing
+ * file would refuse the write). `flags` may hold `QED_OPEN_CONFINE_BACKING`,
+ * `QED_OPEN_NO_LOCK` and `QED_OPEN_DIRECT`, applied to the backing file.
+ *
+ * Progress is in bytes of the clusters `img` holds. When the callback returns nonzero the
+ * commit stops between steps of at most 2 MiB, flushes what it wrote and returns
+ * `-ECANCELED`: the backing file then holds some of `img`'s clusters (each whole), which `img`
+ * still shadows, so what `img` reads is unchanged and both images stay valid.
+ *
+ * **Returns:** 0; `-EINVAL` for NULL arguments or an image without a backing file; `-ENOTSUP`
+ * for other flags; `-EBUSY` when `img` holds its backing file open; `-ECANCELED` when the
+ * callback stopped it; `-errno` from opening or writing the backing file (`-EAGAIN` when
+ * another process holds it).
+ *
+ * **Ownership:** `progress` is borrowed for the call and may be NULL (no reports).
+ *
+ * **Thread-safety:** may be called from any thread, with other requests on `img` running; the
+ * callback runs on the calling thread.
+ *
+ * # Safety
+ * `img` comes from `qed_open*` and was not closed; `progress` is NULL or valid per the
+ * size-prefix rule, and its callback is callable with its `opaque`.
+ */
+int qed_commit(struct qed_image *img, unsigned int flags, const struct qed_progress *progress);
+
+/**
+ * Copies what `src` reads (through its backing chain) into `dst`, as `qemu-img convert`
+ * does: zero runs of 4 KiB or more are not written as data, and are skipped altogether when
+ * `dst` has no backing file and nothing allocated (a new image). `dst` must be read-write and
+ * at least as large as `src`; it is flushed at the end, also when the copy stopped.
+ *
+ * Progress is in bytes of `src` walked. When the callback returns nonzero the copy stops
+ * between steps of at most 2 MiB and returns `-ECANCELED`; `dst` is a valid image holding
+ * part of the copy.
+ *
+ * **Returns:** 0; `-EINVAL` for NULL arguments, the same handle twice, or a `dst` smaller than
+ * `src`; `-EROFS` when `dst` is read-only; `-ECANCELED` when the callback stopped it; `-errno`
+ * for I/O errors.
+ *
+ * **Ownership:** `progress` is borrowed for the call and may be NULL (no reports).
+ *
+ * **Thread-safety:** may be called from any thread; the callback runs on the calling thread.
+ * Writes to `src` during the copy may or may not be in the copy.
+ *
+ * # Safety
+ * `src` and `dst` come from `qed_open*` and were not closed; `progress` is NULL or valid per
+ * the size-prefix rule, and its callback is callable with its `opaque`.
+ */
+int qed_copy(struct qed_image *src, struct qed_image *dst, const struct qed_progress *progress);
 
 /**
  * Streams the backing chain into the image while it stays in use: every cluster the image

@@ -1153,3 +1153,68 @@ fn sparsify_gives_back_zeroed_clusters() {
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("QED images only"), "{}", o.stderr);
 }
+
+/// `-p` on a terminal (a pty from script(1)) prints what qemu-img prints: `    (x.xx/100%)`
+/// steps ended by `\r`, from 0.00 up to 100.00, then a line feed; qemu-img's own output for the
+/// same convert has that shape too.
+#[test]
+fn progress_output_on_a_terminal_is_qemu_img_s() {
+    // script(1) is in util-linux (Debian: bsdutils, essential): never skipped.
+    assert!(
+        Command::new("script").arg("-V").output().is_ok(),
+        "script(1) from util-linux is needed for a pty"
+    );
+    let d = Dir::new();
+    raw_chain(&d);
+    // The pty turns "\n" into "\r\n"; the steps are what lies between the '\r's before it.
+    let on_tty = |prog: &str, args: &str| -> String {
+        let o = d.run("script", &["-qec", &format!("{prog} {args}"), "/dev/null"]);
+        assert_eq!(o.code, 0, "{prog} {args}: {}{}", o.stdout, o.stderr);
+        o.stdout.replace("\r\n", "\n")
+    };
+    let steps = |out: &str| -> Vec<f64> {
+        let (line, _) = out.split_once('\n').expect("a line feed after the steps");
+        let parts: Vec<&str> = line.split('\r').collect();
+        assert_eq!(parts.last(), Some(&""), "every step ends with \\r: {out:?}");
+        parts[..parts.len() - 1]
+            .iter()
+            .map(|p| {
+                let v = p
+                    .strip_prefix("    (")
+                    .and_then(|p| p.strip_suffix("/100%)"))
+                    .unwrap_or_else(|| panic!("not a qemu-img step: {p:?} in {out:?}"));
+                assert_eq!(v.split_once('.').map(|(_, f)| f.len()), Some(2), "{p:?}");
+                v.parse().unwrap()
+            })
+            .collect()
+    };
+    let shape = |v: &[f64], what: &str| {
+        assert!(v.len() >= 2, "{what}: {v:?}");
+        assert_eq!(v[0], 0.0, "{what}: {v:?}");
+        assert_eq!(*v.last().unwrap(), 100.0, "{what}: {v:?}");
+        assert!(v.windows(2).all(|w| w[1] >= w[0]), "{what}: {v:?}");
+    };
+    let q = on_tty("qemu-img", "convert -p -O qed ov.qed q.qed");
+    shape(&steps(&q), "qemu-img convert");
+    let ours = on_tty(QED_IMG, "convert -p -O qed ov.qed o.qed");
+    shape(&steps(&ours), "qed-img convert");
+    assert!(
+        ours.ends_with("\n") && ours.matches('\n').count() == 1,
+        "{ours:?}"
+    );
+    assert!(d.bytes("q.qed") == d.bytes("o.qed"));
+    // commit: the steps, then qemu-img's message on its own line.
+    let ours = on_tty(QED_IMG, "commit -p ov.qed");
+    shape(&steps(&ours), "qed-img commit");
+    assert!(ours.ends_with("\nImage committed.\n"), "{ours:?}");
+    // check: the steps, then the report.
+    d.qemu(&["convert", "-O", "qed", "ov.qed", "c.qed"]).ok();
+    let ours = on_tty(QED_IMG, "check -p c.qed");
+    shape(&steps(&ours), "qed-img check");
+    assert!(
+        ours.contains("\r\nNo errors were found on the image.\n"),
+        "{ours:?}"
+    );
+    // -q wins over -p.
+    assert_eq!(on_tty(QED_IMG, "convert -q -p -O qed ov.qed o2.qed"), "");
+}

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-//! `qed_check`.
+//! `qed_check`, `qed_check_ext`.
 
 use super::abi::{check_out, write_out, Extensible};
 use super::image::{image, qed_image};
+use super::progress::{progress_from_c, qed_progress};
 use super::{qed_boundary, CError, InFn};
 use crate::image::CheckFix;
 use std::ffi::{c_int, c_uint};
@@ -63,20 +64,69 @@ pub unsafe extern "C" fn qed_check(
     fix: c_uint,
     result: *mut qed_check_result,
 ) -> c_int {
-    const F: &str = "qed_check";
-    qed_boundary!(F, {
+    // SAFETY: forwarded contract; no progress.
+    unsafe { check_impl("qed_check", img, fix, result, std::ptr::null()) }
+}
+
+/// `qed_check` with a progress callback that can also stop it. Progress is in guest clusters
+/// whose L2 table was examined, of the virtual disk's clusters.
+///
+/// A check without repair stops at the next report after the callback returns nonzero,
+/// having changed nothing. A repair stops only where the image is consistent: before its first
+/// write (nothing changed), or, once it wrote a fix, after every corruption it found is fixed
+/// (a stop asked for during the table scan waits until the scan's fixes are written) or between
+/// two rounds of leak reclaiming. The handle stays usable; when anything was written, the
+/// need-check bit stays set so that the next read-write open finishes the repair.
+///
+/// **Returns:** as `qed_check`, and `-ECANCELED` when the callback stopped it (`*result` is
+/// not written then).
+///
+/// **Ownership:** `result` and `progress` are borrowed for the call; `progress` may be NULL
+/// (no reports).
+///
+/// **Thread-safety:** may be called from any thread; the callback runs on the calling thread,
+/// while other requests on the image wait: it must not call functions on `img`.
+///
+/// # Safety
+/// As `qed_check`; `progress` is NULL or valid per the size-prefix rule, and its callback is
+/// callable with its `opaque`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qed_check_ext(
+    img: *mut qed_image,
+    fix: c_uint,
+    result: *mut qed_check_result,
+    progress: *const qed_progress,
+) -> c_int {
+    // SAFETY: forwarded contract.
+    unsafe { check_impl("qed_check_ext", img, fix, result, progress) }
+}
+
+/// The body of `qed_check` and `qed_check_ext`.
+///
+/// # Safety
+/// As `qed_check_ext`.
+unsafe fn check_impl(
+    func: &'static str,
+    img: *mut qed_image,
+    fix: c_uint,
+    result: *mut qed_check_result,
+    progress: *const qed_progress,
+) -> c_int {
+    qed_boundary!(func, {
         // SAFETY: handle contract.
-        let img = unsafe { image(F, img) }?;
+        let img = unsafe { image(func, img) }?;
         // SAFETY: NULL or valid per the size-prefix rule.
-        unsafe { check_out(F, "result", result) }?;
+        unsafe { check_out(func, "result", result) }?;
+        // SAFETY: NULL or valid per the size-prefix rule, per the contract.
+        let progress = unsafe { progress_from_c(func, progress) }?;
         if fix & !(QED_FIX_LEAKS | QED_FIX_ERRORS) != 0 {
-            return Err(CError::arg(F, format_args!("unknown fix bits {fix:#x}")));
+            return Err(CError::arg(func, format_args!("unknown fix bits {fix:#x}")));
         }
         let f = CheckFix {
             leaks: fix & QED_FIX_LEAKS != 0,
             errors: fix & QED_FIX_ERRORS != 0,
         };
-        let r = img.check(f).in_fn(F)?;
+        let r = img.check_with(f, &progress).in_fn(func)?;
         let out = qed_check_result {
             struct_size: 0,
             corruptions: r.corruptions,
@@ -90,7 +140,7 @@ pub unsafe extern "C" fn qed_check(
             image_end_offset: r.image_end_offset,
         };
         // SAFETY: valid per the size-prefix rule (checked above).
-        unsafe { write_out(F, "result", result, out) }?;
+        unsafe { write_out(func, "result", result, out) }?;
         Ok(0)
     })
 }

@@ -19,6 +19,7 @@ pub mod debug;
 pub mod engine;
 pub mod image;
 pub mod io;
+pub mod jobs;
 pub mod progress;
 pub mod stream;
 pub mod version;

@@ -134,6 +134,29 @@ pub(crate) fn open_by_path(
     opts: &OpenOptions,
     chain: &[PathBuf],
 ) -> Result<Backing> {
+    open_path(image_path, name, format, opts, chain, false)
+}
+
+/// Like [`open_by_path`], but read-write (with a write lock) and without its own backing chain:
+/// the target of a commit.
+pub(crate) fn open_for_write(
+    image_path: &Path,
+    name: &str,
+    format: Option<BackingFormat>,
+    opts: &OpenOptions,
+    chain: &[PathBuf],
+) -> Result<Backing> {
+    open_path(image_path, name, format, opts, chain, true)
+}
+
+fn open_path(
+    image_path: &Path,
+    name: &str,
+    format: Option<BackingFormat>,
+    opts: &OpenOptions,
+    chain: &[PathBuf],
+    writable: bool,
+) -> Result<Backing> {
     check_plain_path(name)?;
     if chain.len() as u32 > opts.max_backing_depth {
         return Err(Error::Unsupported {
@@ -187,15 +210,17 @@ pub(crate) fn open_by_path(
     if let Some(approve) = &opts.backing_approver {
         approve(&canon, name, chain.len().max(1) as u32)?;
     }
-    let storage = crate::storage::FileStorage::open(&canon, false, false)
+    let storage = crate::storage::FileStorage::open(&canon, writable, false)
         .ctx(|| format!("opening backing file {}", canon.display()))?;
     let lock = if opts.lock {
+        let mode = if writable {
+            crate::storage::lock::LockMode::ReadWrite
+        } else {
+            crate::storage::lock::LockMode::ReadOnly
+        };
         Some(
-            crate::storage::lock::lock_image(
-                storage.file(),
-                crate::storage::lock::LockMode::ReadOnly,
-            )
-            .map_err(|e| super::lock_error(&canon, e))?,
+            crate::storage::lock::lock_image(storage.file(), mode)
+                .map_err(|e| super::lock_error(&canon, e))?,
         )
     } else {
         None
@@ -215,7 +240,9 @@ pub(crate) fn open_by_path(
         }
         BackingFormat::Qed => {
             let mut sub = opts.clone();
-            sub.writable = false;
+            // A commit target is written with its own chain below it (read-only): a write of
+            // part of one of its clusters copies the rest from there.
+            sub.writable = writable;
             // The backing files are read, never written: copy-on-read is the top image's.
             sub.copy_on_read = false;
             let mut chain = chain.to_vec();

@@ -9,7 +9,18 @@
 //! than QEMU: an entry pointing into metadata is cleared; two data entries sharing a cluster are
 //! separated by copying the cluster (copy, flush, repoint), so neither guest range loses data;
 //! and leaked clusters at the end of the file are truncated away.
+//!
+//! Progress is reported in guest clusters: as each L2 table is examined, the clusters it maps
+//! count as done (total: the virtual disk's clusters). Where a check may stop when cancelled:
+//! - a check without repair: at any report (it writes nothing);
+//! - a repair: only where the file holds no half-done fix and no corruption this run could
+//!   have removed. That is before its first write (nothing changed), or, once a fix was written,
+//!   after the whole table scan with all of its fixes written and flushed (a cancellation asked
+//!   for during the scan waits until then), or between two compaction rounds (each round is
+//!   complete and flushed: only leaks remain). The caller keeps the need-check bit set, so the
+//!   next read-write open finishes the repair.
 
+use super::Progress;
 use crate::error::{IoContext, Result};
 use crate::format::{table, Geometry, Header};
 use crate::storage::Storage;
@@ -168,12 +179,17 @@ fn is_hole(storage: &dyn Storage, at: u64, len: u64) -> bool {
 /// Entries read per piece of table.
 const PIECE_ENTRIES: u64 = 64 * 1024;
 
-/// Runs the check over `storage` with its validated `header`.
+/// What a cancelled check or repair reports.
+const WHAT: &str = "check";
+
+/// Runs the check over `storage` with its validated `header`, reporting to `progress` (see the
+/// module documentation for where it may stop).
 pub(crate) fn run(
     storage: &dyn Storage,
     header: &Header,
     g: &Geometry,
     fix: CheckFix,
+    progress: &Progress,
 ) -> Result<CheckResult> {
     let cs = g.cluster_bytes();
     let cb = g.cluster_bits();
@@ -195,6 +211,13 @@ pub(crate) fn run(
     let mut wrote = false;
     let mut pad = false;
     let mut append_at = g.cluster_ceil(file_len);
+    let total = res.total_clusters;
+    // Once a fix is written, a cancellation waits for the end of the scan (see above).
+    let report = |done: u64, wrote: bool| match progress.update(WHAT, done, total) {
+        Err(e) if !wrote => Err(e),
+        _ => Ok(()),
+    };
+    report(0, false)?;
 
     // Pass 1: the L1 table; mark every table so that data entries pointing at one are caught
     // whatever order they come in.
@@ -249,7 +272,8 @@ pub(crate) fn run(
     }
 
     // Pass 2: each L2 table's data entries.
-    for &(_, t) in &tables {
+    for &(l1i, t) in &tables {
+        report(l1i.saturating_mul(n), wrote)?;
         let mut last = 0u64;
         let mut start = 0;
         while start < n {
@@ -347,6 +371,8 @@ pub(crate) fn run(
     if wrote {
         storage.flush().ctx(|| "flushing repairs".into())?;
     }
+    // Every fix of the scan is written and flushed: a safe point even after writes.
+    progress.update(WHAT, total, total)?;
     let file_len = storage.len().ctx(|| "reading image length".into())?;
     let file_clusters = file_len.div_ceil(cs);
     let first = header.header_size as u64;
@@ -369,6 +395,7 @@ pub(crate) fn run(
             &tables,
             first,
             file_clusters,
+            &|| progress.update(WHAT, total, total),
         )?;
         // Moves may have grown the file (data moved out of a table's way lands past the end).
         let cur = storage.len().ctx(|| "reading image length".into())?;
@@ -409,12 +436,17 @@ fn compact(
     tables: &[(u64, u64)],
     first: u64,
     file_clusters: u64,
+    between_rounds: &dyn Fn() -> Result<()>,
 ) -> Result<u64> {
     let cb = g.cluster_bits();
     // Current table positions: start cluster -> L1 index (updated as tables move).
     let mut table_start: BTreeMap<u64, u64> = tables.iter().map(|&(i, o)| (o >> cb, i)).collect();
     let mut end = file_clusters;
-    for _ in 0..MAX_ROUNDS {
+    for round in 0..MAX_ROUNDS {
+        if round > 0 {
+            // Each round is complete and flushed: stopping here leaves leaks only.
+            between_rounds()?;
+        }
         let moved = compact_round(storage, g, l1_off, used, meta, &mut table_start, first, end)?;
         end = end.max(used.prev_set(u64::MAX).map_or(first, |c| c + 1));
         if !moved {

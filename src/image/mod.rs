@@ -21,6 +21,8 @@
 
 mod backing;
 mod check;
+mod commit;
+mod copy;
 mod idle;
 mod io;
 mod l2cache;
@@ -36,6 +38,7 @@ mod writeback;
 
 pub use backing::Backing;
 pub use check::{CheckFix, CheckResult};
+pub use copy::{copy, CopyOptions, CopySource, CopyStatus, CopyTarget};
 #[cfg(qed_io_uring)]
 pub(crate) use io::{DirectPiece, DirectPlan};
 pub use io::{Extent, ExtentKind, WriteFlags, WriteZeroesFlags};
@@ -482,7 +485,13 @@ impl Image {
 
         if opts.writable && header.needs_check() && !opts.no_repair {
             qed_log!(Info, "{label}: need-check bit set: checking and repairing");
-            let r = check::run(&*storage, &header, &geometry, CheckFix::ALL)?;
+            let r = check::run(
+                &*storage,
+                &header,
+                &geometry,
+                CheckFix::ALL,
+                &Progress::new(),
+            )?;
             counters.repaired(&r);
             log_check(&label, "repair at open", &r);
             if r.check_errors > 0 || r.corruptions > 0 {
@@ -1045,12 +1054,29 @@ impl Image {
     /// Checks the image's consistency and, with `fix`, repairs it. Runs exclusively: other
     /// requests wait until it is done.
     pub fn check(&self, fix: CheckFix) -> Result<CheckResult> {
+        self.check_with(fix, &Progress::new())
+    }
+
+    /// [`Image::check`] reporting to `progress` (in guest clusters whose L2 table was examined)
+    /// and stopping with [`Error::Cancelled`] when it is cancelled. A check without repair
+    /// stops at once and changes nothing. A repair stops only where the file is consistent:
+    /// before its first write (nothing changed), or after every corruption it found is fixed
+    /// (only leaks may remain); the handle stays usable and, when anything was written, the
+    /// need-check bit stays set so that the next read-write open finishes the repair.
+    pub fn check_with(&self, fix: CheckFix, progress: &Progress) -> Result<CheckResult> {
         self.check_usable()?;
         if fix.any() && !self.is_writable() {
             return Err(Error::ReadOnly);
         }
         let _g = self.gate.write();
-        self.named(match self.check_locked(fix) {
+        self.named(match self.check_locked(fix, progress) {
+            Err(Error::Cancelled { what }) if fix.any() => {
+                // Stopped at a safe point (see check.rs): reload what the repair changed and
+                // keep the need-check bit for the next open.
+                self.idle.recheck.store(true, Ordering::Release);
+                self.load_metadata().map_err(|e| self.fail(e))?;
+                Err(Error::Cancelled { what })
+            }
             // A repair stopped half way: the file may no longer match what this handle holds
             // in memory, so it may not write again (the next open repairs).
             Err(e) if fix.any() => Err(self.fail(e)),
@@ -1058,7 +1084,7 @@ impl Image {
         })
     }
 
-    fn check_locked(&self, fix: CheckFix) -> Result<CheckResult> {
+    fn check_locked(&self, fix: CheckFix, progress: &Progress) -> Result<CheckResult> {
         if fix.any() {
             // A crash in the middle of a repair is repaired at the next open.
             self.mark_dirty()?;
@@ -1072,7 +1098,7 @@ impl Image {
         if fix.any() {
             qed_log!(Info, "{}: checking and repairing", self.label());
         }
-        let r = check::run(&*self.storage, &header, &self.geometry, fix);
+        let r = check::run(&*self.storage, &header, &self.geometry, fix, progress);
         if fix.any() {
             // A repair rewrites tables behind the cache's back, even one that fails half way.
             self.wb.meta_changed();
@@ -1185,6 +1211,15 @@ impl Image {
                 reason: "a force-share handle cannot be reopened read-write".into(),
             });
         }
+        if self.file.is_none() && self.path.is_some() {
+            // Opened by path as another image's backing file: that image reads through it.
+            return Err(Error::Unsupported {
+                field: "reopen",
+                value: writable.into(),
+                reason: "a backing file opened as part of another image's chain cannot be reopened"
+                    .into(),
+            });
+        }
         let _g = self.gate.write();
         if writable == self.is_writable() {
             return Ok(());
@@ -1272,7 +1307,7 @@ impl Image {
                 "{}: need-check bit set: checking and repairing",
                 self.label()
             );
-            let r = self.check_locked(CheckFix::ALL);
+            let r = self.check_locked(CheckFix::ALL, &Progress::new());
             let left = match &r {
                 Ok(r) => r.corruptions > 0 || r.check_errors > 0,
                 Err(_) => true,

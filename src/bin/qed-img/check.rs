@@ -90,10 +90,10 @@ pub(crate) fn run(a: CheckArgs) -> CliResult<i32> {
         return Err(CliError::new("This image format does not support checks").with_code(63));
     }
     let img = disk.image().expect("qed").clone();
-    let progress = Progress::new(a.progress && !a.quiet, 2);
+    // qemu-img check has no -p; ours shows the library's progress (L2 tables examined).
+    let progress = Progress::new(a.progress && !a.quiet, 1);
     let failed = |e: qed::Error| CliError::new(format!("Check failed: {}: {e}", a.file));
-    let mut r = img.check(fix).map_err(failed)?;
-    progress.set(1);
+    let mut r = img.check_with(fix, &progress.library()).map_err(failed)?;
     let mut out = String::new();
     if r.corruptions_fixed > 0 || r.leaks_fixed > 0 {
         if !a.output.json() {

@@ -2,11 +2,12 @@
 //! Shared pieces: errors and exit codes, qemu-style size parsing and printing, format probing,
 //! progress display.
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use std::fmt;
 use std::fs::File;
-use std::io::Read;
+use std::io::{IsTerminal, Read, Write};
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// An error to report on stderr, with the exit code to leave with.
 #[derive(Debug)]
@@ -35,6 +36,13 @@ impl fmt::Display for CliError {
 }
 
 pub(crate) type CliResult<T> = Result<T, CliError>;
+
+/// Library errors met where no file needs naming (a cancelled copy, bad options).
+impl From<qed::Error> for CliError {
+    fn from(e: qed::Error) -> Self {
+        CliError::new(e.to_string())
+    }
+}
 
 /// Adds "which file" context to library and I/O errors.
 pub(crate) trait Context<T> {
@@ -215,57 +223,95 @@ pub(crate) fn size_to_str(val: u64) -> String {
     format!("{} {}B", fmt_g(val as f64 / div, 3), SUFFIXES[i])
 }
 
-/// Progress of long work, shown on a terminal only: a bar with qemu-img's `(x.xx/100%)`.
+/// Progress of long work as qemu-img prints it with `-p`: `    (12.34/100%)` lines ended by
+/// `\r` on stdout, a new line each time the percentage moved by more than one point (and at 0
+/// and 100), then a line feed at the end. Unlike qemu-img, only when stdout is a terminal, so
+/// that scripts reading our output get the same text with or without `-p`.
 pub(crate) struct Progress {
-    bar: Option<ProgressBar>,
+    state: Option<Arc<Mutex<Shown>>>,
+}
+
+struct Shown {
     total: u64,
+    done: u64,
+    last: f32,
+    ended: bool,
+}
+
+impl Shown {
+    /// qemu's `qemu_progress_print` with an absolute value and a minimum step of 1%.
+    fn show(&mut self, done: u64) {
+        self.done = done.min(self.total);
+        let current = (100.0 * self.done as f64 / self.total as f64) as f32;
+        if current > self.last + 1.0
+            || current < self.last - 1.0
+            || current == 100.0
+            || current == 0.0
+        {
+            self.last = current;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "    ({current:.2}/100%)\r");
+            let _ = out.flush();
+        }
+    }
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            println!();
+        }
+    }
 }
 
 impl Progress {
     /// `enabled` is the `-p` flag (and not `-q`); `total` is the amount of work in any unit.
     pub(crate) fn new(enabled: bool, total: u64) -> Self {
-        let bar = enabled.then(|| {
-            let pb =
-                ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template("    [{bar:40}] ({qpct}/100%)")
-                .expect("valid template")
-                .with_key("qpct", |s: &ProgressState, w: &mut dyn fmt::Write| {
-                    let _ = write!(w, "{:.2}", s.fraction() as f64 * 100.0);
-                })
-                .progress_chars("=> ");
-            pb.set_style(style);
-            pb
+        let state = (enabled && std::io::stdout().is_terminal()).then(|| {
+            let mut s = Shown {
+                total: total.max(1),
+                done: 0,
+                last: 0.0,
+                ended: false,
+            };
+            s.show(0);
+            Arc::new(Mutex::new(s))
         });
-        Progress {
-            bar,
-            total: total.max(1),
+        Progress { state }
+    }
+    fn with(&self, f: impl FnOnce(&mut Shown)) {
+        if let Some(s) = &self.state {
+            f(&mut s.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
     pub(crate) fn set(&self, done: u64) {
-        if let Some(b) = &self.bar {
-            b.set_position(done.min(self.total));
-        }
+        self.with(|s| s.show(done));
     }
     pub(crate) fn inc(&self, n: u64) {
-        if let Some(b) = &self.bar {
-            b.inc(n);
-        }
+        self.with(|s| s.show(s.done.saturating_add(n)));
     }
     pub(crate) fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.set_position(self.total);
-            b.finish();
-        }
+        self.with(|s| {
+            s.show(s.total);
+            s.end();
+        });
+    }
+    /// A library progress handle that shows what the library reports (its own total).
+    pub(crate) fn library(&self) -> qed::Progress {
+        let Some(state) = self.state.clone() else {
+            return qed::Progress::new();
+        };
+        qed::Progress::with_callback(move |done, total| {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            s.total = total.max(1);
+            s.show(done);
+            ControlFlow::Continue(())
+        })
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        if let Some(b) = &self.bar {
-            if !b.is_finished() {
-                b.abandon();
-            }
-        }
+        // Whatever comes next (an error) starts on a line of its own.
+        self.with(Shown::end);
     }
 }
 

@@ -1,94 +1,47 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //! `qed-img convert [-f FMT] -O raw|qed [-o ...] [-p] [-n] [-S SIZE] SRC DST`.
 //!
-//! Walks the source the way qemu-img convert does (block status, 2 MiB buffers, zero detection
-//! in 512-byte sectors with the same 4 KiB minimum and alignment rules) and issues the same
-//! writes in the same order, so that a QED output allocates its clusters and L2 tables where
-//! qemu-img's would be and the files come out byte-identical. Zero runs are not written.
+//! The copy is the library's (`qed::image::copy`), which walks the source the way qemu-img
+//! convert does and issues the same writes in the same order, so that a QED output allocates
+//! its clusters and L2 tables where qemu-img's would be and the files come out byte-identical.
+//! Here: the options, creating the output, and the source and target as the copy sees them
+//! (raw files and QED chains, through `disk.rs`).
 
-use crate::common::{is_zero, parse_fmt, parse_size, CliError, CliResult, Fmt, Progress};
+use crate::common::{parse_fmt, parse_size, CliError, CliResult, Fmt, Progress};
 use crate::create::parse_create_opts;
 use crate::disk::{create_raw, Disk, OpenMode};
 use crate::ConvertArgs;
+use qed::image::{copy, CopyOptions, CopySource, CopyStatus, CopyTarget};
 use qed::{CreateOptions, Image};
 
-const SECTOR: u64 = 512;
-/// qemu-img's IO_BUF_SIZE in sectors.
-const BUF_SECTORS: u64 = (2 << 20) / SECTOR;
-/// BDRV_REQUEST_MAX_SECTORS.
-const REQUEST_MAX_SECTORS: u64 = (i32::MAX as u64) >> 9;
-
-fn sector_is_zero(buf: &[u8], i: usize) -> bool {
-    is_zero(&buf[i * 512..(i + 1) * 512])
+/// The source as the library's copy walks it: qemu-img's view of the chain (raw holes too).
+impl CopySource<CliError> for Disk {
+    fn size(&self) -> u64 {
+        self.size().unwrap_or(0)
+    }
+    fn status(&self, offset: u64, len: u64) -> CliResult<CopyStatus> {
+        let st = Disk::status(self, offset, len)?;
+        Ok(CopyStatus {
+            zero: st.zero,
+            len: st.len,
+        })
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> CliResult<()> {
+        Disk::read_at(self, offset, buf)
+    }
+    fn alignment(&self) -> u64 {
+        self.image()
+            .map_or(512, |img| img.geometry().cluster_bytes())
+    }
 }
 
-/// qemu-img's `is_allocated_sectors`: whether the first sector of `buf` holds data, and how many
-/// sectors share its state, with the end moved to an `alignment` boundary where that saves a
-/// read-modify-write.
-fn is_allocated_sectors(buf: &[u8], n: usize, sector_num: u64, alignment: u64) -> (bool, usize) {
-    if n == 0 {
-        return (false, 0);
+impl CopyTarget<CliError> for Disk {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> CliResult<()> {
+        Disk::write_at(self, offset, buf)
     }
-    let mut zero = sector_is_zero(buf, 0);
-    let mut i = 1;
-    while i < n && sector_is_zero(buf, i) == zero {
-        i += 1;
+    fn write_zeroes(&self, offset: u64, len: u64) -> CliResult<()> {
+        Disk::write_zeroes(self, offset, len)
     }
-    if i == n {
-        return (!zero, i);
-    }
-    let tail = ((sector_num + i as u64) & (alignment - 1)) as usize;
-    if tail != 0 {
-        if zero && i <= tail {
-            zero = false;
-        }
-        if !zero {
-            i = (i + alignment as usize - tail).min(n);
-        } else {
-            i -= tail;
-        }
-    }
-    (!zero, i)
-}
-
-/// qemu-img's `is_allocated_sectors_min`: like the above, but a data run swallows zero runs
-/// shorter than `min` sectors.
-fn is_allocated_sectors_min(
-    buf: &[u8],
-    n: usize,
-    min: usize,
-    sector_num: u64,
-    alignment: u64,
-) -> (bool, usize) {
-    let min = min.min(n);
-    let (ret, p) = is_allocated_sectors(buf, n, sector_num, alignment);
-    if !ret {
-        return (false, p);
-    }
-    let mut used = p;
-    let mut checked = p;
-    let mut off = p;
-    let mut left = n - p;
-    let mut sector = sector_num + p as u64;
-    while left > 0 {
-        let (ret, p) = is_allocated_sectors(&buf[off * 512..], left, sector, alignment);
-        off += p;
-        left -= p;
-        sector += p as u64;
-        checked += p;
-        if ret {
-            used = checked;
-        } else if p >= min {
-            break;
-        }
-    }
-    (true, used)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Blk {
-    Data,
-    Zero,
 }
 
 pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
@@ -162,128 +115,16 @@ pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
     }
     // A new target reads as zeros (QED without backing, a fresh raw file): zero runs are left
     // alone. An existing one (-n) gets them zeroed.
-    let has_zero_init = !a.no_create;
-    let src_alignment = match src.image() {
-        Some(img) => (img.geometry().cluster_bytes() / SECTOR).max(1),
-        None => 1,
+    let opts = CopyOptions {
+        min_sparse: min_sparse * 512,
+        zero_init: !a.no_create,
     };
-    let alignment = if min_sparse == 0 {
-        1
-    } else {
-        1u64 << (63 - min_sparse.leading_zeros())
-    };
-    let total = size.div_ceil(SECTOR);
-    let progress = Progress::new(a.progress && !a.quiet, total);
-    let mut buf = vec![0u8; (BUF_SECTORS * SECTOR) as usize];
-    let mut sector = 0u64;
-    let mut next_status = 0u64;
-    let mut status = Blk::Data;
-    while sector < total {
-        // convert_iteration_sectors
-        let mut n = (total - sector).min(REQUEST_MAX_SECTORS);
-        if next_status <= sector {
-            let st = src.status(sector * SECTOR, n * SECTOR)?;
-            n = st.len.div_ceil(SECTOR);
-            let tail = (sector + n) % src_alignment;
-            if n > tail {
-                n -= tail;
-            }
-            status = if st.zero { Blk::Zero } else { Blk::Data };
-            next_status = sector + n;
-        }
-        n = n.min(next_status - sector);
-        if status == Blk::Data {
-            n = n.min(BUF_SECTORS);
-        }
-        let bytes = (n * SECTOR) as usize;
-        // convert_co_write
-        match status {
-            Blk::Data => {
-                let chunk = &mut buf[..bytes];
-                src.read_at(sector * SECTOR, chunk)?;
-                let mut s = sector;
-                let mut off = 0usize;
-                let mut left = n as usize;
-                while left > 0 {
-                    let (data, m) = if min_sparse == 0 {
-                        (true, left)
-                    } else {
-                        is_allocated_sectors_min(
-                            &chunk[off * 512..],
-                            left,
-                            min_sparse as usize,
-                            s,
-                            alignment,
-                        )
-                    };
-                    if data {
-                        dst.write_at(s * SECTOR, &chunk[off * 512..(off + m) * 512])?;
-                    } else if !has_zero_init {
-                        dst.write_zeroes(s * SECTOR, m as u64 * SECTOR)?;
-                    }
-                    s += m as u64;
-                    off += m;
-                    left -= m;
-                }
-            }
-            Blk::Zero => {
-                if min_sparse == 0 {
-                    // -S 0: fully allocated output, zeros written as data.
-                    let mut s = sector;
-                    let end = sector + n;
-                    let zeros = vec![0u8; (BUF_SECTORS * SECTOR) as usize];
-                    while s < end {
-                        let m = (end - s).min(BUF_SECTORS);
-                        dst.write_at(s * SECTOR, &zeros[..(m * SECTOR) as usize])?;
-                        s += m;
-                    }
-                } else if !has_zero_init {
-                    dst.write_zeroes(sector * SECTOR, n * SECTOR)?;
-                }
-            }
-        }
-        sector += n;
-        progress.set(sector);
-    }
+    let progress = Progress::new(a.progress && !a.quiet, 1);
+    copy(&src, &dst, &opts, &progress.library())?;
     progress.finish();
     drop(progress);
     dst.flush()?;
     dst.close()?;
     src.close()?;
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn buf(sectors: &[u8]) -> Vec<u8> {
-        sectors.iter().flat_map(|&s| vec![s; 512]).collect()
-    }
-
-    #[test]
-    fn small_zero_runs_join_data() {
-        // data, 3 zero sectors, data: one write.
-        let b = buf(&[1, 0, 0, 0, 1, 1, 1, 1]);
-        assert_eq!(is_allocated_sectors_min(&b, 8, 8, 0, 8), (true, 8));
-    }
-
-    #[test]
-    fn long_zero_run_splits() {
-        let mut s = vec![1u8; 8];
-        s.extend(vec![0u8; 16]);
-        s.extend(vec![1u8; 8]);
-        let b = buf(&s);
-        assert_eq!(is_allocated_sectors_min(&b, 32, 8, 0, 8), (true, 8));
-        assert_eq!(
-            is_allocated_sectors_min(&b[8 * 512..], 24, 8, 8, 8),
-            (false, 16)
-        );
-    }
-
-    #[test]
-    fn all_zero() {
-        let b = buf(&[0; 16]);
-        assert_eq!(is_allocated_sectors_min(&b, 16, 8, 0, 8), (false, 16));
-    }
 }
