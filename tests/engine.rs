@@ -356,20 +356,28 @@ fn huge_tables_are_loaded_in_pieces() {
 
 #[test]
 fn second_read_write_open_of_a_locked_file_fails_with_locked() {
+    use qed::storage::lock::{lock_image, LockMode};
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("l.qed");
     Image::create(&p, &CreateOptions::new(1 << 20)).unwrap();
     let a = Image::open(&p, &OpenOptions::read_write()).unwrap();
+    // Another handle of this process: named as such.
     let e = Image::open(&p, &OpenOptions::read_write()).unwrap_err();
-    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    assert!(matches!(e, Error::Busy { .. }), "{e}");
     let e = Image::open(&p, &OpenOptions::read_only()).unwrap_err();
-    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    assert!(matches!(e, Error::Busy { .. }), "{e}");
     let ro = OpenOptions {
         force_share: true,
         ..OpenOptions::read_only()
     };
     Image::open(&p, &ro).unwrap();
     a.close().unwrap();
+    // A lock held by someone else (here a bare lock, as another process's would be): Locked.
+    let other = std::fs::File::open(&p).unwrap();
+    let held = lock_image(&other, LockMode::ReadWrite).unwrap();
+    let e = Image::open(&p, &OpenOptions::read_write()).unwrap_err();
+    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    drop(held);
     Image::open(&p, &OpenOptions::read_write()).unwrap();
 }
 

@@ -143,7 +143,7 @@ pub(crate) struct CheckArgs {
     pub(crate) repair: Option<String>,
     #[command(flatten)]
     pub(crate) output: OutputArg,
-    /// Show a progress bar (on a terminal)
+    /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Quiet: print nothing, use the exit code
@@ -185,7 +185,7 @@ pub(crate) struct ConvertArgs {
     /// Output format options (cluster_size=N,table_size=N)
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub(crate) options: Vec<String>,
-    /// Show a progress bar (on a terminal)
+    /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Quiet
@@ -221,7 +221,7 @@ pub(crate) struct CompareArgs {
     /// Strict: images of different sizes differ
     #[arg(short = 's', long = "strict")]
     pub(crate) strict: bool,
-    /// Show a progress bar (on a terminal)
+    /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Quiet: print nothing, use the exit code
@@ -268,7 +268,7 @@ pub(crate) struct RebaseArgs {
     /// Unsafe: change the header only, copy nothing
     #[arg(short = 'u')]
     pub(crate) unsafe_: bool,
-    /// Show a progress bar (on a terminal)
+    /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Quiet
@@ -301,7 +301,7 @@ pub(crate) struct CommitArgs {
     /// Image format (must be qed)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
-    /// Show a progress bar (on a terminal)
+    /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Quiet

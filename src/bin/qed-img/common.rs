@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -225,8 +225,7 @@ pub(crate) fn size_to_str(val: u64) -> String {
 
 /// Progress of long work as qemu-img prints it with `-p`: `    (12.34/100%)` lines ended by
 /// `\r` on stdout, a new line each time the percentage moved by more than one point (and at 0
-/// and 100), then a line feed at the end. Unlike qemu-img, only when stdout is a terminal, so
-/// that scripts reading our output get the same text with or without `-p`.
+/// and 100), then a line feed at the end; on a pipe too, as qemu-img prints them.
 pub(crate) struct Progress {
     state: Option<Arc<Mutex<Shown>>>,
 }
@@ -265,7 +264,7 @@ impl Shown {
 impl Progress {
     /// `enabled` is the `-p` flag (and not `-q`); `total` is the amount of work in any unit.
     pub(crate) fn new(enabled: bool, total: u64) -> Self {
-        let state = (enabled && std::io::stdout().is_terminal()).then(|| {
+        let state = enabled.then(|| {
             let mut s = Shown {
                 total: total.max(1),
                 done: 0,
