@@ -246,3 +246,117 @@ fn backing_file_changes_are_refused_with_unknown_compat_bits() {
     ]);
     assert!(!out.success(), "qemu-img accepted it: {}", out.text());
 }
+
+/// Every storage call of a settle fails in turn (once, and from then on; torn writes too), then
+/// the client goes on as it would: the settle reports the error, the handle refuses further
+/// writes, and after a reopen (which repairs) the flushed write is intact, the unflushed one is
+/// old or new, and the image checks clean.
+#[test]
+fn a_settle_that_fails_at_any_storage_call_loses_nothing_flushed() {
+    use qed::storage::{Fault, FaultCalls, FaultMode, FaultStorage, MemStorage, Storage};
+    use qed::CheckFix;
+    let cs = 4096u64;
+    let a = vec![0xa1u8; 3 * cs as usize];
+    let b = vec![0xb2u8; cs as usize + 512];
+    let mut sweeps = 0;
+    for (mode, torn) in [
+        (FaultMode::Once, false),
+        (FaultMode::From, false),
+        (FaultMode::From, true),
+    ] {
+        for at in 0.. {
+            let disk = Arc::new(MemStorage::new());
+            Image::create_on(
+                &*disk,
+                &CreateOptions {
+                    size: 8 * MIB,
+                    cluster_size: cs as u32,
+                    table_size: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let fs = Arc::new(FaultStorage::new(disk.clone()));
+            let opts = OpenOptions {
+                need_check_delay: None,
+                writeback_delay: None,
+                ..OpenOptions::read_write()
+            };
+            let img = Image::open_storage(fs.clone() as Arc<dyn Storage>, &opts).unwrap();
+            img.write_at(cs, &a).unwrap();
+            img.flush().unwrap();
+            img.write_at(MIB + 100, &b).unwrap();
+            fs.arm(
+                Fault::new(FaultCalls::ALL, at, libc::EIO)
+                    .with_mode(mode)
+                    .with_torn(torn),
+            );
+            let r = img.settle();
+            if fs.fired() == 0 {
+                r.unwrap();
+                assert!(at > 3, "a settle of a dirty image makes storage calls");
+                break;
+            }
+            sweeps += 1;
+            assert!(
+                r.is_err(),
+                "{mode:?} at {at}: the failed settle reported success"
+            );
+            // Go on as a client would.
+            let _ = img.write_at(2 * MIB, &[1u8; 512]);
+            let _ = img.flush();
+            fs.cut_off();
+            drop(img);
+            let after = Arc::new(MemStorage::from_bytes(&disk.to_bytes()));
+            let img = Image::open_storage(after as Arc<dyn Storage>, &opts)
+                .unwrap_or_else(|e| panic!("{mode:?} at {at}: reopen failed: {e}"));
+            let r = img.check(CheckFix::NONE).unwrap();
+            assert_eq!(
+                (r.corruptions, r.leaks, r.check_errors),
+                (0, 0, 0),
+                "{mode:?} at {at}: {r:?}"
+            );
+            let mut got = vec![0u8; a.len()];
+            img.read_at(cs, &mut got).unwrap();
+            assert!(got == a, "{mode:?} at {at}: the flushed write was lost");
+            let mut got = vec![0u8; b.len()];
+            img.read_at(MIB + 100, &mut got).unwrap();
+            assert!(
+                got == b || got.iter().all(|&x| x == 0),
+                "{mode:?} at {at}: the unflushed write reads neither old nor new"
+            );
+            img.close().unwrap();
+        }
+    }
+    assert!(sweeps >= 6, "only {sweeps} failing settles");
+}
+
+/// Another process's reader blocks a read-write reopen: `Locked`, and the handle stays
+/// read-only and readable with its locks back (a writer is still kept out).
+#[test]
+fn a_reopen_refused_by_another_lock_keeps_the_old_mode() {
+    use qed::storage::lock::{lock_image, LockMode};
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_image(dir.path());
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    // A reader elsewhere (a bare lock on its own descriptor, as another process's would be).
+    let other = std::fs::File::open(&path).unwrap();
+    let held = lock_image(&other, LockMode::ReadOnly).unwrap();
+    let e = img.reopen(true).unwrap_err();
+    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    assert!(!img.is_writable());
+    let mut buf = [0u8; 512];
+    img.read_at(0, &mut buf).unwrap();
+    drop(held);
+    // Our read-only locks are back: a writer elsewhere is refused.
+    let w = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    assert!(lock_image(&w, LockMode::ReadWrite).is_err());
+    drop(w);
+    img.reopen(true).unwrap();
+    img.write_at(0, &[6u8; 512]).unwrap();
+    img.close().unwrap();
+}

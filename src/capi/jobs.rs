@@ -4,7 +4,6 @@
 use super::image::{image, qed_image, QED_OPEN_CONFINE_BACKING, QED_OPEN_DIRECT, QED_OPEN_NO_LOCK};
 use super::progress::{progress_from_c, qed_progress};
 use super::{qed_boundary, CError, InFn};
-use crate::image::{BackingPolicy, OpenOptions};
 use std::ffi::{c_int, c_uint};
 
 /// The `qed_open` flags that apply to the backing file a commit opens.
@@ -57,16 +56,8 @@ pub unsafe extern "C" fn qed_commit(
                 ),
             });
         }
-        let opts = OpenOptions {
-            direct: flags & QED_OPEN_DIRECT != 0,
-            lock: flags & QED_OPEN_NO_LOCK == 0,
-            backing_policy: if flags & QED_OPEN_CONFINE_BACKING != 0 {
-                BackingPolicy::SameDirectory
-            } else {
-                BackingPolicy::Any
-            },
-            ..OpenOptions::default()
-        };
+        // The commit flags are open flags, read as `qed_open` reads them.
+        let opts = super::image::open_options(F, flags)?;
         img.commit(&opts, &progress).in_fn(F)?;
         Ok(0)
     })

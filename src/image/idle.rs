@@ -36,7 +36,8 @@ pub(super) struct Idle {
     pub(super) label: String,
     /// When the last metadata update began (nanoseconds since [`epoch`]).
     last_update: AtomicU64,
-    armed: Mutex<bool>,
+    /// A timer is scheduled (set by the update that arms it, cleared by the timer).
+    armed: AtomicBool,
 }
 
 /// A process-wide origin for `last_update` (an `Instant` does not fit an atomic).
@@ -77,21 +78,31 @@ impl Idle {
             extended_to,
             label,
             last_update: AtomicU64::new(0),
-            armed: Mutex::new(false),
+            armed: AtomicBool::new(false),
         }
     }
 
     /// Notes a metadata update (the caller holds the gate shared) and arms the timer if it is
-    /// not armed. Re-arming is lazy: the timer, when it fires early, waits out the rest.
+    /// not armed. Re-arming is lazy: the timer, when it fires early, waits out the rest. On
+    /// every allocation, so the armed case is one store and one load, no lock.
     pub(super) fn touched(self: &Arc<Self>) {
         let Some(delay) = self.delay else { return };
         self.last_update.store(now_ns(), Ordering::Release);
-        let mut armed = lock(&self.armed);
-        if !*armed {
-            if let Some(at) = Instant::now().checked_add(delay) {
-                let weak = Arc::downgrade(&(self.clone() as Arc<dyn Fire>));
-                *armed = timer::schedule(at, weak);
-            }
+        if self.armed.load(Ordering::Acquire) || self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.schedule(delay);
+    }
+
+    /// Puts this timer on the process-wide timer thread `after` from now; the caller set
+    /// `armed`, which is cleared again when the timer cannot be scheduled.
+    fn schedule(self: &Arc<Self>, after: Duration) {
+        let weak = Arc::downgrade(&(self.clone() as Arc<dyn Fire>));
+        let ok = Instant::now()
+            .checked_add(after)
+            .is_some_and(|at| timer::schedule(at, weak));
+        if !ok {
+            self.armed.store(false, Ordering::Release);
         }
     }
 
@@ -141,7 +152,7 @@ impl Idle {
 
     /// Whether the timer is armed and the bit still set by this handle.
     pub(super) fn pending(&self) -> bool {
-        *lock(&self.armed) && self.dirty.load(Ordering::Acquire)
+        self.armed.load(Ordering::Acquire) && self.dirty.load(Ordering::Acquire)
     }
 
     /// Settles now unless the handle is closed (close settles itself).
@@ -158,19 +169,17 @@ impl Idle {
 impl Fire for Idle {
     fn fire(self: Arc<Self>) {
         let Some(delay) = self.delay else { return };
-        {
-            let mut armed = lock(&self.armed);
-            let since = Duration::from_nanos(
-                now_ns().saturating_sub(self.last_update.load(Ordering::Acquire)),
-            );
-            if since < delay {
-                // An update came after the timer was armed: wait out the rest of its delay.
-                let weak = Arc::downgrade(&(self.clone() as Arc<dyn Fire>));
-                *armed = timer::schedule(Instant::now() + (delay - since), weak);
-                return;
-            }
-            *armed = false;
+        let since =
+            Duration::from_nanos(now_ns().saturating_sub(self.last_update.load(Ordering::Acquire)));
+        if since < delay {
+            // An update came after the timer was armed: wait out the rest of its delay (the
+            // timer stays armed).
+            self.schedule(delay - since);
+            return;
         }
+        // An update from here on arms a new timer; one just before was seen by the settle
+        // below, which waits for it on the gate.
+        self.armed.store(false, Ordering::Release);
         if !self.dirty.load(Ordering::Acquire) {
             return;
         }

@@ -826,10 +826,16 @@ impl Image {
     /// state (QEMU does not flush it; a reordering cache could then persist an L2 update without
     /// the bit).
     fn mark_dirty(&self) -> Result<()> {
-        self.idle.touched();
-        if self.idle.dirty.load(Ordering::Acquire) {
-            return Ok(());
+        if !self.idle.dirty.load(Ordering::Acquire) {
+            self.set_need_check()?;
         }
+        // After the bit: a timer that finds it clear has nothing to settle, so the update must
+        // not arm a timer before the bit it is for.
+        self.idle.touched();
+        Ok(())
+    }
+
+    fn set_need_check(&self) -> Result<()> {
         let _g = lock(&self.idle.dirty_lock);
         if self.idle.dirty.load(Ordering::Acquire) {
             return Ok(());
@@ -1157,8 +1163,14 @@ impl Image {
         if !self.is_writable() {
             return Ok(());
         }
-        // The need-check bit stays set when the handle failed (nothing more is written) or
-        // something is left to repair: the next read-write open repairs the image.
+        self.leave_file_closed()
+    }
+
+    /// What a close leaves: everything written back, the file squared and flushed, the
+    /// need-check bit cleared unless the handle failed (nothing more is written) or something
+    /// is left to repair (the next read-write open repairs). The caller holds the gate
+    /// exclusively.
+    fn leave_file_closed(&self) -> Result<()> {
         if !self.idle.settle_locked()? {
             self.square_file_length()?;
             self.sync()?;
@@ -1225,10 +1237,7 @@ impl Image {
             return Ok(());
         }
         if !writable {
-            // Leave the file as a close would: everything written back, the bit cleared.
-            self.idle.settle_locked()?;
-            self.square_file_length()?;
-            self.sync()?;
+            self.leave_file_closed()?;
         }
         self.switch_mode(writable)?;
         if writable {

@@ -131,7 +131,7 @@ pub trait Storage: Send + Sync {
 }
 
 /// Whether `e` says that a storage call does not exist (here, or on this file system).
-pub fn is_unsupported(e: &io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Unsupported || sys::unsupported(e)
 }
 
@@ -193,6 +193,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
 /// `len`), from [`Storage::data_from`] and [`Storage::hole_from`], as QEMU's file-posix driver
 /// answers: at and past the end of the storage is a hole (so the partial sector after a file's
 /// last byte is one), and storage that knows no holes is data up to its end.
+// For qed-img's raw files; not a promise of the crate's API (issue 15 chooses its surface).
+#[doc(hidden)]
 pub fn sparse_status(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<(bool, u64)> {
     if offset >= storage.len()? {
         return Ok((false, len));
