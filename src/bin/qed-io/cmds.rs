@@ -165,90 +165,25 @@ fn parse_pattern(arg: &str) -> Result<u8, Failed> {
 }
 
 /// name, args, one-line help, least and most arguments (-1: any).
+#[rustfmt::skip]
 const COMMANDS: &[(&str, &str, &str, usize, isize)] = &[
-    (
-        "aio_flush",
-        "",
-        "completes all outstanding aio requests",
-        0,
-        0,
-    ),
-    (
-        "aio_read",
-        "[-Ciqrv] [-P pattern] off len [len..]",
-        "asynchronously reads a number of bytes",
-        2,
-        -1,
-    ),
-    (
-        "aio_write",
-        "[-Cfiqruz] [-P pattern] off len [len..]",
-        "asynchronously writes a number of bytes",
-        2,
-        -1,
-    ),
-    (
-        "alloc",
-        "offset [count]",
-        "checks if offset is allocated in the file",
-        1,
-        2,
-    ),
+    ("aio_flush", "", "completes all outstanding aio requests", 0, 0),
+    ("aio_read", "[-Ciqrv] [-P pattern] off len [len..]", "asynchronously reads a number of bytes", 2, -1),
+    ("aio_write", "[-Cfiqruz] [-P pattern] off len [len..]", "asynchronously writes a number of bytes", 2, -1),
+    ("alloc", "offset [count]", "checks if offset is allocated in the file", 1, 2),
     ("close", "", "close the current open file", 0, 0),
-    (
-        "discard",
-        "[-Cq] off len",
-        "discards a number of bytes at a specified offset",
-        2,
-        -1,
-    ),
+    ("discard", "[-Cq] off len", "discards a number of bytes at a specified offset", 2, -1),
     ("flush", "", "flush all in-core file state to disk", 0, 0),
     ("help", "[command]", "help for one or all commands", 0, 1),
     ("length", "", "gets the length of the current file", 0, 0),
     ("map", "", "prints the allocated areas of a file", 0, 0),
-    (
-        "open",
-        "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]",
-        "open the file specified by path",
-        1,
-        -1,
-    ),
+    ("open", "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path", 1, -1),
     ("quit", "", "exit the program", 0, 0),
-    (
-        "read",
-        "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
-        "reads a number of bytes at a specified offset",
-        2,
-        -1,
-    ),
-    (
-        "readv",
-        "[-Cqrv] [-P pattern] off len [len..]",
-        "reads a number of bytes at a specified offset",
-        2,
-        -1,
-    ),
-    (
-        "truncate",
-        "[-m prealloc_mode] off",
-        "truncates the current file at the given offset",
-        1,
-        3,
-    ),
-    (
-        "write",
-        "[-bcCfnqruz] [-P pattern | -s source_file] off len",
-        "writes a number of bytes at a specified offset",
-        2,
-        -1,
-    ),
-    (
-        "writev",
-        "[-Cfqr] [-P pattern] off len [len..]",
-        "writes a number of bytes at a specified offset",
-        2,
-        -1,
-    ),
+    ("read", "[-abCqrv] [-P pattern [-s off] [-l len]] off len", "reads a number of bytes at a specified offset", 2, -1),
+    ("readv", "[-Cqrv] [-P pattern] off len [len..]", "reads a number of bytes at a specified offset", 2, -1),
+    ("truncate", "[-m prealloc_mode] off", "truncates the current file at the given offset", 1, 3),
+    ("write", "[-bcCfnqruz] [-P pattern | -s source_file] off len", "writes a number of bytes at a specified offset", 2, -1),
+    ("writev", "[-Cfqr] [-P pattern] off len [len..]", "writes a number of bytes at a specified offset", 2, -1),
 ];
 
 fn usage(name: &str) -> Failed {
@@ -553,7 +488,7 @@ impl Session {
             return Err(usage("write"));
         }
         if zero && f.pattern.is_some() {
-            outln!("-z and -P cannot be specified at the same time");
+            outln!("Only one of -z, -P, and -s can be specified at the same time");
             return Err(Failed);
         }
         if unmap && !zero {
@@ -811,14 +746,14 @@ impl Session {
         Ok(())
     }
 
-    /// qemu-io's `map`: allocated (anywhere in the chain, zero clusters included) or not.
+    /// qemu-io's `map`: which ranges this image (not its backing file) holds, zero clusters
+    /// included.
     fn map(&mut self) -> CmdResult {
         let img = self.img();
-        let size = img.size();
-        let ext = img.map_chain(0, size).map_err(|e| self.error(e))?;
+        let ext = img.map(0, img.size()).map_err(|e| self.error(e))?;
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         for e in ext {
-            let alloc = e.kind != qed::ChainKind::Unallocated;
+            let alloc = e.kind != qed::ExtentKind::Unallocated;
             match runs.last_mut() {
                 Some(r) if r.2 == alloc && r.0 + r.1 == e.offset => r.1 += e.length,
                 _ => runs.push((e.offset, e.length, alloc)),
@@ -869,8 +804,7 @@ impl Session {
 
     fn open_cmd(&mut self, args: &[String]) -> CmdResult {
         if self.open.is_some() {
-            eprintln!("file open already, try 'help close'");
-            return Err(Failed);
+            return Err(self.error("file open already, try 'help close'"));
         }
         let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|_| usage("open"))?;
         let mut s = self.settings.clone();
