@@ -138,6 +138,18 @@ fn cvtnum(arg: &str) -> Result<u64, Failed> {
     };
     let v = if let Some(h) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
         u64::from_str_radix(h, 16).map_err(|_| bad())?
+    } else if num.contains('.') {
+        // qemu_strtosz takes a fraction with a suffix ("1.5k"), rounded down to a byte.
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        if mult == 1 || !f.is_finite() || f < 0.0 {
+            return Err(bad());
+        }
+        let bytes = (f * mult as f64).floor();
+        if bytes >= u64::MAX as f64 {
+            outln!("Parsing error: argument too large -- {arg}");
+            return Err(Failed);
+        }
+        return Ok(bytes as u64);
     } else {
         num.parse::<u64>().map_err(|_| bad())?
     };
@@ -185,6 +197,24 @@ const COMMANDS: &[(&str, &str, &str, usize, isize)] = &[
     ("write", "[-bcCfnqruz] [-P pattern | -s source_file] off len", "writes a number of bytes at a specified offset", 2, -1),
     ("writev", "[-Cfqr] [-P pattern] off len [len..]", "writes a number of bytes at a specified offset", 2, -1),
 ];
+
+/// A bad option: getopt's complaint on stderr, then the command's usage line.
+fn bad_option(name: &str, err: String) -> Failed {
+    eprintln!("{name}: {err}");
+    usage(name)
+}
+
+/// The largest request qemu's block layer takes (`BDRV_REQUEST_MAX_BYTES`).
+const MAX_REQUEST: u64 = (i32::MAX as u64) & !511;
+
+/// qemu-io refuses longer requests before doing anything.
+fn check_length(count: u64, arg: &str) -> CmdResult {
+    if count > MAX_REQUEST {
+        outln!("length cannot exceed {MAX_REQUEST}, given {arg}");
+        return Err(Failed);
+    }
+    Ok(())
+}
 
 fn usage(name: &str) -> Failed {
     if let Some((n, a, o, ..)) = COMMANDS.iter().find(|c| c.0 == name) {
@@ -254,7 +284,15 @@ impl Session {
                 self.open = Some(o);
                 Ok(())
             }
-            Err(e) => Err(self.error(format!("can't open device {path}: {e}"))),
+            Err(e) => {
+                let why = match e.root() {
+                    qed::Error::Io { .. } => {
+                        format!("Could not open '{path}': {}", strerror(&e))
+                    }
+                    _ => e.to_string(),
+                };
+                Err(self.error(format!("can't open device {path}: {why}")))
+            }
         }
     }
 
@@ -382,7 +420,7 @@ impl Session {
     }
 
     fn read(&mut self, args: &[String]) -> CmdResult {
-        let (opts, rest) = getopt(args, "abCl:pP:qrs:v").map_err(|_| usage("read"))?;
+        let (opts, rest) = getopt(args, "abCl:pP:qrs:v").map_err(|e| bad_option("read", e))?;
         let mut f = IoFlags::default();
         let (mut poff, mut plen) = (None, None);
         for (c, v) in opts {
@@ -408,6 +446,7 @@ impl Session {
         }
         let offset = cvtnum(&rest[0])?;
         let count = cvtnum(&rest[1])?;
+        check_length(count, &rest[1])?;
         let poff = poff.unwrap_or(0);
         let plen = plen.unwrap_or(count);
         if poff.checked_add(plen).map_or(true, |e| e > count) {
@@ -466,7 +505,7 @@ impl Session {
     }
 
     fn write(&mut self, args: &[String]) -> CmdResult {
-        let (opts, rest) = getopt(args, "bcCfnpP:qrs:uz").map_err(|_| usage("write"))?;
+        let (opts, rest) = getopt(args, "bcCfnpP:qrs:uz").map_err(|e| bad_option("write", e))?;
         let mut f = IoFlags::default();
         let (mut zero, mut unmap, mut fua) = (false, false, false);
         for (c, v) in opts {
@@ -497,6 +536,7 @@ impl Session {
         }
         let offset = cvtnum(&rest[0])?;
         let count = cvtnum(&rest[1])?;
+        check_length(count, &rest[1])?;
         let t = Instant::now();
         let r = if zero {
             let flags = if unmap {
@@ -545,7 +585,7 @@ impl Session {
             (true, true) => "aio_write",
         };
         let spec = if aio { "CfiP:qruvz" } else { "CfP:qrv" };
-        let (opts, rest) = getopt(args, spec).map_err(|_| usage(name))?;
+        let (opts, rest) = getopt(args, spec).map_err(|e| bad_option(name, e))?;
         let mut f = IoFlags::default();
         let (mut zero, mut unmap, mut fua) = (false, false, false);
         for (c, v) in opts {
@@ -701,7 +741,7 @@ impl Session {
     }
 
     fn truncate(&mut self, args: &[String]) -> CmdResult {
-        let (opts, rest) = getopt(args, "m:").map_err(|_| usage("truncate"))?;
+        let (opts, rest) = getopt(args, "m:").map_err(|e| bad_option("truncate", e))?;
         for (_, v) in opts {
             if v.as_deref() != Some("off") {
                 return Err(self.error(format!(
@@ -714,11 +754,23 @@ impl Session {
             return Err(usage("truncate"));
         }
         let size = cvtnum(&rest[0])?;
-        self.img().truncate(size).map_err(|e| self.error(e))
+        // QED driver's messages, in its order: an invalid size, then shrinking.
+        if size % 512 != 0 {
+            return Err(self.error("Invalid image size specified"));
+        }
+        if size < self.img().size() {
+            return Err(self.error("Shrinking images is currently not supported"));
+        }
+        self.img().truncate(size).map_err(|e| match e {
+            qed::Error::InvalidArgument { .. } | qed::Error::Unsupported { .. } => {
+                self.error("Invalid image size specified")
+            }
+            e => self.error(e),
+        })
     }
 
     fn discard(&mut self, args: &[String]) -> CmdResult {
-        let (opts, rest) = getopt(args, "Cq").map_err(|_| usage("discard"))?;
+        let (opts, rest) = getopt(args, "Cq").map_err(|e| bad_option("discard", e))?;
         let mut f = IoFlags::default();
         for (c, _) in opts {
             match c {
@@ -731,6 +783,7 @@ impl Session {
         }
         let offset = cvtnum(&rest[0])?;
         let count = cvtnum(&rest[1])?;
+        check_length(count, &rest[1])?;
         let t = Instant::now();
         let r = self
             .checked(offset, count)
@@ -781,11 +834,8 @@ impl Session {
             Some(a) => cvtnum(a)?,
             None => 512,
         };
-        let size = self.img().size();
-        if offset.checked_add(count).map_or(true, |e| e > size) {
-            outln!("alloc failed: Input/output error");
-            return Err(Failed);
-        }
+        // Past the end, qemu-io counts only what the image has (0/0 at its end).
+        let count = count.min(self.img().size().saturating_sub(offset));
         let ext = self.img().map(offset, count).map_err(|e| {
             outln!("alloc failed: {}", strerror(&e));
             Failed
@@ -806,7 +856,7 @@ impl Session {
         if self.open.is_some() {
             return Err(self.error("file open already, try 'help close'"));
         }
-        let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|_| usage("open"))?;
+        let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|e| bad_option("open", e))?;
         let mut s = self.settings.clone();
         s.read_only = false;
         for (c, v) in opts {
@@ -871,16 +921,26 @@ fn report_vec(
     ret
 }
 
+/// qemu-io's one-line help: commands without arguments have none to print, except `map`,
+/// whose empty argument string leaves two spaces.
+fn help_line(n: &str, a: &str, o: &str) {
+    if a.is_empty() && n != "map" {
+        outln!("{n} -- {o}");
+    } else {
+        outln!("{n} {a} -- {o}");
+    }
+}
+
 fn help(args: &[String]) {
     if let Some(name) = args.first() {
         match COMMANDS.iter().find(|c| c.0 == name.as_str()) {
-            Some((n, a, o, ..)) => outln!("{n} {a} -- {o}"),
+            Some((n, a, o, ..)) => help_line(n, a, o),
             None => outln!("command {name} not found"),
         }
         return;
     }
     for (n, a, o, ..) in COMMANDS {
-        outln!("{n} {a} -- {o}");
+        help_line(n, a, o);
     }
     outln!("\nUse 'help commandname' for extended help.");
 }
