@@ -204,6 +204,15 @@ fn same_cmds(d: &Dir, image: &str, opts: &[&str], cmds: &[&str]) -> String {
     d.same(image, &a.iter().map(String::as_str).collect::<Vec<_>>(), "")
 }
 
+/// A new folder with a new image `a.qed` of `size`, and [`same_cmds`] of `cmds` on it.
+#[track_caller]
+fn fresh(size: &str, cmds: &[&str]) -> (Dir, String) {
+    let d = Dir::new();
+    d.create("a.qed", &[], size);
+    let out = same_cmds(&d, "a.qed", &["-f", "qed"], cmds);
+    (d, out)
+}
+
 #[test]
 fn filter_keeps_wrongly_shaped_rate_lines() {
     let good = "512 bytes, 1 ops; 00.00 sec (12.483 MiB/sec and 25565.6398 ops/sec)";
@@ -221,12 +230,8 @@ fn filter_keeps_wrongly_shaped_rate_lines() {
 
 #[test]
 fn read_write_commands_match_qemu_io() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "4M");
-    let out = same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, out) = fresh(
+        "4M",
         &[
             "write -P 0xab 0 1536",
             "read -P 0xab 0 1536",
@@ -264,12 +269,8 @@ fn read_write_commands_match_qemu_io() {
 
 #[test]
 fn vector_and_aio_commands_match_qemu_io() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "8M");
-    let out = same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, out) = fresh(
+        "8M",
         &[
             "writev -P 3 8192 512 1024",
             "readv -P 3 8192 512 1024",
@@ -301,12 +302,8 @@ fn vector_and_aio_commands_match_qemu_io() {
 
 #[test]
 fn other_commands_and_errors_match_qemu_io() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "4M");
-    same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, _) = fresh(
+        "4M",
         &[
             "write -P 1 0 64k",
             "truncate 8M",
@@ -392,12 +389,8 @@ fn backing_chain_reads_and_map_match_qemu_io() {
 /// `map`).
 #[test]
 fn write_zeroes_unmap_reads_zeros() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "1M");
-    same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, _) = fresh(
+        "1M",
         &[
             "write -P 3 0 256k",
             "write -u -z 64k 128k",
@@ -452,12 +445,8 @@ fn options_engines_and_refusals() {
 /// messages, a missing image, and the one-line help.
 #[test]
 fn parsing_limits_and_messages_match_qemu_io() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "4M");
-    let out = same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, out) = fresh(
+        "4M",
         &[
             "write 0 1.5k",
             "write 0 0",
@@ -492,12 +481,8 @@ fn parsing_limits_and_messages_match_qemu_io() {
 /// reads as zeros (qemu's QED driver ignores discards, so the images are not compared).
 #[test]
 fn discard_output_matches_and_range_reads_zeros() {
-    let d = Dir::new();
-    d.create("a.qed", &[], "1M");
-    same_cmds(
-        &d,
-        "a.qed",
-        &["-f", "qed"],
+    let (d, _) = fresh(
+        "1M",
         &["write -P 9 0 192k", "discard 64k 64k", "discard -q 0 512"],
     );
     let o = d.run_in(
