@@ -504,3 +504,34 @@ fn discard_output_matches_and_range_reads_zeros() {
     let c = d.sh("qemu-img", &["check", "-f", "qed", "o/a.qed"]);
     assert!(c.contains("No errors were found"), "{c}");
 }
+
+/// `info`, `sleep`, `reopen -r/-w`, `write -c` (QED has no compression), the vector length
+/// limit, and refused aio requests, whose errors qemu-io prints newest first at the next
+/// event-loop turn, before earlier completions, without failing the command.
+#[test]
+fn info_reopen_and_aio_errors_match_qemu_io() {
+    let (d, out) = fresh(
+        "4M",
+        &[
+            "info",
+            "sleep 1",
+            "reopen -r",
+            "write 0 1",
+            "reopen -w",
+            "write 0 1",
+            "reopen -r -w",
+            "write -c 0 64k",
+            "readv -C 0 512",
+            "aio_read -v 0 16",
+            "aio_write -P 1 5M 1",
+            "writev 0 4G",
+            "aio_read 4M 1",
+            "aio_flush",
+        ],
+    );
+    assert!(
+        out.contains("aio_write failed: Input/output error"),
+        "{out}"
+    );
+    d.images_agree("a.qed");
+}

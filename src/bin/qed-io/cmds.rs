@@ -95,6 +95,8 @@ pub(crate) struct Session {
     settings: Settings,
     open: Option<Open>,
     done: Arc<Mutex<Vec<AioDone>>>,
+    /// Aio requests refused at submission (out of range), not yet reported.
+    refused: Mutex<Vec<AioDone>>,
     pub(crate) quit: bool,
 }
 
@@ -187,12 +189,15 @@ const COMMANDS: &[(&str, &str, &str, usize, isize)] = &[
     ("discard", "[-Cq] off len", "discards a number of bytes at a specified offset", 2, -1),
     ("flush", "", "flush all in-core file state to disk", 0, 0),
     ("help", "[command]", "help for one or all commands", 0, 1),
+    ("info", "", "prints information about the current file", 0, 0),
     ("length", "", "gets the length of the current file", 0, 0),
     ("map", "", "prints the allocated areas of a file", 0, 0),
     ("open", "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path", 1, -1),
     ("quit", "", "exit the program", 0, 0),
     ("read", "[-abCqrv] [-P pattern [-s off] [-l len]] off len", "reads a number of bytes at a specified offset", 2, -1),
     ("readv", "[-Cqrv] [-P pattern] off len [len..]", "reads a number of bytes at a specified offset", 2, -1),
+    ("reopen", "[(-r|-w)] [-c cache] [-o options]", "reopens an image with new options", 0, -1),
+    ("sleep", "", "waits for the given value in milliseconds", 1, 1),
     ("truncate", "[-m prealloc_mode] off", "truncates the current file at the given offset", 1, 3),
     ("write", "[-bcCfnqruz] [-P pattern | -s source_file] off len", "writes a number of bytes at a specified offset", 2, -1),
     ("writev", "[-Cfqr] [-P pattern] off len [len..]", "writes a number of bytes at a specified offset", 2, -1),
@@ -233,6 +238,7 @@ impl Session {
             settings,
             open: None,
             done: Arc::new(Mutex::new(Vec::new())),
+            refused: Mutex::new(Vec::new()),
             quit: false,
         }
     }
@@ -345,10 +351,6 @@ impl Session {
         if WRITERS.contains(&name.as_str()) && !self.img().is_writable() {
             return Err(self.error("Block node is read-only"));
         }
-        // qemu-io's event loop runs earlier aio callbacks while a synchronous command waits.
-        if !name.starts_with("aio_") {
-            self.drain_aio();
-        }
         match name.as_str() {
             "read" => self.read(args),
             "readv" => self.rw_vec(args, false, false),
@@ -378,6 +380,22 @@ impl Session {
                 help(args);
                 Ok(())
             }
+            "info" => {
+                let g = self.img().geometry();
+                outln!("format name: qed");
+                outln!("cluster size: {}", cvtstr(f64::from(g.cluster_size)));
+                outln!("vm state offset: {}", cvtstr(0.0));
+                Ok(())
+            }
+            "sleep" => {
+                let ms = args[0].parse::<u64>().map_err(|_| {
+                    outln!("{} is not a valid number", args[0]);
+                    Failed
+                })?;
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(())
+            }
+            "reopen" => self.reopen(args),
             "quit" => {
                 self.quit = true;
                 Ok(())
@@ -392,6 +410,8 @@ impl Session {
 
     /// Submits `op` and waits for it.
     fn sync(&self, op: Op) -> qed::Result<()> {
+        // qemu-io's event loop runs earlier aio callbacks while a synchronous request waits.
+        self.drain_aio();
         let o = self.open.as_ref().expect("checked: an image is open");
         let (tx, rx) = mpsc::channel();
         // SAFETY: the buffers in `op` belong to our caller, who keeps them and does not touch
@@ -507,7 +527,7 @@ impl Session {
     fn write(&mut self, args: &[String]) -> CmdResult {
         let (opts, rest) = getopt(args, "bcCfnpP:qrs:uz").map_err(|e| bad_option("write", e))?;
         let mut f = IoFlags::default();
-        let (mut zero, mut unmap, mut fua) = (false, false, false);
+        let (mut zero, mut unmap, mut fua, mut compressed) = (false, false, false, false);
         for (c, v) in opts {
             match c {
                 'C' => f.machine = true,
@@ -516,7 +536,8 @@ impl Session {
                 'z' => zero = true,
                 'u' => unmap = true,
                 'P' => f.pattern = Some(parse_pattern(&v.unwrap_or_default())?),
-                'b' | 'c' | 's' | 'n' => {
+                'c' => compressed = true,
+                'b' | 's' | 'n' => {
                     outln!("qed-io supports neither -b, -c, -n nor -s for write");
                     return Err(Failed);
                 }
@@ -537,6 +558,11 @@ impl Session {
         let offset = cvtnum(&rest[0])?;
         let count = cvtnum(&rest[1])?;
         check_length(count, &rest[1])?;
+        if compressed {
+            // The QED format has no compressed clusters.
+            outln!("write failed: {}", strerror(&unsupported()));
+            return Err(Failed);
+        }
         let t = Instant::now();
         let r = if zero {
             let flags = if unmap {
@@ -615,9 +641,30 @@ impl Session {
         let offset = cvtnum(&rest[0])?;
         let mut lens = Vec::new();
         for l in &rest[1..] {
-            lens.push(cvtnum(l)?);
+            let n = cvtnum(l)?;
+            if n > MAX_REQUEST {
+                outln!("Argument '{l}' exceeds maximum size {MAX_REQUEST}");
+                return Err(Failed);
+            }
+            lens.push(n);
         }
         let total: u64 = lens.iter().sum();
+        if aio {
+            if let Err(e) = self.checked(offset, total) {
+                // qemu completes a refused aio request from a bottom half, so its error
+                // prints at the next event-loop turn, not now (see `drain_aio`).
+                self.push_refused(AioDone {
+                    write,
+                    offset,
+                    total,
+                    bufs: Vec::new(),
+                    elapsed: Duration::ZERO,
+                    result: Err(e),
+                    flags: f,
+                });
+                return Ok(());
+            }
+        }
         if let Err(e) = self.checked(offset, total) {
             let name = if aio && write {
                 "aio_write"
@@ -724,13 +771,31 @@ impl Session {
         r.map_err(|e| fail(qed::Error::Failed(format!("submit refused: {e:?}"))))
     }
 
+    fn push_refused(&self, d: AioDone) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(d);
+    }
+
     /// Waits for outstanding aio requests and prints their results in completion order.
-    fn drain_aio(&mut self) {
+    fn drain_aio(&self) {
         if let Some(o) = &self.open {
             let _ = o.queue.drain();
         }
-        let done = std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()));
-        for d in done {
+        self.print_aio();
+    }
+
+    /// Prints the aio results that are in, without waiting for the others (qemu-io's metadata
+    /// queries run the event loop only until their own answer is in).
+    fn print_aio(&self) {
+        let take = |m: &Mutex<Vec<AioDone>>| {
+            std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()))
+        };
+        // qemu runs bottom halves newest first, and before the I/O completions.
+        let mut refused = take(&self.refused);
+        refused.reverse();
+        for d in refused.into_iter().chain(take(&self.done)) {
             if let Err(e) = &d.result {
                 let name = if d.write { "aio_write" } else { "readv" };
                 outln!("{name} failed: {}", strerror(e));
@@ -754,6 +819,7 @@ impl Session {
             return Err(usage("truncate"));
         }
         let size = cvtnum(&rest[0])?;
+        self.drain_aio();
         // QED driver's messages, in its order: an invalid size, then shrinking.
         if size % 512 != 0 {
             return Err(self.error("Invalid image size specified"));
@@ -802,6 +868,7 @@ impl Session {
     /// qemu-io's `map`: which ranges this image (not its backing file) holds, zero clusters
     /// included.
     fn map(&mut self) -> CmdResult {
+        self.print_aio();
         let img = self.img();
         let ext = img.map(0, img.size()).map_err(|e| self.error(e))?;
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -834,6 +901,7 @@ impl Session {
             Some(a) => cvtnum(a)?,
             None => 512,
         };
+        self.print_aio();
         // Past the end, qemu-io counts only what the image has (0/0 at its end).
         let count = count.min(self.img().size().saturating_sub(offset));
         let ext = self.img().map(offset, count).map_err(|e| {
@@ -850,6 +918,27 @@ impl Session {
             cvtstr(offset as f64)
         );
         Ok(())
+    }
+
+    /// `reopen -r|-w`: the library's [`Image::reopen`]; cache and driver options cannot change.
+    fn reopen(&mut self, args: &[String]) -> CmdResult {
+        let (opts, rest) = getopt(args, "c:o:rw").map_err(|e| bad_option("reopen", e))?;
+        if !rest.is_empty() {
+            return Err(usage("reopen"));
+        }
+        let mut writable = None;
+        for (c, _) in opts {
+            let want = match c {
+                'r' => false,
+                'w' => true,
+                _ => return Err(self.error(format!("reopen -{c} is not supported by qed-io"))),
+            };
+            if writable.replace(want).is_some() {
+                return Err(self.error("Only one -r/-w option may be given"));
+            }
+        }
+        let writable = writable.unwrap_or(self.img().is_writable());
+        self.img().reopen(writable).map_err(|e| self.error(e))
     }
 
     fn open_cmd(&mut self, args: &[String]) -> CmdResult {
@@ -882,6 +971,10 @@ impl Session {
         };
         self.open(path, &s)
     }
+}
+
+fn unsupported() -> qed::Error {
+    qed::Error::io("write", std::io::Error::from_raw_os_error(libc::ENOTSUP))
 }
 
 fn raw(b: &mut [u8]) -> RawBuf {

@@ -63,7 +63,12 @@ pub(crate) fn cvtstr(value: f64) -> String {
             break;
         }
     }
-    let mut s = format!("{v:.3}");
+    // Whole bytes print with six decimals ("563.866954 bytes"), larger units with three.
+    let mut s = if suffix == " bytes" {
+        format!("{v:.6}")
+    } else {
+        format!("{v:.3}")
+    };
     if let Some(i) = s.find(".000") {
         s.truncate(i);
     }
@@ -158,6 +163,8 @@ mod tests {
         assert_eq!(cvtstr(65536.0), "64 KiB");
         assert_eq!(cvtstr(4194304.0 - 131072.0), "3.875 MiB");
         assert_eq!(cvtstr(0.0), "0 bytes");
+        assert_eq!(cvtstr(563.866954), "563.866954 bytes");
+        assert_eq!(cvtstr(1024.0 * 1.0004), "1 KiB");
     }
 
     #[test]
