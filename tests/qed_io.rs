@@ -424,6 +424,24 @@ fn options_engines_and_refusals() {
         assert_eq!(o.code, 0, "-i {aio}: {}", o.text);
         assert!(!o.text.contains("failed"), "-i {aio}: {}", o.text);
     }
+    // The option spelling QEMU's iotests use (QEMU_IO_OPTIONS), against qemu-io.
+    let out = d.same(
+        "a.qed",
+        &[
+            "--cache",
+            "writeback",
+            "--aio",
+            "threads",
+            "-f",
+            "qed",
+            "-d",
+            "unmap",
+            "-c",
+            "read -P 4 0 4k",
+        ],
+        "",
+    );
+    assert!(out.starts_with("read 4096/4096"), "{out}");
     let o = d.run(&d.ours, &["-r", "-U", "-c", "read -P 4 0 4k", "a.qed"], "");
     assert_eq!(o.code, 0, "{}", o.text);
     for (args, msg) in [

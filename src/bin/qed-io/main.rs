@@ -22,6 +22,10 @@ QEMU Disk exerciser for QED images (libqed)
   -r, --read-only      export read-only
   -s, --snapshot       use snapshot file (refused)
   -n, --nocache        disable host cache, short for -t none
+  -d, --discard=MODE   accepted (ignore, off, unmap, on); discards are always done
+  -k, --native-aio     use kernel AIO (here: the automatic I/O engine)
+  -m, --misalign       accepted, no effect
+  -T, --trace OPTS     accepted, no effect
   -U, --force-share    force shared permissions
   -i, --aio=MODE       use AIO mode (threads, native or io_uring)
   -t, --cache=MODE     use the given cache mode for the image
@@ -47,6 +51,10 @@ fn long_to_short(arg: &str) -> Option<(String, Option<String>)> {
         "force-share" => 'U',
         "aio" => 'i',
         "cache" => 't',
+        "discard" => 'd',
+        "native-aio" => 'k',
+        "misalign" => 'm',
+        "trace" => 'T',
         "help" => 'h',
         "version" => 'V',
         _ => return None,
@@ -78,7 +86,7 @@ fn main() {
             None => args.push(a.clone()),
         }
     }
-    let (opts, rest) = match getopt_permute(&args, "c:f:rsnUi:t:hV") {
+    let (opts, rest) = match getopt_permute(&args, "c:d:f:rsnkmUi:t:T:hV") {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{prog}: {e}");
@@ -107,6 +115,14 @@ fn main() {
                 Ok(())
             }
             'i' => settings.set_aio(&v),
+            'k' => settings.set_aio("native"),
+            // Discard is always passed down; buffer misalignment and tracing change nothing
+            // qed-io prints.
+            'd' => match v.as_str() {
+                "ignore" | "off" | "unmap" | "on" => Ok(()),
+                _ => Err(format!("Invalid discard option: {v}")),
+            },
+            'm' | 'T' => Ok(()),
             't' => settings.set_cache(&v),
             'h' => {
                 print!("{}", USAGE.replace("PROG", &prog));
