@@ -9,7 +9,7 @@
 //! fail, never skip, without them.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const QED_IO: &str = env!("CARGO_BIN_EXE_qed-io");
@@ -552,4 +552,58 @@ fn info_reopen_and_aio_errors_match_qemu_io() {
         "{out}"
     );
     d.images_agree("a.qed");
+}
+
+/// An image another process holds: the same two-line lock message as qemu-io, read-write and
+/// read-only (`-U` then opens it).
+#[test]
+fn lock_conflict_message_matches_qemu_io() {
+    let d = Dir::new();
+    d.create("a.qed", &[], "1M");
+    let mut holder = Command::new("qemu-io")
+        .args(["-c", "sleep 60000", "a.qed"])
+        .current_dir(&d.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    // Wait until the holder has the image open (its lock makes a read-write open fail).
+    let mut held = false;
+    for _ in 0..200 {
+        if d.run(Path::new("qemu-io"), &["-c", "length", "a.qed"], "")
+            .code
+            != 0
+        {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut results = Vec::new();
+    if held {
+        for args in [
+            &["-c", "read 0 1", "a.qed"][..],
+            &["-r", "-c", "read 0 1", "a.qed"][..],
+        ] {
+            let q = d.run(Path::new("qemu-io"), args, "");
+            let o = d.run(&d.ours, args, "");
+            results.push((args, q.text, o.text, q.code, o.code));
+        }
+        let o = d.run(&d.ours, &["-r", "-U", "-c", "read 0 1", "a.qed"], "");
+        results.push((&["-U"][..], String::new(), String::new(), o.code, 0));
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(held, "qemu-io never took its lock");
+    assert!(
+        results[0]
+            .1
+            .contains("Is another process using the image [a.qed]?"),
+        "{}",
+        results[0].1
+    );
+    for (args, q, o, qc, oc) in results {
+        assert_eq!(o, q, "{args:?}");
+        assert_eq!(oc, qc, "{args:?}");
+    }
 }

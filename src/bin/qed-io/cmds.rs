@@ -295,6 +295,11 @@ impl Session {
                     qed::Error::Io { .. } => {
                         format!("Could not open '{path}': {}", strerror(&e))
                     }
+                    // qemu's file-posix words a lock conflict on two lines.
+                    qed::Error::Locked { detail, .. } => {
+                        let head = detail.split(": is another").next().unwrap_or(detail);
+                        format!("{head}\nIs another process using the image [{path}]?")
+                    }
                     _ => e.to_string(),
                 };
                 Err(self.error(format!("can't open device {path}: {why}")))
