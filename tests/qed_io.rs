@@ -563,25 +563,19 @@ fn info_reopen_and_aio_errors_match_qemu_io() {
 fn lock_conflict_message_matches_qemu_io() {
     let d = Dir::new();
     d.create("a.qed", &[], "1M");
+    // qemu-io reading commands from stdin prints its first prompt once the image is open (and
+    // locked); the probe opens nothing, so it cannot race the holder for the lock.
     let mut holder = Command::new("qemu-io")
-        .args(["-c", "sleep 60000", "a.qed"])
+        .arg("a.qed")
         .current_dir(&d.path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("qemu-io");
-    // Wait until the holder has the image open (its lock makes a read-write open fail).
-    let mut held = false;
-    for _ in 0..200 {
-        if d.run(Path::new("qemu-io"), &["-c", "length", "a.qed"], "")
-            .code
-            != 0
-        {
-            held = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut prompt = [0u8; 9];
+    let held = std::io::Read::read_exact(holder.stdout.as_mut().expect("stdout"), &mut prompt)
+        .is_ok()
+        && &prompt == b"qemu-io> ";
     let mut results = Vec::new();
     if held {
         for args in [
@@ -595,9 +589,10 @@ fn lock_conflict_message_matches_qemu_io() {
         let o = d.run(&d.ours, &["-r", "-U", "-c", "read 0 1", "a.qed"], "");
         results.push((&["-U"][..], String::new(), String::new(), o.code, 0));
     }
-    let _ = holder.kill();
+    // Closing its stdin ends the holder.
+    drop(holder.stdin.take());
     let _ = holder.wait();
-    assert!(held, "qemu-io never took its lock");
+    assert!(held, "qemu-io did not open the image: {prompt:?}");
     assert!(
         results[0]
             .1
