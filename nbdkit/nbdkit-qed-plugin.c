@@ -98,6 +98,24 @@ qed_config_complete (void)
   return 0;
 }
 
+/* Opens the image once read-only before serving, so a missing file, a corrupt header or a
+ * refused backing file stops nbdkit at startup instead of failing each connection. Shared
+ * (force-share) and closed again at once: the connections open the real handle, and no
+ * library threads exist yet when nbdkit forks into the background. */
+static int
+qed_get_ready (void)
+{
+  qed_open_options o = QED_INIT (qed_open_options);
+  qed_image *probe;
+  int ret;
+  o.flags = open_flags | QED_OPEN_FORCE_SHARE;
+  ret = qed_open_ext (filename, &o, &probe);
+  if (ret < 0)
+    return fail (ret, "open");
+  qed_close (probe);
+  return 0;
+}
+
 #define qed_config_help \
   "file=<FILENAME>     (required) The QED image to serve.\n" \
   "confine-backing=true  Only follow backing files inside the image's folder.\n" \
@@ -322,6 +340,7 @@ static struct nbdkit_plugin plugin = {
   .config = qed_config,
   .config_complete = qed_config_complete,
   .config_help = qed_config_help,
+  .get_ready = qed_get_ready,
   .magic_config_key = "file",
   .open = qed_nbd_open,
   .close = qed_nbd_close,

@@ -100,9 +100,13 @@ mkdir sub
 qemu-img create -q -f qed -b ../base.qed -F qed sub/escape.qed
 img=sub/escape.qed plugin_args=confine-backing=true
 : > nbdkit.err
-serve -- 'qemu-io -f raw -c "read 0 512" "$uri"' >/dev/null 2>&1 && fail "confine-backing let ../base.qed through"
-grep -q 'escape.qed: open read-write' nbdkit.err || { cat nbdkit.err; fail "no nbdkit_error for the refused backing file"; }
+# Refused at startup (.get_ready), with libqed's message through nbdkit_error.
+serve -- 'echo served' && fail "confine-backing let ../base.qed through"
+grep -q 'escape.qed: open: .*outside' nbdkit.err || { cat nbdkit.err; fail "no nbdkit_error for the refused backing file"; }
 plugin_args=
 serve -- 'qemu-io -f raw -c "read -q -P 0x11 0 64k" "$uri" | grep . && exit 1; true' || fail "backing file outside without confinement"
 nbdkit -U - "$plugin" --run true 2>/dev/null && fail "no file= accepted"
+img=missing.qed
+serve -- 'echo served' && fail "a missing file was served"
+grep -q 'missing.qed: open: .*No such file' nbdkit.err || fail "no nbdkit_error for a missing file"
 echo PASS
