@@ -38,6 +38,7 @@ write -q -z 8M 64k
 write -q -z -u 16M 64k
 discard -q 1536k 128k
 write -q -P 0x66 33554432 1536
+write -q -P 0x77 4196000 1000
 flush
 CMDS
 img=overlay.qed plugin_args=confine-backing=true
@@ -76,6 +77,12 @@ PY
 echo "== read-only (nbdkit -r)"
 serve -r -- 'nbdinfo "$uri" | grep -q "is_read_only: true" && qemu-io -f raw -c "read -q -P 0x33 1M 64k" "$uri" | grep . && exit 1; qemu-io -f raw -c "write 0 512" "$uri" 2>&1 | grep -qi "read-only\|not permitted\|denied"' \
   || fail "read-only serving"
+
+echo "== read-only open under a filter (cow): writes land in the filter, the image is untouched"
+sum=$(md5sum < overlay.qed)
+serve --filter=cow -- 'qemu-io -f raw -c "write -q -P 0x99 0 64k" -c "read -q -P 0x99 0 64k" "$uri" | grep . && exit 1; true' \
+  || fail "serving through the cow filter"
+[ "$(md5sum < overlay.qed)" = "$sum" ] || fail "the image changed under the cow filter"
 
 echo "== image is sound and holds exactly ref.raw"
 qemu-img check -q overlay.qed || fail "qemu-img check overlay.qed"
