@@ -117,9 +117,9 @@ qed_get_ready (void)
 }
 
 #define qed_config_help \
-  "file=<FILENAME>     (required) The QED image to serve.\n" \
+  "file=<FILENAME>       (required) The QED image to serve.\n" \
   "confine-backing=true  Only follow backing files inside the image's folder.\n" \
-  "direct=true         Open the image file with O_DIRECT."
+  "direct=true          Open the image file with O_DIRECT."
 
 static void *
 qed_nbd_open (int readonly)
@@ -335,6 +335,9 @@ qed_extents (void *handle, uint32_t count, uint64_t offset, uint32_t flags,
 static struct nbdkit_plugin plugin = {
   .name = "qed",
   .longname = "nbdkit QED plugin (libqed)",
+#ifdef QED_PLUGIN_VERSION
+  .version = QED_PLUGIN_VERSION,
+#endif
   .description = "Serves a QEMU QED disk image through libqed.",
   .unload = qed_unload,
   .config = qed_config,
