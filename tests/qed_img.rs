@@ -80,6 +80,16 @@ impl Dir {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+    /// qed-img run through a link named `qemu-img`, as QEMU's iotests run it: messages must then
+    /// be qemu-img's, prefix included.
+    fn as_qemu_img(&self, args: &[&str]) -> Out {
+        let link = self.p(".bin/qemu-img");
+        if !link.exists() {
+            std::fs::create_dir_all(self.p(".bin")).expect("mkdir");
+            std::os::unix::fs::symlink(QED_IMG, &link).expect("symlink");
+        }
+        self.run(link.to_str().expect("utf-8 path"), args)
+    }
     fn qemu(&self, args: &[&str]) -> Out {
         self.run("qemu-img", args)
     }
@@ -119,6 +129,21 @@ fn same(d: &Dir, args: &[&str]) -> Out {
         args.join(" "),
         q.stderr,
         o.stderr
+    );
+    o
+}
+
+/// Runs the same arguments through qemu-img and through qed-img named `qemu-img`; asserts
+/// identical exit code, stdout and stderr.
+#[track_caller]
+fn same_all(d: &Dir, args: &[&str]) -> Out {
+    let q = d.qemu(args);
+    let o = d.as_qemu_img(args);
+    assert_eq!(
+        (q.code, &q.stdout, &q.stderr),
+        (o.code, &o.stdout, &o.stderr),
+        "`{}`: qemu-img (left) and qed-img (right) differ",
+        args.join(" ")
     );
     o
 }
@@ -1229,4 +1254,59 @@ fn progress_output_on_a_terminal_is_qemu_img_s() {
     );
     // -q wins over -p.
     assert_eq!(on_tty(QED_IMG, "convert -q -p -O qed ov.qed o2.qed"), "");
+}
+
+#[test]
+fn messages_carry_the_invoked_name_and_qemu_img_s_wording() {
+    let d = Dir::new();
+    // The prefix is the program's file name as invoked.
+    let o = d.ours(&["info", "nope.qed"]);
+    assert!(
+        o.stderr.starts_with("qed-img: Could not open 'nope.qed'"),
+        "{}",
+        o.stderr
+    );
+    let o = d.as_qemu_img(&["info", "nope.qed"]);
+    assert!(
+        o.stderr.starts_with("qemu-img: Could not open 'nope.qed'"),
+        "{}",
+        o.stderr
+    );
+    // A missing backing file at create: the cause, then qemu-img's hint line.
+    same_all(
+        &d,
+        &[
+            "create", "-f", "qed", "-b", "gone.qed", "-F", "qed", "x.qed",
+        ],
+    );
+    // Backing loops found by info --backing-chain, named as qemu-img names them.
+    d.qemu(&["create", "-q", "-f", "qed", "a.qed", "1M"]).ok();
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "a.qed", "-F", "qed", "b.qed",
+    ])
+    .ok();
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "b.qed", "-F", "qed", "c.qed",
+    ])
+    .ok();
+    let (q, o) = (
+        d.qemu(&["info", "--backing-chain", "c.qed"]).ok(),
+        d.as_qemu_img(&["info", "--backing-chain", "c.qed"]).ok(),
+    );
+    assert_eq!(q.stdout, strip_qed_specific(&o.stdout));
+    d.qemu(&["rebase", "-u", "-b", "c.qed", "-F", "qed", "a.qed"])
+        .ok();
+    let o = same_all(&d, &["info", "--backing-chain", "c.qed"]);
+    assert_eq!(
+        o.stderr,
+        "qemu-img: Backing file 'c.qed' creates an infinite loop.\n"
+    );
+    // A loop further down, met after the first two images.
+    d.qemu(&["rebase", "-u", "-b", "b.qed", "-F", "qed", "a.qed"])
+        .ok();
+    let o = same_all(&d, &["info", "--backing-chain", "--output=json", "c.qed"]);
+    assert_eq!(
+        o.stderr,
+        "qemu-img: Backing file 'b.qed' creates an infinite loop.\n"
+    );
 }

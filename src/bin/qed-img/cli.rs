@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 pub(crate) const EXIT_STATUS: &str = "\
 Exit status: as qemu-img. check: 0 clean, 1 check failed, 2 corruptions found, 3 leaks found. \
 compare: 0 same, 1 different, 2 open error, 4 read error. Any other error prints \
-`qed-img: <what went wrong>` on stderr and exits 1.";
+`<name>: <what went wrong>` on stderr (name: the program's file name as invoked, like \
+qemu-img) and exits 1.";
 
 #[derive(Parser, Debug)]
 #[command(

@@ -9,6 +9,24 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// The name messages start with: the last component of argv[0], as qemu-img prints it
+/// (`error_init(argv[0])`), so that a `qemu-img` link to qed-img speaks as qemu-img does and
+/// scripts filtering on that name (QEMU's iotests) read us unchanged.
+pub(crate) fn prog_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|a| {
+                Path::new(&a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "qed-img".into())
+    })
+}
+
 /// An error to report on stderr, with the exit code to leave with.
 #[derive(Debug)]
 pub(crate) struct CliError {

@@ -125,7 +125,8 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
                         ..Default::default()
                     };
                     let d = Disk::open(&bpath, bfmt, &ro).map_err(|e| {
-                        CliError::new(format!("{file}: Could not open backing image: {}", e.msg))
+                        // qemu-img's wording: the cause first, then its hint line.
+                        CliError::new(format!("{file}: {}\nCould not open backing image.", e.msg))
                     })?;
                     bfmt = Some(d.fmt);
                     if size.is_none() {

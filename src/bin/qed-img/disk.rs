@@ -137,7 +137,13 @@ impl Disk {
                     no_repair: mode.no_repair,
                     ..OpenOptions::read_only()
                 };
-                let img = Image::open(path, &opts).map_err(|e| open_err(path, e))?;
+                let img = Image::open(path, &opts).map_err(|e| match e {
+                    // A file that cannot be opened: qemu's "Could not open 'F': <errno text>".
+                    qed::Error::Io { context, source } if context.starts_with("opening") => {
+                        open_err(path, io_msg(&source))
+                    }
+                    e => open_err(path, e),
+                })?;
                 let mut cur = Arc::new(img);
                 let mut cur_path = path.to_string();
                 layers.push(Layer::Qed {

@@ -2,7 +2,7 @@
 //! `qed-img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`: qemu-img's fields
 //! and JSON keys, plus QED's table and header sizes under `format-specific`.
 
-use crate::common::{parse_fmt, path_combine, size_to_str, CliError, CliResult};
+use crate::common::{parse_fmt, path_combine, size_to_str, CliError, CliResult, Fmt};
 use crate::disk::{Disk, Layer, OpenMode};
 use crate::json::{pretty, Json, ObjBuilder};
 use crate::InfoArgs;
@@ -166,20 +166,36 @@ pub(crate) fn run(a: InfoArgs) -> CliResult<i32> {
     let fmt = parse_fmt(a.fmt.as_deref())?;
     let mode = OpenMode {
         force_share: a.force_share,
-        no_backing: !a.backing_chain,
+        no_backing: true,
         no_repair: true,
         ..Default::default()
     };
-    let disk = Disk::open(&a.file, fmt, &mode)?;
-    let n = if a.backing_chain {
-        disk.layers.len()
+    let mut infos = Vec::new();
+    if a.backing_chain {
+        // As qemu-img: each image opened alone, its backing file named by the one above; a
+        // name met twice is a loop, reported before anything is printed.
+        let mut seen = std::collections::HashSet::new();
+        let (mut file, mut fmt) = (a.file.clone(), fmt);
+        loop {
+            if !seen.insert(file.clone()) {
+                return Err(CliError::new(format!(
+                    "Backing file '{file}' creates an infinite loop."
+                )));
+            }
+            let disk = Disk::open(&file, fmt, &mode)?;
+            let i = layer_info(disk.top())?;
+            let next = i.full_backing.clone().or_else(|| i.backing.clone());
+            fmt = i.backing_fmt.map(Fmt::parse).transpose()?;
+            infos.push(i);
+            match next {
+                Some(n) => file = n,
+                None => break,
+            }
+        }
     } else {
-        1
-    };
-    let infos = disk.layers[..n]
-        .iter()
-        .map(layer_info)
-        .collect::<CliResult<Vec<_>>>()?;
+        let disk = Disk::open(&a.file, fmt, &mode)?;
+        infos.push(layer_info(disk.top())?);
+    }
     if a.output.json() {
         if a.backing_chain {
             print!(

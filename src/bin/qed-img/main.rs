@@ -60,7 +60,7 @@ fn main() {
         Err(e) => {
             use std::io::Write;
             let _ = std::io::stdout().flush();
-            eprintln!("qed-img: {}", e.msg);
+            eprintln!("{}: {}", common::prog_name(), e.msg);
             e.code
         }
     };
