@@ -1310,3 +1310,79 @@ fn messages_carry_the_invoked_name_and_qemu_img_s_wording() {
         "qemu-img: Backing file 'b.qed' creates an infinite loop.\n"
     );
 }
+
+#[test]
+fn dd_copies_as_qemu_img_dd() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "a.qed", "1M"]).ok();
+    d.qio(
+        "qed",
+        "a.qed",
+        &["write -P 0xa 0 300k", "write -P 0xb 700k 5k"],
+    );
+    for bs in ["5", "512", "1999", "64K", "1.5k", "4M"] {
+        let bs_op = format!("bs={bs}");
+        for (tool, out) in [("qemu", "q.raw"), ("ours", "o.raw")] {
+            let of = format!("of={out}");
+            let args = ["dd", "if=a.qed", &of, &bs_op];
+            let o = if tool == "qemu" {
+                d.qemu(&args)
+            } else {
+                d.ours(&args)
+            };
+            assert_eq!(
+                (o.code, o.stdout.as_str(), o.stderr.as_str()),
+                (0, "", ""),
+                "{bs}"
+            );
+        }
+        assert!(
+            d.bytes("q.raw") == d.bytes("o.raw"),
+            "bs={bs}: outputs differ"
+        );
+        // A QED output holds the same guest bytes and is clean.
+        d.ours(&["dd", "-O", "qed", "if=a.qed", "of=o.qed", &bs_op])
+            .ok();
+        d.qemu(&["check", "o.qed"]).ok();
+        d.qemu(&["compare", "a.qed", "o.qed"]).ok();
+    }
+    // skip alone matches qemu-img byte for byte.
+    d.qemu(&["dd", "if=a.qed", "of=q.raw", "bs=4k", "skip=3"])
+        .ok();
+    d.ours(&["dd", "if=a.qed", "of=o.raw", "bs=4k", "skip=3"])
+        .ok();
+    assert!(d.bytes("q.raw") == d.bytes("o.raw"));
+    assert_eq!(d.bytes("o.raw").len(), (1 << 20) - 3 * 4096);
+    // count counts the blocks after the skipped ones (dd(1), qemu-img's manual).
+    d.ours(&["dd", "if=a.qed", "of=o.raw", "bs=100k", "skip=2", "count=2"])
+        .ok();
+    let b = d.bytes("o.raw");
+    assert_eq!(b.len(), 200 << 10);
+    assert!(b[..100 << 10].iter().all(|&x| x == 0xa));
+    assert!(b[100 << 10..].iter().all(|&x| x == 0));
+    // Skipping past the end: an empty output and qemu-img's warning.
+    let o = same_all(&d, &["dd", "if=a.qed", "of=e.raw", "bs=1M", "skip=3"]);
+    assert!(o.stderr.contains("cannot skip"), "{}", o.stderr);
+    assert_eq!(d.bytes("e.raw").len(), 0);
+    // Operand errors, word for word.
+    for bad in [
+        &["dd", "if=a.qed", "of=x", "bs=0"][..],
+        &["dd", "if=a.qed", "of=x", "bs=x"],
+        &["dd", "if=a.qed", "of=x", "count=1k"],
+        &["dd", "if=a.qed", "of=x", "skip=-1"],
+        &["dd", "if=a.qed", "of=x", "foo=1"],
+        &["dd", "if=a.qed", "of=x", "if"],
+        &["dd", "if=a.qed"],
+        &["dd", "if=nope", "of=x"],
+    ] {
+        let o = d.as_qemu_img(bad);
+        let q = d.qemu(bad);
+        assert_eq!(o.code, 1, "{bad:?}");
+        assert_eq!(q.code, 1, "{bad:?}");
+        assert!(o.stderr.starts_with("qemu-img: "), "{bad:?}: {}", o.stderr);
+        if !bad[1].contains("nope") {
+            assert_eq!(q.stderr, o.stderr, "{bad:?}");
+        }
+        assert!(!d.p("x").exists(), "{bad:?} created its output");
+    }
+}

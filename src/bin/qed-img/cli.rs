@@ -47,6 +47,13 @@ pub(crate) enum Cmd {
     /// Copy the backing chain into the overlay, then drop the backing file (live streaming's
     /// offline form)
     Stream(StreamArgs),
+    /// Copy guest bytes into a new image block by block, as dd(1)
+    ///
+    /// Operands are dd's: if=INPUT and of=OUTPUT (both needed), bs=BLOCK_SIZE (default 512,
+    /// with K/M/G suffixes), count=BLOCKS (copy only this many blocks), skip=BLOCKS (start this
+    /// many blocks into the input). OUTPUT is created (or truncated) with the size of what is
+    /// copied, in -O's format.
+    Dd(DdArgs),
     /// Run a simple I/O benchmark, as qemu-img bench
     ///
     /// qemu-img bench's requests in its order: DEPTH in flight, each completion starting the
@@ -63,6 +70,22 @@ pub(crate) enum Cmd {
     /// contents do not change. The backing file is not opened. Fails when the file system
     /// cannot punch holes.
     Sparsify(SparsifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DdArgs {
+    /// Input format (probed when omitted)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub(crate) fmt: Option<String>,
+    /// Output format: raw (default) or qed
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    pub(crate) out_fmt: Option<String>,
+    /// Open the input even if another process is writing it
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
+    /// dd operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]
+    #[arg(value_name = "OPERAND")]
+    pub(crate) operands: Vec<String>,
 }
 
 #[derive(Args, Debug)]

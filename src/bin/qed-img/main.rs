@@ -12,6 +12,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod disk;
 mod info;
 mod json;
@@ -37,6 +38,7 @@ fn run(cmd: Cmd) -> CliResult<i32> {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Stream(a) => stream::run(a),
+        Cmd::Dd(a) => dd::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Sparsify(a) => sparsify::run(a),
     }
