@@ -67,14 +67,7 @@ pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
         }
     };
     let direct = matches!(a.cache.as_deref(), Some("none") | Some("directsync"));
-    let src = Disk::open(
-        &a.src,
-        src_fmt,
-        &OpenMode {
-            force_share: a.force_share,
-            ..Default::default()
-        },
-    )?;
+    let src = Disk::open(&a.src, src_fmt, &OpenMode::source(a.force_share))?;
     let size = src.size()?;
     if !a.no_create {
         if o.size.is_some() {

@@ -21,6 +21,16 @@ pub(crate) struct OpenMode {
     pub(crate) no_repair: bool,
 }
 
+impl OpenMode {
+    /// Read-only, sharing with a writer when `force_share` (-U): how a copy opens its source.
+    pub(crate) fn source(force_share: bool) -> OpenMode {
+        OpenMode {
+            force_share,
+            ..Default::default()
+        }
+    }
+}
+
 /// A raw file with its lock (when we took one).
 pub(crate) struct RawFile {
     pub(crate) storage: FileStorage,
