@@ -1426,3 +1426,39 @@ fn rebase_writes_runs_as_qemu_img() {
     }
     assert_eq!(maps[0], maps[1]);
 }
+
+/// `file:NAME` is QEMU's file protocol: the prefix names no folder, and a relative name with a
+/// colon is shown as `./NAME`, backing paths combined from it.
+#[test]
+fn file_protocol_prefix_as_qemu_img() {
+    let d = Dir::new();
+    let mut outs = Vec::new();
+    for tool in ["qemu", "ours"] {
+        let run = |args: &[&str]| {
+            if tool == "qemu" {
+                d.qemu(args).ok()
+            } else {
+                d.as_qemu_img(args).ok()
+            }
+        };
+        let top = format!("{tool}:top.qed");
+        let name = format!("file:{top}");
+        let mut out = run(&["create", "-f", "qed", "base.qed", "1M"]).stdout;
+        out += &run(&["create", "-f", "qed", "-b", "base.qed", "-F", "qed", &name]).stdout;
+        assert!(d.p(&top).exists(), "{tool} did not create {top}");
+        out += &strip_qed_specific(&run(&["info", &name]).stdout);
+        // (Disk usage differs on purpose: libqed does not write the new L1 table's zeros.)
+        let out: String = out
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("disk size:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        outs.push(out.replace(&top, "TOP"));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert!(outs[1].contains("image: ./TOP\n"), "{}", outs[1]);
+    assert!(outs[1].contains("backing file: base.qed (actual path: ./base.qed)\n"));
+    // Both tools made the same image.
+    d.qemu(&["compare", "file:qemu:top.qed", "file:ours:top.qed"])
+        .ok();
+}

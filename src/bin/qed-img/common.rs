@@ -143,6 +143,20 @@ pub(crate) fn io_msg(e: &std::io::Error) -> String {
     }
 }
 
+/// The host file a command-line name stands for, spelled as QEMU shows it: a `file:` prefix
+/// (QEMU's file protocol) is dropped, and a relative name that would then look like it has a
+/// protocol prefix of its own (`image:top.qed`) is shown as `./image:top.qed`.
+pub(crate) fn host_path(name: &str) -> String {
+    let Some(rest) = name.strip_prefix("file:") else {
+        return name.to_string();
+    };
+    // QEMU's path_has_protocol: a ':' before any '/'.
+    match rest.find([':', '/']) {
+        Some(i) if rest.as_bytes()[i] == b':' => format!("./{rest}"),
+        _ => rest.to_string(),
+    }
+}
+
 /// qemu's `path_combine`: a relative backing name is taken relative to the folder of the image
 /// that names it, keeping the image path's spelling (relative stays relative).
 pub(crate) fn path_combine(base: &str, name: &str) -> String {
@@ -415,6 +429,15 @@ mod tests {
         assert_eq!(size_to_str(1000), "0.977 KiB");
         assert_eq!(size_to_str(999), "999 B");
         assert_eq!(fmt_g(1e-5, 3), "1e-05");
+    }
+
+    #[test]
+    fn file_protocol_prefix() {
+        assert_eq!(host_path("a.qed"), "a.qed");
+        assert_eq!(host_path("file:a.qed"), "a.qed");
+        assert_eq!(host_path("file:/t/a:b.qed"), "/t/a:b.qed");
+        assert_eq!(host_path("file:image:top.qed"), "./image:top.qed");
+        assert_eq!(host_path("file:d/x:y"), "d/x:y");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! way QEMU's block layer reports it, so that `map`, `convert` and `compare` walk an image as
 //! qemu-img does.
 
-use crate::common::{format_of, io_msg, path_combine, CliError, CliResult, Context, Fmt};
+use crate::common::{
+    format_of, host_path, io_msg, path_combine, CliError, CliResult, Context, Fmt,
+};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
 use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
@@ -127,7 +129,8 @@ pub(crate) fn open_err(path: &str, e: impl std::fmt::Display) -> CliError {
 
 impl Disk {
     /// Opens `path` as `fmt` (probed when `None`).
-    pub(crate) fn open(path: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+    pub(crate) fn open(name: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        let path = &host_path(name);
         let fmt = format_of(path, fmt)?;
         let mut layers = Vec::new();
         match fmt {
