@@ -1462,3 +1462,65 @@ fn file_protocol_prefix_as_qemu_img() {
     d.qemu(&["compare", "file:qemu:top.qed", "file:ours:top.qed"])
         .ok();
 }
+
+/// convert -B (and -o backing_file=): only the source's top image is copied, over a target
+/// that names the backing file; the file comes out as qemu-img's, byte for byte.
+#[test]
+fn convert_onto_a_backing_file_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "base.qed", "2M"])
+        .ok();
+    d.qio(
+        "qed",
+        "base.qed",
+        &["write -P 0x11 0 1M", "write -P 0x12 1536k 512k"],
+    );
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "base.qed", "-F", "qed", "top.qed", "4M",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        "top.qed",
+        &[
+            "write -P 0x21 512 1024",
+            "write -P 0x22 128k 64k",
+            "write -z 256k 128k",
+            "write -z 3M 128k",
+            "write -P 0x23 3584k 4k",
+        ],
+    );
+    let cases: [&[&str]; 3] = [
+        &["-B", "base.qed", "-F", "qed"],
+        &["-o", "backing_file=base.qed,backing_fmt=qed"],
+        &["-B", "base.qed", "-o", "backing_fmt=qed", "-S", "0"],
+    ];
+    for extra in cases {
+        for (tool, out) in [("qemu", "q.qed"), ("ours", "o.qed")] {
+            let mut args = vec!["convert", "-f", "qed", "-O", "qed"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["top.qed", out]);
+            let o = if tool == "qemu" {
+                d.qemu(&args)
+            } else {
+                d.ours(&args)
+            };
+            o.ok();
+        }
+        assert!(
+            d.bytes("q.qed") == d.bytes("o.qed"),
+            "{extra:?}: files differ"
+        );
+        d.qemu(&["check", "o.qed"]).ok();
+        d.qemu(&["compare", "top.qed", "o.qed"]).ok();
+        let info = d.qemu(&["info", "o.qed"]).ok().stdout;
+        assert!(info.contains("backing file: base.qed\n"), "{info}");
+    }
+    // No backing file for raw targets, as qemu-img.
+    assert_eq!(
+        d.ours(&["convert", "-B", "base.qed", "top.qed", "x.raw"])
+            .code,
+        1
+    );
+    assert!(!d.p("x.raw").exists());
+}

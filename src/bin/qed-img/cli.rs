@@ -206,9 +206,17 @@ pub(crate) struct ConvertArgs {
     /// Output format: raw (default, as qemu-img) or qed
     #[arg(short = 'O', value_name = "OUTPUT_FMT")]
     pub(crate) out_fmt: Option<String>,
-    /// Output format options (cluster_size=N,table_size=N)
+    /// Output format options (cluster_size=N,table_size=N,backing_file=F,backing_fmt=F)
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub(crate) options: Vec<String>,
+    /// Backing file of the new QED target (as -o backing_file=): only what SRC's top image
+    /// holds is copied, the rest being taken to be in BACKING already (SRC's own backing chain
+    /// must read the same)
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub(crate) backing: Option<String>,
+    /// Format of -B's backing file (raw or qed; needed with a backing file, as qemu-img)
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    pub(crate) backing_fmt: Option<String>,
     /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
