@@ -342,6 +342,11 @@ pub(crate) struct CommitArgs {
     /// Keep the overlay as it is (QED overlays are never emptied, as with qemu-img)
     #[arg(short = 'd')]
     pub(crate) drop: bool,
+    /// Commit into this image of the backing chain rather than the backing file: everything
+    /// the images above it hold is written into it (a relative name is relative to the folder
+    /// of the image that names it as its backing file, or give the path)
+    #[arg(short = 'b', value_name = "BASE")]
+    pub(crate) base: Option<String>,
     /// Cache mode (accepted for compatibility)
     #[arg(short = 't', value_name = "CACHE")]
     pub(crate) cache: Option<String>,

@@ -71,6 +71,11 @@ impl RawFile {
         })
     }
 
+    /// The storage, shared, with the lock that goes with it.
+    pub(crate) fn into_shared(self) -> (Arc<dyn Storage>, Option<ImageLock>) {
+        (Arc::new(self.storage), self._lock)
+    }
+
     /// Length of the file.
     pub(crate) fn len(&self) -> CliResult<u64> {
         self.storage.len().ctx(|| "reading file length".into())
