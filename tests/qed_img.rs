@@ -90,6 +90,22 @@ impl Dir {
         }
         self.run(link.to_str().expect("utf-8 path"), args)
     }
+    /// qemu-img for "qemu", else qed-img named `qemu-img`.
+    fn by(&self, tool: &str, args: &[&str]) -> Out {
+        if tool == "qemu" {
+            self.qemu(args)
+        } else {
+            self.as_qemu_img(args)
+        }
+    }
+    /// A QED overlay `name` of the QED image `backing` (named as the header will store it).
+    fn overlay(&self, backing: &str, name: &str, size: Option<&str>) {
+        let mut args = vec![
+            "create", "-q", "-f", "qed", "-b", backing, "-F", "qed", name,
+        ];
+        args.extend(size);
+        self.qemu(&args).ok();
+    }
     fn qemu(&self, args: &[&str]) -> Out {
         self.run("qemu-img", args)
     }
@@ -1434,13 +1450,7 @@ fn file_protocol_prefix_as_qemu_img() {
     let d = Dir::new();
     let mut outs = Vec::new();
     for tool in ["qemu", "ours"] {
-        let run = |args: &[&str]| {
-            if tool == "qemu" {
-                d.qemu(args).ok()
-            } else {
-                d.as_qemu_img(args).ok()
-            }
-        };
+        let run = |args: &[&str]| d.by(tool, args).ok();
         let top = format!("{tool}:top.qed");
         let name = format!("file:{top}");
         let mut out = run(&["create", "-f", "qed", "base.qed", "1M"]).stdout;
@@ -1536,48 +1546,19 @@ fn commit_into_a_chosen_base_as_qemu_img() {
         d.qemu(&["create", "-q", "-f", "qed", "sub/b.qed", "1M"])
             .ok();
         d.qio("qed", "sub/b.qed", &["write -P 0x01 0 1M"]);
-        d.qemu(&[
-            "create",
-            "-q",
-            "-f",
-            "qed",
-            "-b",
-            "b.qed",
-            "-F",
-            "qed",
-            "sub/m.qed",
-            "2M",
-        ])
-        .ok();
+        d.overlay("b.qed", "sub/m.qed", Some("2M"));
         d.qio(
             "qed",
             "sub/m.qed",
             &["write -P 0x02 64k 128k", "write -z 512k 64k"],
         );
-        d.qemu(&[
-            "create",
-            "-q",
-            "-f",
-            "qed",
-            "-b",
-            "m.qed",
-            "-F",
-            "qed",
-            "sub/t.qed",
-        ])
-        .ok();
+        d.overlay("m.qed", "sub/t.qed", None);
         d.qio(
             "qed",
             "sub/t.qed",
             &["write -P 0x03 128k 128k", "write -P 0x04 1536k 4k"],
         );
-        let run = |args: &[&str]| {
-            if tool == "qemu" {
-                d.qemu(args)
-            } else {
-                d.as_qemu_img(args)
-            }
-        };
+        let run = |args: &[&str]| d.by(tool, args);
         // Not a name of the chain from the overlay's folder: refused, nothing written.
         let o = run(&["commit", "-b", "sub/b.qed", "sub/t.qed"]);
         assert_eq!(o.code, 1, "{tool}");
