@@ -1580,3 +1580,79 @@ fn commit_into_a_chosen_base_as_qemu_img() {
     // contents are compared (above).
     assert_eq!(bases[0].len(), bases[1].len());
 }
+
+/// Images given by QEMU block options, `json:{...}` and `--image-opts`: a format over a plain
+/// file is shown by its file name, anything more as `json:`; blkdebug and quorum nodes open
+/// (reads vote among quorum's children); results match qemu-img's.
+#[test]
+fn image_options_and_json_names_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "b.qed", "1M"]).ok();
+    d.qio("qed", "b.qed", &["write -P 0x11 0 64k"]);
+    // An absolute backing name: quorum nodes have no folder for a relative one.
+    let base = d.p("b.qed").to_str().unwrap().to_string();
+    d.overlay(&base, "t.qed", None);
+    d.qio("qed", "t.qed", &["write -P 0x22 128k 64k"]);
+    d.copy("t.qed", "t2.qed");
+    d.overlay("b.qed", "rel.qed", None);
+    let rel = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 1, 'children': [{'driver': 'file', 'filename': 'rel.qed'}]}}";
+    assert_eq!(
+        d.ours(&["info", "--backing-chain", rel]).code,
+        d.qemu(&["info", "--backing-chain", rel]).code
+    );
+    let o = d.ours(&["map", rel]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("Cannot generate a base directory for quorum nodes"),
+        "{}",
+        o.stderr
+    );
+    let o = d.ours(&["info", rel]).ok().stdout;
+    assert!(
+        o.contains("backing file: b.qed (cannot determine actual path)\n"),
+        "{o}"
+    );
+    let strip = |s: &str| -> String {
+        strip_qed_specific(s)
+            .lines()
+            .filter(|l| {
+                !l.contains("disk size") && !l.starts_with("Child") && !l.starts_with("    ")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let plain = "json:{'driver': 'qed', 'file': {'driver': 'file', 'filename': 't.qed'}}";
+    let debug = "json:{'driver': 'qed', 'file': {'driver': 'blkdebug', 'image': {'driver': 'file', 'filename': 't.qed'}, 'set-state': [{'event': 'read_aio', 'new_state': 42}]}}";
+    let quorum = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 1, 'children': [{'driver': 'file', 'filename': 't.qed'}, {'driver': 'file', 'filename': 't2.qed'}]}}";
+    for args in [
+        &["info", plain][..],
+        &["info", "--backing-chain", "--image-opts", "driver=qed,file.driver=file,file.filename=t.qed"],
+        &["info", "--image-opts", "driver=qed,file.driver=quorum,file.vote-threshold=2,file.children.0.driver=file,file.children.0.filename=t.qed,file.children.1.driver=file,file.children.1.filename=t2.qed"],
+        &["info", debug],
+        &["info", quorum],
+    ] {
+        let q = d.qemu(args).ok();
+        let o = d.as_qemu_img(args).ok();
+        // json: names are QEMU's own spelling of the options; compare the rest.
+        let unjson = |s: &str| -> String {
+            s.lines()
+                .map(|l| if l.starts_with("image: json:") { "image: json:..." } else { l })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        assert_eq!(unjson(&strip(&q.stdout)), unjson(&strip(&o.stdout)), "{args:?}");
+    }
+    // Contents through the options are the image's.
+    for name in [plain, debug, quorum] {
+        assert_eq!(same(&d, &["compare", name, "t.qed"]).code, 0);
+        same(&d, &["map", "--output=json", name]).ok();
+    }
+    // A quorum whose children disagree, with 2 votes needed: reads fail, as in qemu-img.
+    d.qio("qed", "t2.qed", &["write -P 0x33 128k 64k"]);
+    let split = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 2, 'children': [{'driver': 'file', 'filename': 't.qed'}, {'driver': 'file', 'filename': 't2.qed'}]}}";
+    let q = d.qemu(&["compare", split, "t.qed"]);
+    let o = d.ours(&["compare", split, "t.qed"]);
+    assert_eq!(q.code, o.code, "{}\n{}", q.stderr, o.stderr);
+    assert_ne!(o.code, 0);
+}

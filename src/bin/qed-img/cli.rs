@@ -74,6 +74,8 @@ pub(crate) enum Cmd {
 
 #[derive(Args, Debug)]
 pub(crate) struct DdArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Input format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -98,6 +100,16 @@ pub(crate) struct SparsifyArgs {
     pub(crate) quiet: bool,
     /// The QED image to sparsify in place
     pub(crate) file: String,
+}
+
+/// `--image-opts`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ImageOptsArg {
+    /// The image is given as QEMU block options (driver=qed,file.filename=F,...: formats qed
+    /// and raw over file, blkdebug or quorum nodes) rather than a file name; `json:{...}` names
+    /// are taken without it
+    #[arg(long = "image-opts")]
+    pub(crate) image_opts: bool,
 }
 
 /// `--output=human|json`.
@@ -143,6 +155,8 @@ pub(crate) struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct InfoArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -159,6 +173,8 @@ pub(crate) struct InfoArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -181,6 +197,8 @@ pub(crate) struct CheckArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct MapArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -200,6 +218,8 @@ pub(crate) struct MapArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ConvertArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Source format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -244,6 +264,8 @@ pub(crate) struct ConvertArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Format of the first image (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt1: Option<String>,

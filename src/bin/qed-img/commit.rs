@@ -23,7 +23,7 @@ fn names(name: &str, overlay_path: &str, layer_path: &str) -> bool {
 /// `commit -b BASE`: each image above BASE, from the lowest up, written into BASE, so that
 /// BASE ends up reading as the top image over every range one of them holds.
 fn commit_to_base(a: &CommitArgs, fmt: Option<Fmt>, base: &str) -> CliResult<i32> {
-    let chain = Disk::open(&a.file, fmt, &OpenMode::source(true))?;
+    let chain = Disk::open(&a.file, fmt, &OpenMode::source(true, false))?;
     let layers: Vec<(String, Fmt)> = chain
         .layers
         .iter()

@@ -115,7 +115,11 @@ pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
         }
     };
     let direct = matches!(a.cache.as_deref(), Some("none") | Some("directsync"));
-    let src = Disk::open(&a.src, src_fmt, &OpenMode::source(a.force_share))?;
+    let src = Disk::open(
+        &a.src,
+        src_fmt,
+        &OpenMode::source(a.force_share, a.image_opts.image_opts),
+    )?;
     let size = src.size()?;
     if !a.no_create {
         if o.size.is_some() {

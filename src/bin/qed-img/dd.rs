@@ -77,7 +77,11 @@ pub(crate) fn run(a: DdArgs) -> CliResult<i32> {
     };
     let in_fmt = parse_fmt(a.fmt.as_deref())?;
     let out_fmt = parse_fmt(a.out_fmt.as_deref())?.unwrap_or(Fmt::Raw);
-    let src = Disk::open(&input, in_fmt, &OpenMode::source(a.force_share))?;
+    let src = Disk::open(
+        &input,
+        in_fmt,
+        &OpenMode::source(a.force_share, a.image_opts.image_opts),
+    )?;
     let len = src.size()?;
     // Skipping past the end gives an empty output, with a warning (as dd(1)).
     let start = ops.skip.checked_mul(ops.bs).filter(|&s| s <= len);

@@ -6,6 +6,7 @@
 use crate::common::{
     format_of, host_path, io_msg, path_combine, CliError, CliResult, Context, Fmt,
 };
+use crate::spec::{Opened, Spec};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
 use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
@@ -21,13 +22,29 @@ pub(crate) struct OpenMode {
     pub(crate) direct: bool,
     pub(crate) no_backing: bool,
     pub(crate) no_repair: bool,
+    /// The name is an `--image-opts` list, not a file name.
+    pub(crate) image_opts: bool,
 }
 
 impl OpenMode {
-    /// Read-only, sharing with a writer when `force_share` (-U): how a copy opens its source.
-    pub(crate) fn source(force_share: bool) -> OpenMode {
+    /// The library's options for this mode.
+    pub(crate) fn library_options(&self) -> OpenOptions {
+        OpenOptions {
+            writable: self.writable,
+            force_share: self.force_share && !self.writable,
+            direct: self.direct,
+            no_backing: self.no_backing,
+            no_repair: self.no_repair,
+            ..OpenOptions::read_only()
+        }
+    }
+
+    /// Read-only, sharing with a writer when `force_share` (-U), the name an --image-opts list
+    /// when `image_opts`: how a copy opens its source.
+    pub(crate) fn source(force_share: bool, image_opts: bool) -> OpenMode {
         OpenMode {
             force_share,
+            image_opts,
             ..Default::default()
         }
     }
@@ -125,6 +142,11 @@ pub(crate) struct Disk {
     pub(crate) path: String,
     pub(crate) fmt: Fmt,
     pub(crate) layers: Vec<Layer>,
+    /// An image given by options (json:, --image-opts): how QEMU names it, and the path its
+    /// relative backing names are relative to (`None`: it has no one folder).
+    pub(crate) shown: Option<(String, Option<String>)>,
+    /// The files under such an image, held (locks) while it is open.
+    _opened: Option<Opened>,
 }
 
 /// `qed::Error`s as one line, naming the file.
@@ -135,6 +157,9 @@ pub(crate) fn open_err(path: &str, e: impl std::fmt::Display) -> CliError {
 impl Disk {
     /// Opens `path` as `fmt` (probed when `None`).
     pub(crate) fn open(name: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        if let Some(spec) = Spec::of_name(name, mode.image_opts)? {
+            return Disk::open_spec(spec, fmt, mode);
+        }
         let path = &host_path(name);
         let fmt = format_of(path, fmt)?;
         let mut layers = Vec::new();
@@ -147,14 +172,7 @@ impl Disk {
                 if Path::new(path).is_dir() {
                     return Err(open_err(path, "Is a directory"));
                 }
-                let opts = OpenOptions {
-                    writable: mode.writable,
-                    force_share: mode.force_share && !mode.writable,
-                    direct: mode.direct,
-                    no_backing: mode.no_backing,
-                    no_repair: mode.no_repair,
-                    ..OpenOptions::read_only()
-                };
+                let opts = mode.library_options();
                 let img = Image::open(path, &opts).map_err(|e| match e {
                     // A file that cannot be opened: qemu's "Could not open 'F': <errno text>".
                     qed::Error::Io { context, source } if context.starts_with("opening") => {
@@ -162,48 +180,82 @@ impl Disk {
                     }
                     e => open_err(path, e),
                 })?;
-                let mut cur = Arc::new(img);
-                let mut cur_path = path.to_string();
-                layers.push(Layer::Qed {
-                    img: cur.clone(),
-                    path: cur_path.clone(),
-                });
-                loop {
-                    let Some(b) = cur.backing() else { break };
-                    let name = cur
-                        .info()
-                        .map_err(|e| open_err(&cur_path, e))?
-                        .backing_file
-                        .unwrap_or_default();
-                    let bpath = path_combine(&cur_path, &name);
-                    match b {
-                        Backing::Qed(bimg) => {
-                            layers.push(Layer::Qed {
-                                img: bimg.clone(),
-                                path: bpath.clone(),
-                            });
-                            cur = bimg;
-                            cur_path = bpath;
-                        }
-                        Backing::Raw(_) => {
-                            // Our own descriptor, for info's sizes; the library holds the lock
-                            // (and answers block status through its own).
-                            let ro = OpenMode::default();
-                            layers.push(Layer::Raw {
-                                file: RawFile::open(&bpath, &ro, false)?,
-                                path: bpath,
-                            });
-                            break;
-                        }
-                    }
-                }
+                layers.extend(chain_layers(Arc::new(img), path.to_string())?);
             }
         }
         Ok(Disk {
             path: path.to_string(),
             fmt,
             layers,
+            shown: None,
+            _opened: None,
         })
+    }
+
+    /// Opens an image given by options: as its file when the options add nothing to it, else
+    /// on the storage they describe.
+    fn open_spec(spec: Spec, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        let fmt = fmt.or(spec.fmt);
+        let shown = Some((spec.shown.clone(), spec.dir_base()));
+        let plain = OpenMode {
+            image_opts: false,
+            ..*mode
+        };
+        if let Some(f) = spec.plain_file() {
+            let mut d = Disk::open(f, fmt, &plain)?;
+            d.shown = shown;
+            return Ok(d);
+        }
+        let opened = spec
+            .storage(mode.writable, mode.force_share)
+            .map_err(|e| open_err(&spec.shown, e.msg))?;
+        let fmt = match fmt {
+            Some(f) => f,
+            None => {
+                let mut magic = [0u8; 4];
+                opened
+                    .storage
+                    .read_at(&mut magic, 0)
+                    .map_err(|e| open_err(&spec.shown, io_msg(&e)))?;
+                if &magic == b"QED\0" {
+                    Fmt::Qed
+                } else {
+                    Fmt::Raw
+                }
+            }
+        };
+        if fmt == Fmt::Raw {
+            return Err(open_err(
+                &spec.shown,
+                "raw images are opened as files only (no blkdebug or quorum under them)",
+            ));
+        }
+        let dir = spec.dir_base();
+        let opts = OpenOptions {
+            backing_resolver: Some(backing_resolver(dir.clone())),
+            ..mode.library_options()
+        };
+        let img = Image::open_storage(opened.storage.clone(), &opts)
+            .map_err(|e| open_err(&spec.shown, e))?;
+        let first = spec.first_file().to_string();
+        // Layer 0's path: the file backing names are combined with (and info's sizes).
+        let layers = chain_layers(Arc::new(img), dir.unwrap_or(first))?;
+        Ok(Disk {
+            path: spec.shown.clone(),
+            fmt,
+            layers,
+            shown,
+            _opened: Some(opened),
+        })
+    }
+
+    /// This image as a backing file of another.
+    pub(crate) fn into_backing(self) -> CliResult<Backing> {
+        match self.layers.into_iter().next() {
+            Some(Layer::Qed { img, .. }) => Ok(Backing::Qed(img)),
+            Some(Layer::Raw { file, .. }) => Ok(Backing::Raw(file.into_shared().0)),
+            None => Err(CliError::new("no image")),
+        }
     }
 
     pub(crate) fn top(&self) -> &Layer {
@@ -348,6 +400,81 @@ impl Disk {
         st.layer = st.offset.map(|_| st.depth);
         Ok(st)
     }
+}
+
+/// An open QED image and its backing chain as layers, `path` being the image's.
+fn chain_layers(img: Arc<Image>, path: String) -> CliResult<Vec<Layer>> {
+    let mut layers = Vec::new();
+    let mut cur = img;
+    let mut cur_path = path;
+    layers.push(Layer::Qed {
+        img: cur.clone(),
+        path: cur_path.clone(),
+    });
+    loop {
+        let Some(b) = cur.backing() else { break };
+        let name = cur
+            .info()
+            .map_err(|e| open_err(&cur_path, e))?
+            .backing_file
+            .unwrap_or_default();
+        let bpath = path_combine(&cur_path, &name);
+        match b {
+            Backing::Qed(bimg) => {
+                layers.push(Layer::Qed {
+                    img: bimg.clone(),
+                    path: bpath.clone(),
+                });
+                cur = bimg;
+                cur_path = bpath;
+            }
+            Backing::Raw(_) => {
+                // Our own descriptor, for info's sizes; the library holds the lock
+                // (and answers block status through its own).
+                let ro = OpenMode::default();
+                layers.push(Layer::Raw {
+                    file: RawFile::open(&bpath, &ro, false)?,
+                    path: bpath,
+                });
+                break;
+            }
+        }
+    }
+    Ok(layers)
+}
+
+/// Opens the backing files of an image given by options: relative names from `base`'s folder
+/// (none: only absolute names), the format probed unless the header says it, json: names too.
+fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
+    Arc::new(move |name: &str, fmt: Option<qed::BackingFormat>| {
+        let refuse = |reason: String| qed::Error::BackingRefused {
+            name: name.to_string(),
+            reason,
+        };
+        let path = if name.starts_with('/') || name.starts_with("json:") {
+            name.to_string()
+        } else {
+            match &base {
+                Some(b) => path_combine(b, name),
+                None => {
+                    // QEMU's words for a relative name under several files.
+                    return Err(refuse(
+                        "Cannot generate a base directory for quorum nodes".into(),
+                    ));
+                }
+            }
+        };
+        let fmt = fmt.map(|f| match f {
+            qed::BackingFormat::Raw => Fmt::Raw,
+            _ => Fmt::Qed,
+        });
+        let ro = OpenMode {
+            force_share: true,
+            ..Default::default()
+        };
+        let d = Disk::open(&path, fmt, &ro).map_err(|e| refuse(e.msg))?;
+        d.into_backing().map_err(|e| refuse(e.msg))
+    })
 }
 
 /// Zeroes a range of a raw file: punch a hole (keeping the size), or write zeros if the file

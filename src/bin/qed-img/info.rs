@@ -69,6 +69,21 @@ fn layer_info(layer: &Layer) -> CliResult<Info> {
     }
 }
 
+/// The top image's info, named as QEMU names an image given by options.
+fn disk_info(disk: &Disk) -> CliResult<Info> {
+    let mut i = layer_info(disk.top())?;
+    if let Some((name, dir)) = &disk.shown {
+        i.filename = name.clone();
+        // An absolute name needs no folder.
+        i.full_backing = match (dir, i.backing.as_deref()) {
+            (_, Some(b)) if b.starts_with('/') => Some(b.to_string()),
+            (Some(d), b) => b.map(|b| path_combine(d, b)),
+            (None, _) => None,
+        };
+    }
+    Ok(i)
+}
+
 fn to_json(i: &Info) -> Json {
     // Keys added in the order of QEMU's ImageInfo; the printer orders them as QEMU's QDict.
     let child = ObjBuilder::new()
@@ -136,10 +151,10 @@ fn human(i: &Info) -> String {
     }
     if let Some(b) = &i.backing {
         s += &format!("backing file: {b}");
-        if let Some(full) = &i.full_backing {
-            if full != b {
-                s += &format!(" (actual path: {full})");
-            }
+        match &i.full_backing {
+            Some(full) if full != b => s += &format!(" (actual path: {full})"),
+            Some(_) => {}
+            None => s += " (cannot determine actual path)",
         }
         s += "\n";
         if let Some(f) = i.backing_fmt {
@@ -182,9 +197,22 @@ pub(crate) fn run(a: InfoArgs) -> CliResult<i32> {
                     "Backing file '{file}' creates an infinite loop."
                 )));
             }
-            let disk = Disk::open(&file, fmt, &mode)?;
-            let i = layer_info(disk.top())?;
-            let next = i.full_backing.clone().or_else(|| i.backing.clone());
+            let first = infos.is_empty();
+            let m = OpenMode {
+                image_opts: first && a.image_opts.image_opts,
+                ..mode
+            };
+            let disk = Disk::open(&file, fmt, &m)?;
+            let i = disk_info(&disk)?;
+            let next = match (&i.full_backing, &i.backing) {
+                (Some(f), _) => Some(f.clone()),
+                (None, Some(b)) => {
+                    return Err(CliError::new(format!(
+                        "Could not determine absolute backing filename, but backing filename '{b}' present"
+                    )))
+                }
+                (None, None) => None,
+            };
             fmt = i.backing_fmt.map(Fmt::parse).transpose()?;
             infos.push(i);
             match next {
@@ -193,8 +221,12 @@ pub(crate) fn run(a: InfoArgs) -> CliResult<i32> {
             }
         }
     } else {
-        let disk = Disk::open(&a.file, fmt, &mode)?;
-        infos.push(layer_info(disk.top())?);
+        let m = OpenMode {
+            image_opts: a.image_opts.image_opts,
+            ..mode
+        };
+        let disk = Disk::open(&a.file, fmt, &m)?;
+        infos.push(disk_info(&disk)?);
     }
     if a.output.json() {
         if a.backing_chain {

@@ -20,6 +20,7 @@ mod map;
 mod rebase;
 mod resize;
 mod sparsify;
+mod spec;
 mod stream;
 
 use clap::Parser;
