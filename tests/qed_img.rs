@@ -1656,3 +1656,40 @@ fn image_options_and_json_names_as_qemu_img() {
     assert_eq!(q.code, o.code, "{}\n{}", q.stderr, o.stderr);
     assert_ne!(o.code, 0);
 }
+
+/// A backing file named by options (a json: name in the header): created over, read through,
+/// and committed into, with blkdebug's injected ENOSPC failing the commit as in qemu-img.
+#[test]
+fn json_backing_names_and_blkdebug_errors_as_qemu_img() {
+    let d = Dir::new();
+    let failing = "json:{'driver': 'qed', 'file': {'driver': 'blkdebug', 'inject-error': [{'event': 'write_aio', 'errno': 28, 'once': true}], 'image': {'driver': 'file', 'filename': 'b.qed'}}}";
+    let mut outs = Vec::new();
+    for tool in ["qemu", "ours"] {
+        d.qemu(&["create", "-q", "-f", "qed", "b.qed", "1M"]).ok();
+        d.qio("qed", "b.qed", &["write -P 0x11 0 1M"]);
+        let c = d
+            .by(
+                tool,
+                &["create", "-f", "qed", "-b", failing, "-F", "qed", "t.qed"],
+            )
+            .ok();
+        d.qio(
+            "qed",
+            "t.qed",
+            &["write -P 0x22 0 64k", "read -P 0x11 64k 64k"],
+        );
+        // Reads through the json: backing name.
+        let cmp = d.by(tool, &["compare", "-f", "qed", "t.qed", "b.qed"]);
+        assert_eq!(cmp.code, 1, "{tool}: {}", cmp.stderr);
+        let o = d.by(tool, &["commit", "t.qed"]);
+        // The blkdebug rule fired once: the base is unchanged where the commit failed.
+        d.qio("qed", "b.qed", &["read -P 0x11 0 64k"]);
+        d.qemu(&["check", "b.qed"]).ok();
+        outs.push((c.stdout, cmp.stdout, o.code, o.stdout, o.stderr));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(
+        outs[1].4,
+        "qemu-img: Block job failed: No space left on device\n"
+    );
+}

@@ -5,10 +5,22 @@
 //! overlay either).
 
 use crate::common::{parse_fmt, path_combine, CliError, CliResult, Fmt, Progress};
-use crate::disk::{Disk, Layer, OpenMode, RawFile};
+use crate::disk::{resolver_for, Disk, Layer, OpenMode, RawFile};
 use crate::CommitArgs;
 use qed::{Backing, OpenOptions};
 use std::path::Path;
+
+/// The operating system's words for what failed, if an I/O error did (qemu's strerror).
+fn cause(e: &qed::Error) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return crate::common::io_msg(io);
+        }
+        cur = err.source();
+    }
+    e.to_string()
+}
 
 /// Whether `name` (as given to -b) names the backing file `layer_path` of `overlay_path`:
 /// qemu's bdrv_find_backing_image, a relative name taken relative to the overlay's folder
@@ -127,10 +139,22 @@ pub(crate) fn run(a: CommitArgs) -> CliResult<i32> {
         )));
     }
     let progress = Progress::new(a.progress && !a.quiet, 1);
-    // The library opens the backing file read-write, grows it and copies (see Image::commit).
-    let opts = OpenOptions::read_write();
+    // The library opens the backing file read-write, grows it and copies (see Image::commit);
+    // a backing file given by options is opened by us.
+    let mut opts = OpenOptions::read_write();
+    if info
+        .backing_file
+        .as_deref()
+        .is_some_and(|b| b.starts_with("json:"))
+    {
+        opts.backing_resolver = Some(resolver_for(Some(a.file.clone()), true));
+    }
     img.commit(&opts, &progress.library())
-        .map_err(|e| CliError::new(format!("{}: {e}", a.file)))?;
+        .map_err(|e| match e {
+            qed::Error::Backing { .. } => CliError::new(format!("{}: {e}", a.file)),
+            // Failing once the copy runs: qemu-img's commit job words it so.
+            e => CliError::new(format!("Block job failed: {}", cause(&e))),
+        })?;
     progress.finish();
     drop(progress);
     drop(img);

@@ -160,7 +160,8 @@ pub(crate) fn host_path(name: &str) -> String {
 /// qemu's `path_combine`: a relative backing name is taken relative to the folder of the image
 /// that names it, keeping the image path's spelling (relative stays relative).
 pub(crate) fn path_combine(base: &str, name: &str) -> String {
-    if name.starts_with('/') {
+    // (A json: name is options, not a path.)
+    if name.starts_with('/') || name.starts_with("json:") {
         return name.to_string();
     }
     match base.rfind('/') {

@@ -143,7 +143,8 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
             if !a.quiet {
                 let mut line = format!("Formatting '{file}', fmt=qed size={size}");
                 if let Some(b) = &o.backing_file {
-                    line += &format!(" backing_file={b}");
+                    // qemu prints option values with their commas doubled, as they are typed.
+                    line += &format!(" backing_file={}", b.replace(',', ",,"));
                 }
                 if let Some(f) = bfmt {
                     if o.backing_file.is_some() {

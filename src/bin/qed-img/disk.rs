@@ -6,7 +6,7 @@
 use crate::common::{
     format_of, host_path, io_msg, path_combine, CliError, CliResult, Context, Fmt,
 };
-use crate::spec::{Opened, Spec};
+use crate::spec::Spec;
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
 use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
@@ -145,8 +145,6 @@ pub(crate) struct Disk {
     /// An image given by options (json:, --image-opts): how QEMU names it, and the path its
     /// relative backing names are relative to (`None`: it has no one folder).
     pub(crate) shown: Option<(String, Option<String>)>,
-    /// The files under such an image, held (locks) while it is open.
-    _opened: Option<Opened>,
 }
 
 /// `qed::Error`s as one line, naming the file.
@@ -172,7 +170,11 @@ impl Disk {
                 if Path::new(path).is_dir() {
                     return Err(open_err(path, "Is a directory"));
                 }
-                let opts = mode.library_options();
+                let mut opts = mode.library_options();
+                if !mode.no_backing && names_json_backing(path) {
+                    // The library opens backing files by path; options need us.
+                    opts.backing_resolver = Some(backing_resolver(Some(path.to_string())));
+                }
                 let img = Image::open(path, &opts).map_err(|e| match e {
                     // A file that cannot be opened: qemu's "Could not open 'F': <errno text>".
                     qed::Error::Io { context, source } if context.starts_with("opening") => {
@@ -188,7 +190,6 @@ impl Disk {
             fmt,
             layers,
             shown: None,
-            _opened: None,
         })
     }
 
@@ -206,15 +207,14 @@ impl Disk {
             d.shown = shown;
             return Ok(d);
         }
-        let opened = spec
+        let storage = spec
             .storage(mode.writable, mode.force_share)
             .map_err(|e| open_err(&spec.shown, e.msg))?;
         let fmt = match fmt {
             Some(f) => f,
             None => {
                 let mut magic = [0u8; 4];
-                opened
-                    .storage
+                storage
                     .read_at(&mut magic, 0)
                     .map_err(|e| open_err(&spec.shown, io_msg(&e)))?;
                 if &magic == b"QED\0" {
@@ -235,8 +235,7 @@ impl Disk {
             backing_resolver: Some(backing_resolver(dir.clone())),
             ..mode.library_options()
         };
-        let img = Image::open_storage(opened.storage.clone(), &opts)
-            .map_err(|e| open_err(&spec.shown, e))?;
+        let img = Image::open_storage(storage, &opts).map_err(|e| open_err(&spec.shown, e))?;
         let first = spec.first_file().to_string();
         // Layer 0's path: the file backing names are combined with (and info's sizes).
         let layers = chain_layers(Arc::new(img), dir.unwrap_or(first))?;
@@ -245,7 +244,6 @@ impl Disk {
             fmt,
             layers,
             shown,
-            _opened: Some(opened),
         })
     }
 
@@ -443,9 +441,29 @@ fn chain_layers(img: Arc<Image>, path: String) -> CliResult<Vec<Layer>> {
     Ok(layers)
 }
 
+/// Whether the QED image at `path` names its backing file by options (`json:{...}`).
+pub(crate) fn names_json_backing(path: &str) -> bool {
+    let peek = OpenOptions {
+        no_backing: true,
+        no_repair: true,
+        force_share: true,
+        ..OpenOptions::read_only()
+    };
+    Image::open(path, &peek)
+        .ok()
+        .and_then(|i| i.info().ok())
+        .and_then(|i| i.backing_file)
+        .is_some_and(|b| b.starts_with("json:"))
+}
+
 /// Opens the backing files of an image given by options: relative names from `base`'s folder
 /// (none: only absolute names), the format probed unless the header says it, json: names too.
-fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
+pub(crate) fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
+    resolver_for(base, false)
+}
+
+/// As [`backing_resolver`], opening the backing file read-write when `writable` (commit).
+pub(crate) fn resolver_for(base: Option<String>, writable: bool) -> qed::image::BackingResolver {
     Arc::new(move |name: &str, fmt: Option<qed::BackingFormat>| {
         let refuse = |reason: String| qed::Error::BackingRefused {
             name: name.to_string(),
@@ -468,11 +486,12 @@ fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
             qed::BackingFormat::Raw => Fmt::Raw,
             _ => Fmt::Qed,
         });
-        let ro = OpenMode {
-            force_share: true,
+        let m = OpenMode {
+            writable,
+            force_share: !writable,
             ..Default::default()
         };
-        let d = Disk::open(&path, fmt, &ro).map_err(|e| refuse(e.msg))?;
+        let d = Disk::open(&path, fmt, &m).map_err(|e| refuse(e.msg))?;
         d.into_backing().map_err(|e| refuse(e.msg))
     })
 }

@@ -461,28 +461,20 @@ impl Spec {
         }
     }
 
-    /// Opens the protocol nodes as storage (files locked as for `writable`).
-    pub(crate) fn storage(&self, writable: bool, force_share: bool) -> CliResult<Opened> {
-        let mut locks = Vec::new();
-        let s = open_proto(&self.proto, writable, force_share, &mut locks)?;
-        Ok(Opened {
-            storage: s,
-            _locks: locks,
-        })
+    /// Opens the protocol nodes as storage, their files locked as for `writable` for as long
+    /// as the storage lives.
+    pub(crate) fn storage(&self, writable: bool, force_share: bool) -> CliResult<Arc<dyn Storage>> {
+        open_proto(&self.proto, writable, force_share, &mut Vec::new(), true)
     }
 }
 
-/// Storage opened from a spec, with the locks of its files.
-pub(crate) struct Opened {
-    pub(crate) storage: Arc<dyn Storage>,
-    _locks: Vec<ImageLock>,
-}
-
+/// Opens a protocol node, collecting its files' locks; the `top` node keeps them all.
 fn open_proto(
     p: &Proto,
     writable: bool,
     force_share: bool,
     locks: &mut Vec<ImageLock>,
+    top: bool,
 ) -> CliResult<Arc<dyn Storage>> {
     Ok(match p {
         Proto::File(f) => {
@@ -499,17 +491,33 @@ fn open_proto(
             );
             Arc::new(s)
         }
-        Proto::Blkdebug(inner, rules) => Arc::new(Blkdebug {
-            inner: open_proto(inner, writable, force_share, locks)?,
-            rules: rules.clone(),
-        }),
-        Proto::Quorum(children, threshold) => Arc::new(Quorum {
-            children: children
+        Proto::Blkdebug(inner, rules) => {
+            let inner = open_proto(inner, writable, force_share, locks, false)?;
+            Arc::new(Blkdebug {
+                inner,
+                rules: rules.clone(),
+                _locks: if top {
+                    std::mem::take(locks)
+                } else {
+                    Vec::new()
+                },
+            })
+        }
+        Proto::Quorum(children, threshold) => {
+            let children = children
                 .iter()
-                .map(|c| open_proto(c, writable, force_share, locks))
-                .collect::<CliResult<_>>()?,
-            threshold: *threshold,
-        }),
+                .map(|c| open_proto(c, writable, force_share, locks, false))
+                .collect::<CliResult<_>>()?;
+            Arc::new(Quorum {
+                children,
+                threshold: *threshold,
+                _locks: if top {
+                    std::mem::take(locks)
+                } else {
+                    Vec::new()
+                },
+            })
+        }
     })
 }
 
@@ -517,6 +525,8 @@ fn open_proto(
 struct Blkdebug {
     inner: Arc<dyn Storage>,
     rules: Vec<Arc<Rule>>,
+    /// The top node holds the locks of every file under it.
+    _locks: Vec<ImageLock>,
 }
 
 impl Blkdebug {
@@ -569,6 +579,7 @@ impl Storage for Blkdebug {
 struct Quorum {
     children: Vec<Arc<dyn Storage>>,
     threshold: usize,
+    _locks: Vec<ImageLock>,
 }
 
 impl Storage for Quorum {
