@@ -1693,3 +1693,39 @@ fn json_backing_names_and_blkdebug_errors_as_qemu_img() {
         "qemu-img: Block job failed: No space left on device\n"
     );
 }
+
+/// convert --salvage from a source under a blkdebug node that fails block status and reads at
+/// chosen sectors: the same warnings, in the same order, and the same output as qemu-img.
+#[test]
+fn convert_salvage_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "o.qed", "8M"]).ok();
+    d.qio("qed", "o.qed", &["write -P 42 0 8M"]);
+    let rule = |io: &str, off: u64| {
+        format!(
+            "{{'event': 'none', 'iotype': '{io}', 'errno': 5, 'sector': {}}}",
+            off / 512
+        )
+    };
+    let rules = [
+        rule("block-status", (2 << 20) + 8192),
+        rule("block-status", (5 << 20) + 512),
+        rule("read", (4 << 20) - 65536),
+        rule("read", (5 << 20) + 512),
+        rule("read", 6 << 20),
+        rule("read", (6 << 20) + 512),
+    ];
+    let src = format!(
+        "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qed', 'file': {{'driver': 'file', 'filename': 'o.qed'}}}}, 'inject-error': [{}]}}",
+        rules.join(", ")
+    );
+    let q = d.qemu(&["convert", "--salvage", &src, "q.raw"]).ok();
+    let o = d.as_qemu_img(&["convert", "--salvage", &src, "x.raw"]).ok();
+    assert_eq!(q.stderr, o.stderr);
+    assert_eq!(o.stderr.lines().count(), 2 + 2 + 4, "{}", o.stderr);
+    assert!(d.bytes("q.raw") == d.bytes("x.raw"), "outputs differ");
+    // Without --salvage the first failure stops the copy.
+    let o = d.ours(&["convert", &src, "y.raw"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("Input/output error"), "{}", o.stderr);
+}

@@ -234,6 +234,11 @@ pub(crate) struct ConvertArgs {
     /// must read the same)
     #[arg(short = 'B', value_name = "BACKING")]
     pub(crate) backing: Option<String>,
+    /// Keep going after read errors in the source: a sector that cannot be read is written as
+    /// zeros, a range whose block status cannot be read is copied as data; each gives a
+    /// warning on stderr (as qemu-img)
+    #[arg(long = "salvage")]
+    pub(crate) salvage: bool,
     /// Format of -B's backing file (raw or qed; needed with a backing file, as qemu-img)
     #[arg(short = 'F', value_name = "BACKING_FMT")]
     pub(crate) backing_fmt: Option<String>,

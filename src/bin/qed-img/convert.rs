@@ -79,6 +79,72 @@ impl CopyTarget<CliError> for Disk {
     }
 }
 
+/// A source read with `--salvage`: block status failures are retried on shorter ranges down to
+/// one sector, which is then taken as data; reads that fail are retried sector by sector, and
+/// sectors that still fail read as zeros. Each failure is a warning (qemu-img's
+/// convert_iteration_sectors and convert_co_read).
+struct Salvage<'a> {
+    src: &'a dyn CopySource<CliError>,
+    quiet: bool,
+}
+
+impl Salvage<'_> {
+    fn warn(&self, e: &CliError) {
+        if !self.quiet {
+            eprintln!("{}: warning: {}", crate::common::prog_name(), e.msg);
+        }
+    }
+    /// qemu-img's first walk over the source, counting what it will copy (for its progress):
+    /// block status warnings show up there first.
+    fn walk(&self) -> CliResult<()> {
+        let size = self.src.size();
+        let mut pos = 0;
+        while pos < size {
+            pos += self.status(pos, size - pos)?.len.max(1);
+        }
+        Ok(())
+    }
+}
+
+impl CopySource<CliError> for Salvage<'_> {
+    fn size(&self) -> u64 {
+        self.src.size()
+    }
+    fn status(&self, offset: u64, len: u64) -> CliResult<CopyStatus> {
+        let mut n = len.div_ceil(512);
+        loop {
+            match self.src.status(offset, (n * 512).min(len)) {
+                Ok(st) => return Ok(st),
+                Err(e) if n == 1 => {
+                    self.warn(&e);
+                    return Ok(CopyStatus {
+                        zero: false,
+                        len: 512.min(len),
+                        from_backing: false,
+                    });
+                }
+                Err(_) => n = n.div_ceil(4),
+            }
+        }
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> CliResult<()> {
+        if self.src.read_at(offset, buf).is_ok() {
+            return Ok(());
+        }
+        for (i, sector) in buf.chunks_mut(512).enumerate() {
+            let at = offset + i as u64 * 512;
+            if let Err(e) = self.src.read_at(at, sector) {
+                self.warn(&e);
+                sector.fill(0);
+            }
+        }
+        Ok(())
+    }
+    fn alignment(&self) -> u64 {
+        self.src.alignment()
+    }
+}
+
 pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
     let src_fmt = parse_fmt(a.fmt.as_deref())?;
     let out_fmt = parse_fmt(a.out_fmt.as_deref())?.unwrap_or(Fmt::Raw);
@@ -169,18 +235,28 @@ pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
         zero_init: !a.no_create && backing.is_none(),
     };
     let progress = Progress::new(a.progress && !a.quiet, 1);
+    let over;
+    let mut source: &dyn CopySource<CliError> = &src;
     if backing.is_some() {
         let backing_size = match dst.layers.get(1) {
             Some(l) => l.size()?,
             None => 0,
         };
-        let over = OverBacking {
+        over = OverBacking {
             src: &src,
             backing_size,
         };
-        copy(&over, &dst, &opts, &progress.library())?;
+        source = &over;
+    }
+    if a.salvage {
+        let salvage = Salvage {
+            src: source,
+            quiet: a.quiet,
+        };
+        salvage.walk()?;
+        copy(&salvage, &dst, &opts, &progress.library())?;
     } else {
-        copy(&src, &dst, &opts, &progress.library())?;
+        copy(source, &dst, &opts, &progress.library())?;
     }
     progress.finish();
     drop(progress);

@@ -6,7 +6,7 @@
 use crate::common::{
     format_of, host_path, io_msg, path_combine, CliError, CliResult, Context, Fmt,
 };
-use crate::spec::Spec;
+use crate::spec::{fire, Io, Rule, Spec};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
 use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
@@ -145,6 +145,8 @@ pub(crate) struct Disk {
     /// An image given by options (json:, --image-opts): how QEMU names it, and the path its
     /// relative backing names are relative to (`None`: it has no one folder).
     pub(crate) shown: Option<(String, Option<String>)>,
+    /// blkdebug rules above the format (failing reads and block status).
+    pub(crate) guest_rules: Vec<Arc<Rule>>,
 }
 
 /// `qed::Error`s as one line, naming the file.
@@ -190,6 +192,7 @@ impl Disk {
             fmt,
             layers,
             shown: None,
+            guest_rules: Vec::new(),
         })
     }
 
@@ -205,6 +208,7 @@ impl Disk {
         if let Some(f) = spec.plain_file() {
             let mut d = Disk::open(f, fmt, &plain)?;
             d.shown = shown;
+            d.guest_rules = spec.guest_rules;
             return Ok(d);
         }
         let storage = spec
@@ -244,6 +248,7 @@ impl Disk {
             fmt,
             layers,
             shown,
+            guest_rules: spec.guest_rules,
         })
     }
 
@@ -275,6 +280,12 @@ impl Disk {
 
     /// Reads guest bytes; past the end they read as zeros.
     pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> CliResult<()> {
+        if let Err(e) = fire(&self.guest_rules, Io::Read, offset, buf.len() as u64) {
+            return Err(CliError::new(format!(
+                "error while reading offset {offset}: {}",
+                io_msg(&e)
+            )));
+        }
         let r = match &self.layers[0] {
             Layer::Qed { img, .. } => {
                 let size = img.size();
@@ -360,6 +371,12 @@ impl Disk {
     /// qemu-img map's `get_block_status`: the layer that decides `[offset, offset + bytes)`,
     /// walking down the chain (the library's chain block status for a QED image).
     pub(crate) fn status(&self, offset: u64, bytes: u64) -> CliResult<Status> {
+        if let Err(e) = fire(&self.guest_rules, Io::Status, offset, bytes) {
+            return Err(CliError::new(format!(
+                "error while reading block status at offset {offset}: {}",
+                io_msg(&e)
+            )));
+        }
         let mut st = Status {
             start: offset,
             len: bytes,

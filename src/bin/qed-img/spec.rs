@@ -258,9 +258,11 @@ fn lists_from_numbered(v: Val) -> Val {
 
 /// Which requests a blkdebug rule fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Io {
+pub(crate) enum Io {
     Read,
     Write,
+    /// Block status queries (of a blkdebug node above a format).
+    Status,
     Any,
 }
 
@@ -289,6 +291,8 @@ pub(crate) struct Spec {
     pub(crate) proto: Proto,
     /// How QEMU shows it: the file name when the options say no more than that, else `json:`.
     pub(crate) shown: String,
+    /// Rules of a blkdebug node above the format: they fail guest reads and block status.
+    pub(crate) guest_rules: Vec<Arc<Rule>>,
 }
 
 fn proto_of(v: &Val) -> CliResult<Proto> {
@@ -347,6 +351,7 @@ fn rule_of(r: &Val) -> CliResult<Rule> {
     let io = match (event.as_str(), r.str_of("iotype").as_deref()) {
         ("read_aio", _) | ("none", Some("read")) => Io::Read,
         ("write_aio", _) | ("none", Some("write")) => Io::Write,
+        ("none", Some("block-status")) => Io::Status,
         ("none", None) => Io::Any,
         (e, t) => {
             return Err(CliError::new(format!(
@@ -376,6 +381,21 @@ impl Spec {
     /// The image named by `v` (a json: object or parsed --image-opts).
     pub(crate) fn from_val(v: &Val) -> CliResult<Spec> {
         let driver = v.str_of("driver");
+        // blkdebug above a format node: the image below, with guest-level rules.
+        if driver.as_deref() == Some("blkdebug") {
+            if let Some(image @ Val::Dict(_)) = v.get("image") {
+                if matches!(image.str_of("driver").as_deref(), Some("qed" | "raw")) {
+                    let mut spec = Spec::from_val(image)?;
+                    if let Some(Val::List(l)) = v.get("inject-error") {
+                        for r in l {
+                            spec.guest_rules.push(Arc::new(rule_of(r)?));
+                        }
+                    }
+                    spec.shown = format!("json:{}", v.to_json());
+                    return Ok(spec);
+                }
+            }
+        }
         let (fmt, proto) = match driver.as_deref() {
             Some("qed") | Some("raw") => {
                 let fmt = Some(Fmt::parse(driver.as_deref().unwrap_or_default())?);
@@ -409,7 +429,12 @@ impl Spec {
             (Proto::File(f), true) => f.clone(),
             _ => format!("json:{}", v.to_json()),
         };
-        Ok(Spec { fmt, proto, shown })
+        Ok(Spec {
+            fmt,
+            proto,
+            shown,
+            guest_rules: Vec::new(),
+        })
     }
 
     /// The spec of an image name, if it is one (`json:...`, or anything with `image_opts`).
@@ -521,6 +546,27 @@ fn open_proto(
     })
 }
 
+/// blkdebug's rules on a request: the errno of the first rule it matches (a rule with a sector
+/// matches requests covering that sector; a `once` rule fires once).
+pub(crate) fn fire(rules: &[Arc<Rule>], io: Io, offset: u64, len: u64) -> io::Result<()> {
+    for r in rules {
+        if r.io != Io::Any && r.io != io {
+            continue;
+        }
+        if let Some(s) = r.sector {
+            let at = s * 512;
+            if at < offset || at >= offset + len.max(1) {
+                continue;
+            }
+        }
+        if r.once && r.fired.swap(true, Ordering::SeqCst) {
+            continue;
+        }
+        return Err(io::Error::from_raw_os_error(r.errno));
+    }
+    Ok(())
+}
+
 /// blkdebug's error injection: a request that a rule matches fails with the rule's errno.
 struct Blkdebug {
     inner: Arc<dyn Storage>,
@@ -531,22 +577,7 @@ struct Blkdebug {
 
 impl Blkdebug {
     fn check(&self, io: Io, offset: u64, len: u64) -> io::Result<()> {
-        for r in &self.rules {
-            if r.io != Io::Any && r.io != io {
-                continue;
-            }
-            if let Some(s) = r.sector {
-                let at = s * 512;
-                if at < offset || at >= offset + len.max(1) {
-                    continue;
-                }
-            }
-            if r.once && r.fired.swap(true, Ordering::SeqCst) {
-                continue;
-            }
-            return Err(io::Error::from_raw_os_error(r.errno));
-        }
-        Ok(())
+        fire(&self.rules, io, offset, len)
     }
 }
 
