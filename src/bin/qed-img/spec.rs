@@ -397,36 +397,32 @@ impl Spec {
             }
         }
         let (fmt, proto) = match driver.as_deref() {
-            Some("qed") | Some("raw") => {
-                let fmt = Some(Fmt::parse(driver.as_deref().unwrap_or_default())?);
+            Some(f @ ("qed" | "raw")) => {
                 let file = v
                     .get("file")
                     .ok_or_else(|| CliError::new("Parameter 'file' is required"))?;
-                (fmt, proto_of(file)?)
+                (Some(Fmt::parse(f)?), proto_of(file)?)
             }
-            Some(f @ ("file" | "blkdebug" | "quorum")) => {
-                let _ = f;
-                (None, proto_of(v)?)
-            }
+            Some("file" | "blkdebug" | "quorum") => (None, proto_of(v)?),
             Some(other) => {
-                return Err(Fmt::parse(other).err().unwrap_or_else(|| CliError::new("")))
+                return Err(CliError::new(format!(
+                    "Unknown driver '{other}' (qed-img knows the formats qed and raw)"
+                )))
             }
-            None => match v.get("file") {
-                Some(file) => (None, proto_of(file)?),
-                None => (None, proto_of(v)?),
-            },
+            None => (None, proto_of(v.get("file").unwrap_or(v))?),
         };
-        // Only a format (or nothing) over a plain file is shown by its file name.
-        let plain = match (&proto, v.get("file")) {
-            (Proto::File(_), Some(Val::Str(_))) => true,
-            (Proto::File(_), Some(f @ Val::Dict(_))) => {
-                matches!(f, Val::Dict(kv) if kv.iter().all(|(k, _)| k == "driver" || k == "filename"))
-            }
-            (Proto::File(_), None) => true,
-            _ => false,
-        } && matches!(v, Val::Dict(kv) if kv.iter().all(|(k, _)| k == "driver" || k == "file" || k == "filename"));
-        let shown = match (&proto, plain) {
-            (Proto::File(f), true) => f.clone(),
+        // Only a format (or nothing) over a plain file, saying nothing more, is shown by the
+        // file's name (QEMU's bdrv_refresh_filename).
+        let only = |v: &Val, keys: &[&str]| match v {
+            Val::Dict(kv) => kv.iter().all(|(k, _)| keys.contains(&k.as_str())),
+            _ => true,
+        };
+        let plain = matches!(proto, Proto::File(_))
+            && only(v, &["driver", "file", "filename"])
+            && v.get("file")
+                .map_or(true, |f| only(f, &["driver", "filename"]));
+        let shown = match &proto {
+            Proto::File(f) if plain => f.clone(),
             _ => format!("json:{}", v.to_json()),
         };
         Ok(Spec {
