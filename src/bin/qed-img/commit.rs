@@ -5,7 +5,7 @@
 //! overlay either).
 
 use crate::common::{parse_fmt, path_combine, CliError, CliResult, Fmt, Progress};
-use crate::disk::{resolver_for, Disk, Layer, OpenMode, RawFile};
+use crate::disk::{Disk, Layer, OpenMode, RawFile};
 use crate::CommitArgs;
 use qed::{Backing, OpenOptions};
 use std::path::Path;
@@ -139,16 +139,8 @@ pub(crate) fn run(a: CommitArgs) -> CliResult<i32> {
         )));
     }
     let progress = Progress::new(a.progress && !a.quiet, 1);
-    // The library opens the backing file read-write, grows it and copies (see Image::commit);
-    // a backing file given by options is opened by us.
-    let mut opts = OpenOptions::read_write();
-    if info
-        .backing_file
-        .as_deref()
-        .is_some_and(|b| b.starts_with("json:"))
-    {
-        opts.backing_resolver = Some(resolver_for(Some(a.file.clone()), true));
-    }
+    // The library opens the backing file read-write, grows it and copies (see Image::commit).
+    let opts = OpenOptions::read_write();
     img.commit(&opts, &progress.library())
         .map_err(|e| match e {
             qed::Error::Backing { .. } => CliError::new(format!("{}: {e}", a.file)),

@@ -157,11 +157,32 @@ pub(crate) fn host_path(name: &str) -> String {
     }
 }
 
+/// The protocol prefix of a name QEMU would hand to a protocol driver (`json:`, `file:`,
+/// `nbd:`...): what the library refuses in a backing file name (an image must not choose
+/// drivers or host files beyond a plain path; CVE-2024-4467).
+pub(crate) fn protocol_prefix(name: &str) -> Option<&str> {
+    name.split_once(':').map(|(p, _)| p).filter(|p| {
+        !p.is_empty()
+            && !p.contains('/')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+    })
+}
+
+/// Refuses a backing file name for a new image that the library would refuse to open.
+pub(crate) fn check_backing_name(file: &str, name: &str) -> CliResult<()> {
+    match protocol_prefix(name) {
+        Some(p) => Err(CliError::new(format!(
+            "{file}: backing file names with a protocol prefix ({p}:) are not supported"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// qemu's `path_combine`: a relative backing name is taken relative to the folder of the image
 /// that names it, keeping the image path's spelling (relative stays relative).
 pub(crate) fn path_combine(base: &str, name: &str) -> String {
-    // (A json: name is options, not a path.)
-    if name.starts_with('/') || name.starts_with("json:") {
+    if name.starts_with('/') {
         return name.to_string();
     }
     match base.rfind('/') {

@@ -7,7 +7,9 @@
 //! Here: the options, creating the output, and the source and target as the copy sees them
 //! (raw files and QED chains, through `disk.rs`).
 
-use crate::common::{host_path, parse_fmt, parse_size, CliError, CliResult, Fmt, Progress};
+use crate::common::{
+    check_backing_name, host_path, parse_fmt, parse_size, CliError, CliResult, Fmt, Progress,
+};
 use crate::create::{backing_format, parse_create_opts};
 use crate::disk::{create_raw, Disk, OpenMode};
 use crate::ConvertArgs;
@@ -163,6 +165,9 @@ pub(crate) fn run(a: ConvertArgs) -> CliResult<i32> {
         return Err(CliError::new(
             "Use of backing file requires explicit backing format",
         ));
+    }
+    if let Some(b) = &backing {
+        check_backing_name(&a.dst, b)?;
     }
     if backing.is_some() && a.no_create {
         return Err(CliError::new(

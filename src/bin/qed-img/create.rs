@@ -3,7 +3,8 @@
 //! FILE [SIZE]`.
 
 use crate::common::{
-    host_path, parse_fmt, parse_opts, parse_size, path_combine, CliError, CliResult, Fmt,
+    check_backing_name, host_path, parse_fmt, parse_opts, parse_size, path_combine, CliError,
+    CliResult, Fmt,
 };
 use crate::disk::{create_raw, Disk, OpenMode};
 use crate::CreateArgs;
@@ -119,6 +120,8 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
                         "{file}: Expected backing file name, got empty string"
                     )));
                 }
+                // Names the library would refuse to open are refused here (CVE-2024-4467).
+                check_backing_name(file, b)?;
                 let bpath = path_combine(path, b);
                 if !a.unsafe_ || (size.is_none()) {
                     // Open the backing file as qemu-img does, for its format and size.

@@ -4,7 +4,7 @@
 //! qemu-img does.
 
 use crate::common::{
-    format_of, host_path, io_msg, path_combine, CliError, CliResult, Context, Fmt,
+    format_of, host_path, io_msg, path_combine, protocol_prefix, CliError, CliResult, Context, Fmt,
 };
 use crate::spec::{fire, Io, Rule, Spec};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
@@ -172,11 +172,7 @@ impl Disk {
                 if Path::new(path).is_dir() {
                     return Err(open_err(path, "Is a directory"));
                 }
-                let mut opts = mode.library_options();
-                if !mode.no_backing && names_json_backing(path) {
-                    // The library opens backing files by path; options need us.
-                    opts.backing_resolver = Some(backing_resolver(Some(path.to_string())));
-                }
+                let opts = mode.library_options();
                 let img = Image::open(path, &opts).map_err(|e| match e {
                     // A file that cannot be opened: qemu's "Could not open 'F': <errno text>".
                     qed::Error::Io { context, source } if context.starts_with("opening") => {
@@ -458,35 +454,22 @@ fn chain_layers(img: Arc<Image>, path: String) -> CliResult<Vec<Layer>> {
     Ok(layers)
 }
 
-/// Whether the QED image at `path` names its backing file by options (`json:{...}`).
-pub(crate) fn names_json_backing(path: &str) -> bool {
-    let peek = OpenOptions {
-        no_backing: true,
-        no_repair: true,
-        force_share: true,
-        ..OpenOptions::read_only()
-    };
-    Image::open(path, &peek)
-        .ok()
-        .and_then(|i| i.info().ok())
-        .and_then(|i| i.backing_file)
-        .is_some_and(|b| b.starts_with("json:"))
-}
-
-/// Opens the backing files of an image given by options: relative names from `base`'s folder
-/// (none: only absolute names), the format probed unless the header says it, json: names too.
-pub(crate) fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
-    resolver_for(base, false)
-}
-
-/// As [`backing_resolver`], opening the backing file read-write when `writable` (commit).
-pub(crate) fn resolver_for(base: Option<String>, writable: bool) -> qed::image::BackingResolver {
+/// Opens the backing files of an image given by options (it has no path of its own for the
+/// library to resolve them from): relative names from `base`'s folder (none: only absolute
+/// names), the format probed unless the header says it. As the library does, a name with a
+/// protocol prefix (json:, file:, ...) is refused: the image does not choose drivers or options.
+fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
     Arc::new(move |name: &str, fmt: Option<qed::BackingFormat>| {
         let refuse = |reason: String| qed::Error::BackingRefused {
             name: name.to_string(),
             reason,
         };
-        let path = if name.starts_with('/') || name.starts_with("json:") {
+        if let Some(p) = protocol_prefix(name) {
+            return Err(refuse(format!(
+                "backing file names with a protocol prefix ({p}:) are not supported"
+            )));
+        }
+        let path = if name.starts_with('/') {
             name.to_string()
         } else {
             match &base {
@@ -503,12 +486,11 @@ pub(crate) fn resolver_for(base: Option<String>, writable: bool) -> qed::image::
             qed::BackingFormat::Raw => Fmt::Raw,
             _ => Fmt::Qed,
         });
-        let m = OpenMode {
-            writable,
-            force_share: !writable,
+        let ro = OpenMode {
+            force_share: true,
             ..Default::default()
         };
-        let d = Disk::open(&path, fmt, &m).map_err(|e| refuse(e.msg))?;
+        let d = Disk::open(&path, fmt, &ro).map_err(|e| refuse(e.msg))?;
         d.into_backing().map_err(|e| refuse(e.msg))
     })
 }
