@@ -605,3 +605,86 @@ fn lock_conflict_message_matches_qemu_io() {
         assert_eq!(oc, qc, "{args:?}");
     }
 }
+
+/// Hostile headers, one field each: qed-io prints qemu's sentence for the check that fails
+/// (as QEMU's iotest 116 expects), not the library's detailed message.
+#[test]
+fn hostile_header_messages_match_qemu_io() {
+    // (what, header offset, little-endian bytes written there)
+    let cases: &[(&str, u64, &[u8])] = &[
+        ("magic", 0, b"QEDX"),
+        ("cluster_size 0", 4, &0u32.to_le_bytes()),
+        ("cluster_size not a power of 2", 4, &69632u32.to_le_bytes()),
+        ("cluster_size 2^31", 4, &(1u32 << 31).to_le_bytes()),
+        ("cluster_size ~0", 4, &u32::MAX.to_le_bytes()),
+        ("table_size 0", 8, &0u32.to_le_bytes()),
+        ("table_size 32", 8, &32u32.to_le_bytes()),
+        ("header_size ~0", 12, &u32::MAX.to_le_bytes()),
+        ("unknown feature bit 40", 16, &(1u64 << 40).to_le_bytes()),
+        ("l1_table_offset 0", 40, &0u64.to_le_bytes()),
+        ("l1_table_offset unaligned", 40, &0x10200u64.to_le_bytes()),
+        ("l1_table_offset past EOF", 40, &(1u64 << 40).to_le_bytes()),
+        (
+            "l1_table_offset wraps",
+            40,
+            &0xffff_ffff_ffff_0000u64.to_le_bytes(),
+        ),
+        ("image_size unaligned", 48, &1000u64.to_le_bytes()),
+        ("image_size 2^62", 48, &(1u64 << 62).to_le_bytes()),
+    ];
+    let d = Dir::new();
+    for (what, off, bytes) in cases {
+        d.create("h.qed", &[], "64M");
+        poke(&d.path.join("h.qed"), *off, bytes);
+        let out = d.same("h.qed", &["-f", "qed", "-c", "read 0 64k"], "");
+        assert!(
+            out.starts_with("qemu-io: can't open device h.qed: "),
+            "{what}: {out}"
+        );
+    }
+    // A backing file name reaching past the header clusters.
+    d.create("h.qed", &[], "64M");
+    poke(&d.path.join("h.qed"), 16, &1u64.to_le_bytes());
+    poke(&d.path.join("h.qed"), 56, &0xfff0u32.to_le_bytes());
+    poke(&d.path.join("h.qed"), 60, &0x100u32.to_le_bytes());
+    let out = d.same("h.qed", &["-c", "read 0 64k"], "");
+    assert!(
+        out.contains("QED backing filename offset is invalid"),
+        "{out}"
+    );
+    // A file cut inside the header.
+    d.create("h.qed", &[], "64M");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path.join("h.qed"))
+        .expect("open");
+    f.set_len(40).expect("truncate");
+    let out = d.same("h.qed", &["-c", "read 0 64k"], "");
+    assert!(out.contains("QED table offset is invalid"), "{out}");
+}
+
+fn poke(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.write_all_at(bytes, off).expect("poke");
+}
+
+/// A missing backing file (relative, then two levels down a chain) fails with qemu-io's
+/// "Could not open backing file: ..." (iotest 069).
+#[test]
+fn missing_backing_file_message_matches_qemu_io() {
+    let d = Dir::new();
+    d.create("base.qed", &[], "1M");
+    d.create("mid.qed", &["-b", "base.qed", "-F", "qed"], "");
+    d.create("top.qed", &["-b", "mid.qed", "-F", "qed"], "");
+    std::fs::remove_file(d.path.join("base.qed")).expect("rm");
+    let out = d.same("mid.qed", &["-c", "read 0 512"], "");
+    assert!(
+        out.contains("Could not open backing file: Could not open 'base.qed'"),
+        "{out}"
+    );
+    d.same("top.qed", &["-c", "read 0 512"], "");
+}

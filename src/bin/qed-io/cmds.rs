@@ -116,6 +116,49 @@ fn strerror(e: &qed::Error) -> String {
     }
 }
 
+/// The sentence qemu-io prints for an image (`path`) that fails to open with `e`: qemu's QED
+/// driver says only which check failed, so the library's detail (field, value, reason) is
+/// mapped to the sentence of the check qemu makes at that point (block/qed.c).
+fn open_error(path: &str, e: &qed::Error) -> String {
+    match e {
+        qed::Error::Backing { name, source } => {
+            // qemu resolves a relative name against the folder of the image naming it.
+            let resolved = match path.rfind('/') {
+                Some(i) if !name.starts_with('/') => format!("{}{name}", &path[..=i]),
+                _ => name.clone(),
+            };
+            format!(
+                "Could not open backing file: {}",
+                open_error(&resolved, source)
+            )
+        }
+        qed::Error::Io { .. } => format!("Could not open '{path}': {}", strerror(e)),
+        // qemu's file-posix words a lock conflict on two lines.
+        qed::Error::Locked { detail, .. } => {
+            let head = detail.split(": is another").next().unwrap_or(detail);
+            format!("{head}\nIs another process using the image [{path}]?")
+        }
+        qed::Error::InvalidHeader { field, .. } => match *field {
+            "magic" => "Image not in QED format".into(),
+            "cluster_size" => "QED cluster size is invalid".into(),
+            "table_size" => "QED table size is invalid".into(),
+            // qemu reads a short header as zeroes and validates the header clusters and the
+            // L1 table together, as one table offset check.
+            "header" | "header_size" | "l1_table_offset" => "QED table offset is invalid".into(),
+            "image_size" => "QED image size is invalid".into(),
+            "backing_filename_offset" => "QED backing filename offset is invalid".into(),
+            "backing_filename_size" => "Failed to read backing filename".into(),
+            _ => e.to_string(),
+        },
+        qed::Error::Unsupported {
+            field: "features",
+            value,
+            ..
+        } => format!("Unsupported QED features: {value:x}"),
+        _ => e.to_string(),
+    }
+}
+
 /// qemu's `cvtnum`: a byte count with an optional binary suffix (`k`, `M`, ...).
 fn cvtnum(arg: &str) -> Result<u64, Failed> {
     let bad = || {
@@ -290,20 +333,10 @@ impl Session {
                 self.open = Some(o);
                 Ok(())
             }
-            Err(e) => {
-                let why = match e.root() {
-                    qed::Error::Io { .. } => {
-                        format!("Could not open '{path}': {}", strerror(&e))
-                    }
-                    // qemu's file-posix words a lock conflict on two lines.
-                    qed::Error::Locked { detail, .. } => {
-                        let head = detail.split(": is another").next().unwrap_or(detail);
-                        format!("{head}\nIs another process using the image [{path}]?")
-                    }
-                    _ => e.to_string(),
-                };
-                Err(self.error(format!("can't open device {path}: {why}")))
-            }
+            Err(e) => Err(self.error(format!(
+                "can't open device {path}: {}",
+                open_error(path, &e)
+            ))),
         }
     }
 
