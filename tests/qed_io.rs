@@ -688,3 +688,62 @@ fn missing_backing_file_message_matches_qemu_io() {
     );
     d.same("top.qed", &["-c", "read 0 512"], "");
 }
+
+/// `-s` and `open -s`: writes land in a temporary overlay and the image is unchanged (iotest
+/// 052); the overlay is removed at exit.
+#[test]
+fn snapshot_mode_matches_qemu_io_and_leaves_image_alone() {
+    let tmp = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
+    let leftovers = || {
+        std::fs::read_dir(&tmp)
+            .expect("tmp dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("qed-io."))
+            .count()
+    };
+    let before = leftovers();
+    let d = Dir::new();
+    d.create("a.qed", &[], "4M");
+    d.sh(
+        "qemu-io",
+        &[
+            "-f",
+            "qed",
+            "-c",
+            "write -P 7 0 64k",
+            "-c",
+            "write -P 3 64k 64k",
+            "a.qed",
+        ],
+    );
+    let out = same_cmds(
+        &d,
+        "a.qed",
+        &["-s", "-f", "qed"],
+        &[
+            "write -P 9 0 128k",
+            "read -P 9 0 128k",
+            "map",
+            "close",
+            "open -s a.qed",
+            "read -P 7 0 64k",
+            "write -z 0 1M",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(out.contains("wrote 131072/131072"), "{out}");
+    // Both runs left their copy as it was before them.
+    d.images_agree("a.qed");
+    let c = d.sh(
+        "qemu-img",
+        &["compare", "-f", "qed", "-F", "qed", "a.qed", "o/a.qed"],
+    );
+    assert!(c.contains("Images are identical"), "{c}");
+    let bytes = |p: &str| std::fs::read(d.path.join(p)).expect("read image");
+    assert!(
+        bytes("a.qed") == bytes("o/a.qed"),
+        "snapshot mode changed the image file"
+    );
+    assert_eq!(leftovers(), before, "snapshot overlays left in {tmp:?}");
+}

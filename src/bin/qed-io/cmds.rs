@@ -6,7 +6,8 @@ use crate::getopt::getopt;
 use crate::outln;
 use crate::report::{cvtstr, dump_buffer, print_report};
 use qed::aio::{AioOptions, AioQueue, Engine, EngineOptions, IoBackend, Op, RawBuf};
-use qed::{Image, OpenOptions, WriteFlags, WriteZeroesFlags};
+use qed::{BackingFormat, CreateOptions, Image, OpenOptions, WriteFlags, WriteZeroesFlags};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,8 @@ type CmdResult = Result<(), Failed>;
 pub(crate) struct Settings {
     pub(crate) read_only: bool,
     pub(crate) force_share: bool,
+    /// `-s`: writes go to a temporary overlay, deleted at close; the image is only read.
+    pub(crate) snapshot: bool,
     direct: bool,
     writethrough: bool,
     backend: Option<IoBackend>,
@@ -88,6 +91,56 @@ struct Open {
     img: Arc<Image>,
     queue: AioQueue,
     writethrough: bool,
+    /// The temporary overlay of snapshot mode, deleted at close.
+    overlay: Option<TempOverlay>,
+}
+
+/// A file deleted when dropped.
+struct TempOverlay(std::path::PathBuf);
+
+impl Drop for TempOverlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Snapshot mode as qemu's `bdrv_append_temp_snapshot`: a new QED image in `$TMPDIR` (else
+/// /var/tmp) backed by `path` (read, never written), to be opened in its place.
+fn temp_overlay(path: &str, s: &Settings) -> qed::Result<TempOverlay> {
+    // The image must open read-only as itself first, so its errors are its own.
+    let base = Image::open(
+        path,
+        &OpenOptions {
+            force_share: s.force_share,
+            ..OpenOptions::read_only()
+        },
+    )?;
+    drop(base);
+    let canon = std::fs::canonicalize(path).map_err(|e| qed::Error::io(path, e))?;
+    let dir = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
+    let mut n = 0u32;
+    let file = loop {
+        let p = std::path::Path::new(&dir).join(format!("qed-io.{}.{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(_) => break TempOverlay(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(qed::Error::io("creating the snapshot overlay", e)),
+        }
+    };
+    Image::create(
+        &file.0,
+        &CreateOptions {
+            size: 0,
+            backing_file: Some(canon.to_string_lossy().into_owned()),
+            backing_format: Some(BackingFormat::Qed),
+            ..CreateOptions::default()
+        },
+    )?;
+    Ok(file)
 }
 
 pub(crate) struct Session {
@@ -308,7 +361,17 @@ impl Session {
                 "can't open device {path}: force-share=on can only be used with read-only images"
             )));
         }
-        let opened = Image::open(path, &opts).and_then(|img| {
+        let overlay = match s.snapshot.then(|| temp_overlay(path, s)).transpose() {
+            Ok(o) => o,
+            Err(e) => {
+                return Err(self.error(format!(
+                    "can't open device {path}: {}",
+                    open_error(path, &e)
+                )))
+            }
+        };
+        let target = overlay.as_ref().map_or(Path::new(path), |o| o.0.as_path());
+        let opened = Image::open(target, &opts).and_then(|img| {
             let img = Arc::new(img);
             let aio = AioOptions {
                 block_when_full: true,
@@ -326,6 +389,7 @@ impl Session {
                 img,
                 queue,
                 writethrough: s.writethrough,
+                overlay,
             })
         });
         match opened {
@@ -348,6 +412,8 @@ impl Session {
             if let Err(e) = o.img.close() {
                 eprintln!("{}: {e}", self.prog);
             }
+            // The overlay goes only once the image on it is closed.
+            drop(o.overlay);
         }
     }
 
@@ -986,6 +1052,7 @@ impl Session {
         let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|e| bad_option("open", e))?;
         let mut s = self.settings.clone();
         s.read_only = false;
+        s.snapshot = false;
         for (c, v) in opts {
             let r = match c {
                 'r' => {
@@ -999,7 +1066,10 @@ impl Session {
                 'n' => s.set_cache("none"),
                 't' => s.set_cache(&v.unwrap_or_default()),
                 'k' => s.set_aio("native"),
-                's' => Err("snapshot mode (-s) is not supported by qed-io".into()),
+                's' => {
+                    s.snapshot = true;
+                    Ok(())
+                }
                 _ => Err(format!("open -{c} is not supported by qed-io")),
             };
             r.map_err(|e| self.error(e))?;

@@ -20,7 +20,7 @@ QEMU Disk exerciser for QED images (libqed)
                        from the given string
   -f, --format FMT     specifies the block driver to use (qed)
   -r, --read-only      export read-only
-  -s, --snapshot       use snapshot file (refused)
+  -s, --snapshot       use snapshot file
   -n, --nocache        disable host cache, short for -t none
   -d, --discard=MODE   accepted (ignore, off, unmap, on); discards are always done
   -k, --native-aio     use kernel AIO (here: the automatic I/O engine)
@@ -108,7 +108,10 @@ fn main() {
                 settings.read_only = true;
                 Ok(())
             }
-            's' => Err("snapshot mode (-s) is not supported by qed-io".to_string()),
+            's' => {
+                settings.snapshot = true;
+                Ok(())
+            }
             'n' => settings.set_cache("none"),
             'U' => {
                 settings.force_share = true;
