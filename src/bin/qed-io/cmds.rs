@@ -3,6 +3,7 @@
 //! their order follow qemu-io-cmds.c; a failed command makes the program exit with 1.
 
 use crate::getopt::getopt;
+use crate::open::{open_protocol, strip_protocol, ImageStorage, OpenOpts};
 use crate::outln;
 use crate::report::{cvtstr, dump_buffer, print_report};
 use qed::aio::{AioOptions, AioQueue, Engine, EngineOptions, IoBackend, Op, RawBuf};
@@ -23,6 +24,8 @@ pub(crate) struct Settings {
     pub(crate) force_share: bool,
     /// `-s`: writes go to a temporary overlay, deleted at close; the image is only read.
     pub(crate) snapshot: bool,
+    /// `open -o`.
+    pub(crate) opts: OpenOpts,
     direct: bool,
     writethrough: bool,
     backend: Option<IoBackend>,
@@ -150,6 +153,8 @@ pub(crate) struct Session {
     done: Arc<Mutex<Vec<AioDone>>>,
     /// Aio requests refused at submission (out of range), not yet reported.
     refused: Mutex<Vec<AioDone>>,
+    /// A protocol node opened with no format (`open -o driver=file,...`): its driver.
+    raw_node: Option<String>,
     pub(crate) quit: bool,
 }
 
@@ -335,6 +340,7 @@ impl Session {
             open: None,
             done: Arc::new(Mutex::new(Vec::new())),
             refused: Mutex::new(Vec::new()),
+            raw_node: None,
             quit: false,
         }
     }
@@ -348,30 +354,50 @@ impl Session {
         Failed
     }
 
-    /// Opens `path` (no image may be open).
-    pub(crate) fn open(&mut self, path: &str, s: &Settings) -> CmdResult {
+    /// Opens `name`, or the file `-o` names (no image may be open).
+    pub(crate) fn open(&mut self, name: Option<&str>, s: &Settings) -> CmdResult {
+        // qemu-io names the device only when it was given as an argument.
+        let prefix = match name {
+            Some(n) => format!("can't open device {n}"),
+            None => "can't open".to_string(),
+        };
+        let Some(given) = name.or(s.opts.filename.as_deref()) else {
+            return Err(self.error(format!("{prefix}: no file name given")));
+        };
+        if let Some(driver) = &s.opts.protocol {
+            open_protocol(driver, given, s.read_only)
+                .map_err(|e| self.error(format!("{prefix}: {e}")))?;
+            self.raw_node = Some(driver.clone());
+            return Ok(());
+        }
+        let path = strip_protocol(given).map_err(|e| self.error(format!("{prefix}: {e}")))?;
         let opts = OpenOptions {
             writable: !s.read_only,
             force_share: s.force_share && s.read_only,
             direct: s.direct,
+            lock: !s.opts.no_lock,
             ..OpenOptions::default()
         };
         if s.force_share && !s.read_only {
             return Err(self.error(format!(
-                "can't open device {path}: force-share=on can only be used with read-only images"
+                "{prefix}: force-share=on can only be used with read-only images"
             )));
         }
         let overlay = match s.snapshot.then(|| temp_overlay(path, s)).transpose() {
             Ok(o) => o,
-            Err(e) => {
-                return Err(self.error(format!(
-                    "can't open device {path}: {}",
-                    open_error(path, &e)
-                )))
-            }
+            Err(e) => return Err(self.error(format!("{prefix}: {}", open_error(path, &e)))),
         };
         let target = overlay.as_ref().map_or(Path::new(path), |o| o.0.as_path());
-        let opened = Image::open(target, &opts).and_then(|img| {
+        let image = if s.opts.nested {
+            // The outer image's file is the inner image's guest disk.
+            Image::open(target, &opts).and_then(|inner| {
+                let storage = Arc::new(ImageStorage(Arc::new(inner)));
+                Image::open_storage(storage, &opts)
+            })
+        } else {
+            Image::open(target, &opts)
+        };
+        let opened = image.and_then(|img| {
             let img = Arc::new(img);
             let aio = AioOptions {
                 block_when_full: true,
@@ -397,15 +423,13 @@ impl Session {
                 self.open = Some(o);
                 Ok(())
             }
-            Err(e) => Err(self.error(format!(
-                "can't open device {path}: {}",
-                open_error(path, &e)
-            ))),
+            Err(e) => Err(self.error(format!("{prefix}: {}", open_error(path, &e)))),
         }
     }
 
     /// Finishes outstanding aio requests and closes the image.
     pub(crate) fn close(&mut self) {
+        self.raw_node = None;
         self.drain_aio();
         if let Some(o) = self.open.take() {
             let _ = o.queue.shutdown();
@@ -430,8 +454,16 @@ impl Session {
         let args = &words[1..];
         let global = matches!(name.as_str(), "help" | "quit" | "open");
         if !global && self.open.is_none() {
-            eprintln!("no file open, try 'help open'");
-            return Err(Failed);
+            if let Some(driver) = &self.raw_node {
+                if name != "close" {
+                    return Err(self.error(format!(
+                        "the open node is a bare '{driver}' protocol node; qed-io does I/O on QED images only"
+                    )));
+                }
+            } else {
+                eprintln!("no file open, try 'help open'");
+                return Err(Failed);
+            }
         }
         if args.len() < min || (max >= 0 && args.len() > max as usize) {
             if max < 0 {
@@ -1046,13 +1078,14 @@ impl Session {
     }
 
     fn open_cmd(&mut self, args: &[String]) -> CmdResult {
-        if self.open.is_some() {
+        if self.open.is_some() || self.raw_node.is_some() {
             return Err(self.error("file open already, try 'help close'"));
         }
         let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|e| bad_option("open", e))?;
         let mut s = self.settings.clone();
         s.read_only = false;
         s.snapshot = false;
+        s.opts = OpenOpts::default();
         for (c, v) in opts {
             let r = match c {
                 'r' => {
@@ -1070,14 +1103,17 @@ impl Session {
                     s.snapshot = true;
                     Ok(())
                 }
+                'o' => s.opts.parse(&v.unwrap_or_default()),
                 _ => Err(format!("open -{c} is not supported by qed-io")),
             };
             r.map_err(|e| self.error(e))?;
         }
-        let [path] = rest.as_slice() else {
-            return Err(usage("open"));
+        let name = match rest.as_slice() {
+            [] => None,
+            [path] => Some(path.as_str()),
+            _ => return Err(usage("open")),
         };
-        self.open(path, &s)
+        self.open(name, &s)
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod cmds;
 mod getopt;
+mod open;
 mod report;
 
 use cmds::{Session, Settings};
@@ -152,7 +153,7 @@ fn main() {
     }
     let mut s = Session::new(prog.clone(), settings);
     if let Some(path) = rest.first() {
-        if s.open(path, &s.settings()).is_err() {
+        if s.open(Some(path), &s.settings()).is_err() {
             report::flush_out();
             std::process::exit(1);
         }
