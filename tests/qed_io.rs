@@ -829,3 +829,50 @@ fn open_options_match_qemu_io() {
     }
     same_in_place(&d, &["-c", "open -o driver=file,filename=missing.qed"]);
 }
+
+/// `-C` (copy-on-read, iotest 197's qemu-io calls on QED): reads served by the backing file
+/// copy what they touch into the image, as `map` shows; refused on read-only opens.
+#[test]
+fn copy_on_read_matches_qemu_io() {
+    let d = Dir::new();
+    d.create("base.qed", &[], "4M");
+    qemu_io_prepares(&d, "base.qed", &["write -P 1 0 1M", "write -P 2 3M 4k"]);
+    d.create("top.qed", &["-b", "base.qed", "-F", "qed"], "");
+    let out = same_cmds(
+        &d,
+        "top.qed",
+        &["-C", "-f", "qed"],
+        &[
+            "read -P 1 0 4k",
+            "map",
+            "read -P 1 100k 200k",
+            "read 0 0",
+            "read -P 2 3M 4k",
+            "read -P 0 2M 64k",
+            "map",
+        ],
+    );
+    assert!(
+        out.contains("bytes     allocated at offset 0 bytes"),
+        "{out}"
+    );
+    d.images_agree("top.qed");
+    for opts in [&["-C", "-r"][..], &["-C", "-r", "-U"], &["-C", "-U"]] {
+        let mut a = opts.to_vec();
+        a.extend(["-c", "map"]);
+        let out = d.same("top.qed", &a, "");
+        assert!(
+            out.starts_with("qemu-io: can't open device top.qed: "),
+            "{out}"
+        );
+    }
+    let out = d.same(
+        "",
+        &[],
+        "open -C -r top.qed\nopen -C top.qed\nread -P 1 1020k 4k\nmap\n",
+    );
+    assert!(
+        out.contains("read 4096/4096 bytes at offset 1044480"),
+        "{out}"
+    );
+}

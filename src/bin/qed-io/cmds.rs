@@ -26,6 +26,8 @@ pub(crate) struct Settings {
     pub(crate) snapshot: bool,
     /// `open -o`.
     pub(crate) opts: OpenOpts,
+    /// `-C`: reads served by the backing file copy its clusters into the image.
+    pub(crate) copy_on_read: bool,
     direct: bool,
     writethrough: bool,
     backend: Option<IoBackend>,
@@ -376,8 +378,14 @@ impl Session {
             force_share: s.force_share && s.read_only,
             direct: s.direct,
             lock: !s.opts.no_lock,
+            copy_on_read: s.copy_on_read,
             ..OpenOptions::default()
         };
+        if s.copy_on_read && s.read_only {
+            return Err(self.error(format!(
+                "{prefix}: Can't use copy-on-read on read-only device"
+            )));
+        }
         if s.force_share && !s.read_only {
             return Err(self.error(format!(
                 "{prefix}: force-share=on can only be used with read-only images"
@@ -1086,6 +1094,7 @@ impl Session {
         s.read_only = false;
         s.snapshot = false;
         s.opts = OpenOpts::default();
+        s.copy_on_read = false;
         for (c, v) in opts {
             let r = match c {
                 'r' => {
@@ -1104,6 +1113,10 @@ impl Session {
                     Ok(())
                 }
                 'o' => s.opts.parse(&v.unwrap_or_default()),
+                'C' => {
+                    s.copy_on_read = true;
+                    Ok(())
+                }
                 _ => Err(format!("open -{c} is not supported by qed-io")),
             };
             r.map_err(|e| self.error(e))?;

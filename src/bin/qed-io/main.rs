@@ -22,6 +22,7 @@ QEMU Disk exerciser for QED images (libqed)
   -f, --format FMT     specifies the block driver to use (qed)
   -r, --read-only      export read-only
   -s, --snapshot       use snapshot file
+  -C, --copy-on-read   enable copy-on-read
   -n, --nocache        disable host cache, short for -t none
   -d, --discard=MODE   accepted (ignore, off, unmap, on); discards are always done
   -k, --native-aio     use kernel AIO (here: the automatic I/O engine)
@@ -48,6 +49,7 @@ fn long_to_short(arg: &str) -> Option<(String, Option<String>)> {
         "format" => 'f',
         "read-only" => 'r',
         "snapshot" => 's',
+        "copy-on-read" => 'C',
         "nocache" => 'n',
         "force-share" => 'U',
         "aio" => 'i',
@@ -87,7 +89,7 @@ fn main() {
             None => args.push(a.clone()),
         }
     }
-    let (opts, rest) = match getopt_permute(&args, "c:d:f:rsnkmUi:t:T:hV") {
+    let (opts, rest) = match getopt_permute(&args, "c:d:f:rsnkmUi:t:T:hVC") {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{prog}: {e}");
@@ -107,6 +109,10 @@ fn main() {
             'f' => settings.set_format(&v),
             'r' => {
                 settings.read_only = true;
+                Ok(())
+            }
+            'C' => {
+                settings.copy_on_read = true;
                 Ok(())
             }
             's' => {
