@@ -399,7 +399,7 @@ impl Session {
         let image = if s.opts.nested {
             // The outer image's file is the inner image's guest disk.
             Image::open(target, &opts).and_then(|inner| {
-                let storage = Arc::new(ImageStorage(Arc::new(inner)));
+                let storage = Arc::new(ImageStorage::new(inner));
                 Image::open_storage(storage, &opts)
             })
         } else {

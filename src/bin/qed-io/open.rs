@@ -6,7 +6,8 @@
 use qed::{Image, Storage};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What `-o` asks for.
 #[derive(Clone, Default)]
@@ -130,8 +131,41 @@ fn os_message(e: &io::Error) -> String {
 }
 
 /// An image's guest disk as the storage of another image (`driver=qed,file.driver=qed`, as
-/// QEMU's iotest 072 nests formats). Its length is the inner image's virtual size.
-pub(crate) struct ImageStorage(pub(crate) Arc<Image>);
+/// QEMU's iotest 072 nests formats). The inner image grows only where bytes are written or a
+/// length is set: QED images cannot shrink, so the engine's allocation stretch (`preallocate`,
+/// cut back at close) is kept as a length of our own, never as inner guest-disk size, which
+/// `qemu-img check` would count as leaked clusters of the outer image.
+pub(crate) struct ImageStorage {
+    inner: Arc<Image>,
+    len: AtomicU64,
+    /// Serialises growth: two writers growing at once must not truncate out of order.
+    grow: Mutex<()>,
+}
+
+impl ImageStorage {
+    pub(crate) fn new(inner: Image) -> ImageStorage {
+        let len = AtomicU64::new(inner.size());
+        ImageStorage {
+            inner: Arc::new(inner),
+            len,
+            grow: Mutex::new(()),
+        }
+    }
+
+    /// Grows the inner image to hold `end` bytes (QED sizes are whole sectors).
+    fn grow_to(&self, end: u64) -> io::Result<()> {
+        if end <= self.inner.size() {
+            return Ok(());
+        }
+        let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        if end > self.inner.size() {
+            self.inner
+                .truncate(end.next_multiple_of(512))
+                .map_err(io_err)?;
+        }
+        Ok(())
+    }
+}
 
 fn io_err(e: qed::Error) -> io::Error {
     match e {
@@ -140,51 +174,53 @@ fn io_err(e: qed::Error) -> io::Error {
     }
 }
 
-impl ImageStorage {
-    /// Grows the inner image to hold `end` bytes (QED sizes are whole sectors).
-    fn grow_to(&self, end: u64) -> io::Result<()> {
-        if end > self.0.size() {
-            self.0.truncate(end.next_multiple_of(512)).map_err(io_err)?;
-        }
-        Ok(())
-    }
-}
-
 impl Storage for ImageStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // Past the end reads as zeros (the Storage contract).
-        let n = self.0.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        // Past the inner disk reads as zeros (the Storage contract).
+        let n = self
+            .inner
+            .size()
+            .saturating_sub(offset)
+            .min(buf.len() as u64) as usize;
         let (inside, past) = buf.split_at_mut(n);
         if !inside.is_empty() {
-            self.0.read_at(offset, inside).map_err(io_err)?;
+            self.inner.read_at(offset, inside).map_err(io_err)?;
         }
         past.fill(0);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.grow_to(offset + buf.len() as u64)?;
-        self.0.write_at(offset, buf).map_err(io_err)
+        let end = offset + buf.len() as u64;
+        self.grow_to(end)?;
+        self.inner.write_at(offset, buf).map_err(io_err)?;
+        self.len.fetch_max(end, Ordering::AcqRel);
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.0.flush().map_err(io_err)
+        self.inner.flush().map_err(io_err)
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.size())
+        Ok(self.len.load(Ordering::Acquire))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len < self.0.size() {
-            // QED images do not shrink; the tail stays (it is never read as the outer image's).
-            return Ok(());
-        }
-        self.grow_to(len)
+        // Shorter than the inner disk: only our length shrinks (the engine cuts its stretch,
+        // which never reached the inner disk).
+        self.grow_to(len)?;
+        self.len.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        self.len.fetch_max(len, Ordering::AcqRel);
+        Ok(())
     }
 
     fn grows_on_write(&self) -> bool {
-        // Growing is a header update of the inner image: one at a time, through set_len.
+        // Growing is a header update of the inner image: through `write_at`'s own check.
         false
     }
 }
