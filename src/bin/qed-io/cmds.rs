@@ -391,6 +391,11 @@ impl Session {
                 "{prefix}: force-share=on can only be used with read-only images"
             )));
         }
+        if s.snapshot && s.opts.nested {
+            return Err(self.error(format!(
+                "{prefix}: snapshot mode on a nested image is not supported by qed-io"
+            )));
+        }
         let overlay = match s.snapshot.then(|| temp_overlay(path, s)).transpose() {
             Ok(o) => o,
             Err(e) => return Err(self.error(format!("{prefix}: {}", open_error(path, &e)))),
