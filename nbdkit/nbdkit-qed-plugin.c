@@ -2,7 +2,7 @@
 /*
  * nbdkit-qed-plugin: serves a QED image over NBD through libqed's public C API (qed.h).
  *
- *   nbdkit qed file=disk.qed [confine-backing=true] [direct=true]
+ *   nbdkit qed file=disk.qed [confine-backing=true] [direct=true] [readonly=true]
  *
  * One qed_image per plugin instance, shared by every connection and refcounted: it is opened
  * by the first connection and closed by the last one, so the file is clean (need-check bit
@@ -32,6 +32,7 @@
 
 static char *filename;
 static unsigned int open_flags; /* QED_OPEN_CONFINE_BACKING, QED_OPEN_DIRECT from parameters */
+static bool param_readonly;     /* readonly=true: never open the image for writing */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER; /* guards img, refs, img_rw */
 static qed_image *img;
@@ -81,6 +82,12 @@ qed_config (const char *key, const char *value)
       return -1;
     open_flags = r ? (open_flags | QED_OPEN_DIRECT) : (open_flags & ~QED_OPEN_DIRECT);
   }
+  else if (strcmp (key, "readonly") == 0) {
+    int r = nbdkit_parse_bool (value);
+    if (r == -1)
+      return -1;
+    param_readonly = r;
+  }
   else {
     nbdkit_error ("unknown parameter '%s'", key);
     return -1;
@@ -119,12 +126,16 @@ qed_get_ready (void)
 #define qed_config_help \
   "file=<FILENAME>       (required) The QED image to serve.\n" \
   "confine-backing=true  Only follow backing files inside the image's folder.\n" \
-  "direct=true          Open the image file with O_DIRECT."
+  "direct=true           Open the image file with O_DIRECT.\n" \
+  "readonly=true         Open the image read-only (as nbdkit -r, whatever the client asks)."
 
 static void *
 qed_nbd_open (int readonly)
 {
   int ret = 0;
+  /* readonly=true: the connection is read-only whatever nbdkit -r says, so the file is never
+   * opened for writing and can_write reports false (nbdkit then refuses writes with EPERM). */
+  readonly = readonly || param_readonly;
   pthread_mutex_lock (&lock);
   if (img == NULL) {
     qed_open_options o = QED_INIT (qed_open_options);

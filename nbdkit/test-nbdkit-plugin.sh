@@ -6,6 +6,9 @@
 # proves the image afterwards. Usage: test-nbdkit-plugin.sh PLUGIN.so
 set -eu
 plugin=$(realpath "$1")
+# nbdclient.py (next to this script): raw NBD requests qemu-io and nbdinfo cannot send
+PYTHONPATH=$(cd "$(dirname "$0")" && pwd)
+export PYTHONPATH
 for t in nbdkit nbdinfo nbdcopy qemu-io qemu-img python3; do
   command -v "$t" >/dev/null || { echo "SKIP: $t not found"; exit 77; }
 done
@@ -125,4 +128,99 @@ nbdkit -U - "$plugin" --run true 2>/dev/null && fail "no file= accepted"
 img=missing.qed
 serve -- 'echo served' && fail "a missing file was served"
 grep -q 'missing.qed: open: .*No such file' nbdkit.err || fail "no nbdkit_error for a missing file"
+echo "== NBD_CMD_CACHE: advertised, answered, and carried to the image (an error there reaches the client)"
+qemu-img create -q -f qed c.qed 64M
+qemu-io -f qed -c 'write -q -P 0x42 0 128k' -c 'write -q -P 0x43 32M 64k' c.qed
+img=c.qed plugin_args=
+serve -- 'nbdinfo --can cache "$uri"' || fail "nbdinfo --can cache: cache not advertised"
+cat > cache.py <<'PY'
+import sys
+from nbdclient import *
+c = Conn(sys.argv[1])
+assert c.flags & FLAG_SEND_CACHE, c.flags
+assert c.cmd("cache", 0, 1 << 20) == (0, b""), "cache of data"
+assert c.cmd("cache", 16 << 20, 1 << 20) == (0, b""), "cache of a hole"
+assert c.cmd("read", 0, 4096) == (0, b"\x42" * 4096)
+PY
+serve -- 'python3 cache.py "$unixsocket"' || fail "NBD_CMD_CACHE"
+
+echo "== a failing request: EIO to the client, libqed's message in the log through nbdkit_error"
+# L2 entry of guest offset 32M -> an unaligned data offset: the image opens, and only requests
+# touching that cluster fail (a read, then a cache, which nbdkit emulates with a read).
+python3 - c.qed <<'PY'
+import struct, sys
+f = open(sys.argv[1], "r+b")
+h = f.read(64)
+cluster, table = struct.unpack("<II", h[4:12])
+l1 = struct.unpack("<Q", h[40:48])[0]
+n = table * cluster // 8
+f.seek(l1 + 8 * ((32 << 20) // (cluster * n)))
+l2 = struct.unpack("<Q", f.read(8))[0]
+assert l2, "no L2 table for 32M"
+f.seek(l2 + 8 * (((32 << 20) // cluster) % n))
+f.write(struct.pack("<Q", 12345))
+PY
+cat > eio.py <<'PY'
+import sys
+from nbdclient import *
+c = Conn(sys.argv[1])
+assert c.cmd("read", 0, 4096) == (0, b"\x42" * 4096)
+assert c.cmd("read", 32 << 20, 4096)[0] == EIO, "read of the broken cluster: not EIO"
+assert c.cmd("cache", 32 << 20, 4096)[0] == EIO, "cache of the broken cluster: not EIO"
+assert c.cmd("read", 64 << 10, 4096) == (0, b"\x42" * 4096), "the connection survives"
+PY
+: > nbdkit.err
+serve -- 'python3 eio.py "$unixsocket"' || fail "errors on requests"
+grep -q 'c.qed: read: ' nbdkit.err || { cat nbdkit.err; fail "no nbdkit_error line for the failed read"; }
+echo "(logged: $(grep -m1 'c.qed: read: ' nbdkit.err))"
+
+echo "== read-only (nbdkit -r, readonly=true): writes, trims and zeroes refused with EPERM, file untouched"
+qemu-img create -q -f qed ro.qed 16M
+qemu-io -f qed -c 'write -q -P 0x61 0 64k' ro.qed
+sum=$(md5sum < ro.qed)
+cat > ro.py <<'PY'
+import sys
+from nbdclient import *
+c = Conn(sys.argv[1])
+assert c.flags & FLAG_READ_ONLY, c.flags
+for cmd in ("write", "trim", "zero"):
+    err = c.cmd(cmd, 0, 4096, b"x" * 4096 if cmd == "write" else b"")[0]
+    assert err == EPERM, "%s on a read-only export: error %d, not EPERM" % (cmd, err)
+assert c.cmd("read", 0, 4096) == (0, b"a" * 4096)
+assert c.cmd("flush")[0] == 0
+PY
+img=ro.qed plugin_args=
+serve -r -- 'python3 ro.py "$unixsocket"' || fail "nbdkit -r"
+plugin_args=readonly=true
+serve -- 'python3 ro.py "$unixsocket" && qemu-io -f raw -c "write 0 512" "$uri" 2>&1 | grep -qi "read-only\|not permitted\|denied"' \
+  || fail "readonly=true"
+[ "$(md5sum < ro.qed)" = "$sum" ] || fail "read-only serving changed ro.qed"
+qemu-img check -q ro.qed || fail "qemu-img check ro.qed"
+
+echo "== multi-conn: writes on connection A, flush on connection B, kill -9 nbdkit: reopened, the data is there, check clean"
+qemu-img create -q -f qed mc.qed 64M
+rm -f mc.sock mc.pid
+nbdkit -U mc.sock -P mc.pid "$plugin" file=mc.qed 2>>nbdkit.err
+for i in $(seq 100); do [ -S mc.sock ] && [ -s mc.pid ] && break; sleep 0.1; done
+cat > mc.py <<'PY'
+import sys
+from nbdclient import *
+a, b = Conn(sys.argv[1]), Conn(sys.argv[1])
+for i in range(16):  # allocating writes: new L2 tables and data clusters
+    assert a.cmd("write", i * (3 << 20), data=bytes([0x70 + i]) * 65536)[0] == 0
+assert b.cmd("flush")[0] == 0
+PY
+python3 mc.py mc.sock || { kill -9 "$(cat mc.pid)"; fail "write on A, flush on B"; }
+kill -9 "$(cat mc.pid)"
+for i in $(seq 100); do [ -e "/proc/$(cat mc.pid)" ] || break; sleep 0.05; done
+cat > mc-check.py <<'PY'
+import sys
+from nbdclient import *
+c = Conn(sys.argv[1])
+for i in range(16):
+    assert c.cmd("read", i * (3 << 20), 65536) == (0, bytes([0x70 + i]) * 65536), i
+PY
+img=mc.qed plugin_args=
+serve -- 'python3 mc-check.py "$unixsocket"' || fail "data written on A and flushed on B lost after kill -9"
+qemu-img check -q mc.qed || fail "qemu-img check mc.qed after kill -9"
 echo PASS

@@ -110,7 +110,10 @@ impl Dir {
     #[track_caller]
     fn same(&self, image: &str, args: &[&str], stdin: &str) -> String {
         let mut a: Vec<&str> = args.to_vec();
-        a.push(image);
+        // No image argument: the commands open one themselves.
+        if !image.is_empty() {
+            a.push(image);
+        }
         let mut outs = Vec::new();
         for (sub, prog) in [("q", PathBuf::from("qemu-io")), ("o", self.ours.clone())] {
             let dir = self.path.join(sub);
@@ -449,7 +452,14 @@ fn options_engines_and_refusals() {
     assert_eq!(o.code, 0, "{}", o.text);
     for (args, msg) in [
         (&["-f", "raw", "a.qed"][..], "format 'raw' is not supported"),
-        (&["-s", "a.qed"][..], "snapshot mode (-s) is not supported"),
+        (
+            &["-c", "open -o driver=vmdk a.qed"][..],
+            "Unknown driver 'vmdk'",
+        ),
+        (
+            &["-c", "open blkdebug:rules:a.qed"][..],
+            "blkdebug rules are not supported",
+        ),
         (&["-t", "bogus", "a.qed"][..], "Invalid cache option: bogus"),
         (&["-i", "bogus", "a.qed"][..], "Invalid aio option: bogus"),
     ] {
@@ -604,4 +614,310 @@ fn lock_conflict_message_matches_qemu_io() {
         assert_eq!(o, q, "{args:?}");
         assert_eq!(oc, qc, "{args:?}");
     }
+}
+
+/// Hostile headers, one field each: qed-io prints qemu's sentence for the check that fails
+/// (as QEMU's iotest 116 expects), not the library's detailed message.
+#[test]
+fn hostile_header_messages_match_qemu_io() {
+    // (what, header offset, little-endian bytes written there)
+    let cases: &[(&str, u64, &[u8])] = &[
+        ("magic", 0, b"QEDX"),
+        ("cluster_size 0", 4, &0u32.to_le_bytes()),
+        ("cluster_size not a power of 2", 4, &69632u32.to_le_bytes()),
+        ("cluster_size 2^31", 4, &(1u32 << 31).to_le_bytes()),
+        ("cluster_size ~0", 4, &u32::MAX.to_le_bytes()),
+        ("table_size 0", 8, &0u32.to_le_bytes()),
+        ("table_size 32", 8, &32u32.to_le_bytes()),
+        ("header_size ~0", 12, &u32::MAX.to_le_bytes()),
+        ("unknown feature bit 40", 16, &(1u64 << 40).to_le_bytes()),
+        ("l1_table_offset 0", 40, &0u64.to_le_bytes()),
+        ("l1_table_offset unaligned", 40, &0x10200u64.to_le_bytes()),
+        ("l1_table_offset past EOF", 40, &(1u64 << 40).to_le_bytes()),
+        (
+            "l1_table_offset wraps",
+            40,
+            &0xffff_ffff_ffff_0000u64.to_le_bytes(),
+        ),
+        ("image_size unaligned", 48, &1000u64.to_le_bytes()),
+        ("image_size 2^62", 48, &(1u64 << 62).to_le_bytes()),
+    ];
+    let d = Dir::new();
+    for (what, off, bytes) in cases {
+        d.create("h.qed", &[], "64M");
+        poke(&d.path.join("h.qed"), *off, bytes);
+        let out = d.same("h.qed", &["-f", "qed", "-c", "read 0 64k"], "");
+        assert!(
+            out.starts_with("qemu-io: can't open device h.qed: "),
+            "{what}: {out}"
+        );
+    }
+    // A backing file name reaching past the header clusters.
+    d.create("h.qed", &[], "64M");
+    poke(&d.path.join("h.qed"), 16, &1u64.to_le_bytes());
+    poke(&d.path.join("h.qed"), 56, &0xfff0u32.to_le_bytes());
+    poke(&d.path.join("h.qed"), 60, &0x100u32.to_le_bytes());
+    let out = d.same("h.qed", &["-c", "read 0 64k"], "");
+    assert!(
+        out.contains("QED backing filename offset is invalid"),
+        "{out}"
+    );
+    // A file cut inside the header.
+    d.create("h.qed", &[], "64M");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path.join("h.qed"))
+        .expect("open");
+    f.set_len(40).expect("truncate");
+    let out = d.same("h.qed", &["-c", "read 0 64k"], "");
+    assert!(out.contains("QED table offset is invalid"), "{out}");
+}
+
+fn poke(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.write_all_at(bytes, off).expect("poke");
+}
+
+/// A missing backing file (relative, then two levels down a chain) fails with qemu-io's
+/// "Could not open backing file: ..." (iotest 069).
+#[test]
+fn missing_backing_file_message_matches_qemu_io() {
+    let d = Dir::new();
+    d.create("base.qed", &[], "1M");
+    d.create("mid.qed", &["-b", "base.qed", "-F", "qed"], "");
+    d.create("top.qed", &["-b", "mid.qed", "-F", "qed"], "");
+    std::fs::remove_file(d.path.join("base.qed")).expect("rm");
+    let out = d.same("mid.qed", &["-c", "read 0 512"], "");
+    assert!(
+        out.contains("Could not open backing file: Could not open 'base.qed'"),
+        "{out}"
+    );
+    d.same("top.qed", &["-c", "read 0 512"], "");
+}
+
+/// `-s` and `open -s`: writes land in a temporary overlay and the image is unchanged (iotest
+/// 052); the overlay is removed at exit.
+#[test]
+fn snapshot_mode_matches_qemu_io_and_leaves_image_alone() {
+    let tmp = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
+    let leftovers = || {
+        std::fs::read_dir(&tmp)
+            .expect("tmp dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("qed-io."))
+            .count()
+    };
+    let before = leftovers();
+    let d = Dir::new();
+    d.create("a.qed", &[], "4M");
+    qemu_io_prepares(&d, "a.qed", &["write -P 7 0 64k", "write -P 3 64k 64k"]);
+    let out = same_cmds(
+        &d,
+        "a.qed",
+        &["-s", "-f", "qed"],
+        &[
+            "write -P 9 0 128k",
+            "read -P 9 0 128k",
+            "map",
+            "close",
+            "open -s a.qed",
+            "read -P 7 0 64k",
+            "write -z 0 1M",
+            "read -P 0 0 1M",
+        ],
+    );
+    assert!(out.contains("wrote 131072/131072"), "{out}");
+    // Both runs left their copy as it was before them.
+    d.images_agree("a.qed");
+    let c = d.sh(
+        "qemu-img",
+        &["compare", "-f", "qed", "-F", "qed", "a.qed", "o/a.qed"],
+    );
+    assert!(c.contains("Images are identical"), "{c}");
+    let bytes = |p: &str| std::fs::read(d.path.join(p)).expect("read image");
+    assert!(
+        bytes("a.qed") == bytes("o/a.qed"),
+        "snapshot mode changed the image file"
+    );
+    assert_eq!(leftovers(), before, "snapshot overlays left in {tmp:?}");
+}
+
+/// Runs `cmds` on `image` with the real qemu-io, to set up a test.
+fn qemu_io_prepares(d: &Dir, image: &str, cmds: &[&str]) {
+    let mut a = vec!["-f".to_string(), "qed".to_string()];
+    a.extend(c_args(cmds));
+    a.push(image.to_string());
+    d.sh("qemu-io", &a.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// Runs `args` (no image argument) through qemu-io and qed-io in the folder itself and asserts
+/// the same output and exit code; for commands that change nothing.
+#[track_caller]
+fn same_in_place(d: &Dir, args: &[&str]) -> String {
+    let q = d.run(Path::new("qemu-io"), args, "");
+    let o = d.run(&d.ours, args, "");
+    assert_eq!(o.text, q.text, "output differs for {args:?}");
+    assert_eq!(o.code, q.code, "exit code differs for {args:?}");
+    q.text
+}
+
+/// `open -o`: a QED image inside a QED image's guest disk (iotest 072), blkdebug with no rules
+/// and an alignment (033), and the file protocols' own checks on a folder and on /dev/null
+/// (226), with "can't open:" when the name came from the options.
+#[test]
+fn open_options_match_qemu_io() {
+    let d = Dir::new();
+    d.create("inner.qed", &[], "4M");
+    qemu_io_prepares(
+        &d,
+        "inner.qed",
+        &["write -P 42 0 512", "write -P 23 512 512"],
+    );
+    d.sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qed",
+            "inner.qed",
+            "outer.qed",
+        ],
+    );
+    let out = same_in_place(
+        &d,
+        &[
+            "-c",
+            "open -r -o driver=qed,file.driver=qed,file.file.filename=outer.qed",
+            "-c",
+            "read -P 42 0 512",
+            "-c",
+            "read -P 23 512 512",
+            "-c",
+            "map",
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(out.contains("read 512/512 bytes at offset 512"), "{out}");
+    // Writes through the nesting grow the inner image's guest disk as the outer one allocates
+    // (qemu 10.0.2 leaves the inner size as it was, so its outer image no longer reads back:
+    // only ours is checked, with qemu-io reading the result).
+    let nested = "driver=qed,file.driver=qed,file.file.filename=outer.qed";
+    let o = d.run(
+        &d.ours,
+        &[
+            "-c",
+            &format!("open -o {nested}"),
+            "-c",
+            "aio_write -P 9 64k 64k",
+            "-c",
+            "aio_write -P 9 128k 64k",
+            "-c",
+            "aio_flush",
+        ],
+        "",
+    );
+    assert_eq!(o.code, 0, "{}", o.text);
+    for image in ["outer.qed", nested] {
+        let check = if image == nested {
+            d.sh("qemu-img", &["check", "--image-opts", image])
+        } else {
+            d.sh("qemu-img", &["check", "-f", "qed", image])
+        };
+        assert!(check.contains("No errors were found"), "{image}: {check}");
+    }
+    let q = d.run(
+        Path::new("qemu-io"),
+        &[
+            "-c",
+            &format!("open -r -o {nested}"),
+            "-c",
+            "read -P 9 64k 128k",
+            "-c",
+            "read -P 23 512 512",
+        ],
+        "",
+    );
+    assert_eq!(q.code, 0, "{}", q.text);
+    assert!(
+        !q.text.contains("Pattern verification failed"),
+        "{}",
+        q.text
+    );
+
+    d.create("a.qed", &[], "1M");
+    let out = d.same(
+        "",
+        &[],
+        "open -o driver=qed,file.align=4k blkdebug::a.qed\nwrite -P 5 512 1k\nread -P 5 512 1k\n",
+    );
+    assert!(out.contains("wrote 1024/1024"), "{out}");
+    d.images_agree("a.qed");
+
+    std::fs::create_dir(d.path.join("dir")).expect("mkdir");
+    for driver in ["file", "host_device", "host_cdrom"] {
+        for ro in ["-r ", ""] {
+            for (name, lock) in [("dir", ""), ("/dev/null", ",locking=off")] {
+                let open = format!("open {ro}-o driver={driver},filename={name}{lock}");
+                let out = same_in_place(&d, &["-c", &open]);
+                // A character device is what host_device and host_cdrom want.
+                let fine = driver != "file" && name == "/dev/null";
+                assert_eq!(out.is_empty(), fine, "{open}: {out}");
+            }
+        }
+    }
+    same_in_place(&d, &["-c", "open -o driver=file,filename=missing.qed"]);
+}
+
+/// `-C` (copy-on-read, iotest 197's qemu-io calls on QED): reads served by the backing file
+/// copy what they touch into the image, as `map` shows; refused on read-only opens.
+#[test]
+fn copy_on_read_matches_qemu_io() {
+    let d = Dir::new();
+    d.create("base.qed", &[], "4M");
+    qemu_io_prepares(&d, "base.qed", &["write -P 1 0 1M", "write -P 2 3M 4k"]);
+    d.create("top.qed", &["-b", "base.qed", "-F", "qed"], "");
+    let out = same_cmds(
+        &d,
+        "top.qed",
+        &["-C", "-f", "qed"],
+        &[
+            "read -P 1 0 4k",
+            "map",
+            "read -P 1 100k 200k",
+            "read 0 0",
+            "read -P 2 3M 4k",
+            "read -P 0 2M 64k",
+            "map",
+        ],
+    );
+    assert!(
+        out.contains("bytes     allocated at offset 0 bytes"),
+        "{out}"
+    );
+    d.images_agree("top.qed");
+    for opts in [&["-C", "-r"][..], &["-C", "-r", "-U"], &["-C", "-U"]] {
+        let mut a = opts.to_vec();
+        a.extend(["-c", "map"]);
+        let out = d.same("top.qed", &a, "");
+        assert!(
+            out.starts_with("qemu-io: can't open device top.qed: "),
+            "{out}"
+        );
+    }
+    let out = d.same(
+        "",
+        &[],
+        "open -C -r top.qed\nopen -C top.qed\nread -P 1 1020k 4k\nmap\n",
+    );
+    assert!(
+        out.contains("read 4096/4096 bytes at offset 1044480"),
+        "{out}"
+    );
 }

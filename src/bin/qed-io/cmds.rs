@@ -3,10 +3,12 @@
 //! their order follow qemu-io-cmds.c; a failed command makes the program exit with 1.
 
 use crate::getopt::getopt;
+use crate::open::{open_protocol, strip_protocol, ImageStorage, OpenOpts};
 use crate::outln;
 use crate::report::{cvtstr, dump_buffer, print_report};
 use qed::aio::{AioOptions, AioQueue, Engine, EngineOptions, IoBackend, Op, RawBuf};
-use qed::{Image, OpenOptions, WriteFlags, WriteZeroesFlags};
+use qed::{BackingFormat, CreateOptions, Image, OpenOptions, WriteFlags, WriteZeroesFlags};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +22,12 @@ type CmdResult = Result<(), Failed>;
 pub(crate) struct Settings {
     pub(crate) read_only: bool,
     pub(crate) force_share: bool,
+    /// `-s`: writes go to a temporary overlay, deleted at close; the image is only read.
+    pub(crate) snapshot: bool,
+    /// `open -o`.
+    pub(crate) opts: OpenOpts,
+    /// `-C`: reads served by the backing file copy its clusters into the image.
+    pub(crate) copy_on_read: bool,
     direct: bool,
     writethrough: bool,
     backend: Option<IoBackend>,
@@ -88,6 +96,56 @@ struct Open {
     img: Arc<Image>,
     queue: AioQueue,
     writethrough: bool,
+    /// The temporary overlay of snapshot mode, deleted at close.
+    overlay: Option<TempOverlay>,
+}
+
+/// A file deleted when dropped.
+struct TempOverlay(std::path::PathBuf);
+
+impl Drop for TempOverlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Snapshot mode as qemu's `bdrv_append_temp_snapshot`: a new QED image in `$TMPDIR` (else
+/// /var/tmp) backed by `path` (read, never written), to be opened in its place.
+fn temp_overlay(path: &str, s: &Settings) -> qed::Result<TempOverlay> {
+    // The image must open read-only as itself first, so its errors are its own.
+    let base = Image::open(
+        path,
+        &OpenOptions {
+            force_share: s.force_share,
+            ..OpenOptions::read_only()
+        },
+    )?;
+    drop(base);
+    let canon = std::fs::canonicalize(path).map_err(|e| qed::Error::io(path, e))?;
+    let dir = std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into());
+    let mut n = 0u32;
+    let file = loop {
+        let p = std::path::Path::new(&dir).join(format!("qed-io.{}.{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(_) => break TempOverlay(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(qed::Error::io("creating the snapshot overlay", e)),
+        }
+    };
+    Image::create(
+        &file.0,
+        &CreateOptions {
+            size: 0,
+            backing_file: Some(canon.to_string_lossy().into_owned()),
+            backing_format: Some(BackingFormat::Qed),
+            ..CreateOptions::default()
+        },
+    )?;
+    Ok(file)
 }
 
 pub(crate) struct Session {
@@ -97,6 +155,8 @@ pub(crate) struct Session {
     done: Arc<Mutex<Vec<AioDone>>>,
     /// Aio requests refused at submission (out of range), not yet reported.
     refused: Mutex<Vec<AioDone>>,
+    /// A protocol node opened with no format (`open -o driver=file,...`): its driver.
+    raw_node: Option<String>,
     pub(crate) quit: bool,
 }
 
@@ -113,6 +173,49 @@ fn strerror(e: &qed::Error) -> String {
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+/// The sentence qemu-io prints for an image (`path`) that fails to open with `e`: qemu's QED
+/// driver says only which check failed, so the library's detail (field, value, reason) is
+/// mapped to the sentence of the check qemu makes at that point (block/qed.c).
+fn open_error(path: &str, e: &qed::Error) -> String {
+    match e {
+        qed::Error::Backing { name, source } => {
+            // qemu resolves a relative name against the folder of the image naming it.
+            let resolved = match path.rfind('/') {
+                Some(i) if !name.starts_with('/') => format!("{}{name}", &path[..=i]),
+                _ => name.clone(),
+            };
+            format!(
+                "Could not open backing file: {}",
+                open_error(&resolved, source)
+            )
+        }
+        qed::Error::Io { .. } => format!("Could not open '{path}': {}", strerror(e)),
+        // qemu's file-posix words a lock conflict on two lines.
+        qed::Error::Locked { detail, .. } => {
+            let head = detail.split(": is another").next().unwrap_or(detail);
+            format!("{head}\nIs another process using the image [{path}]?")
+        }
+        qed::Error::InvalidHeader { field, .. } => match *field {
+            "magic" => "Image not in QED format".into(),
+            "cluster_size" => "QED cluster size is invalid".into(),
+            "table_size" => "QED table size is invalid".into(),
+            // qemu reads a short header as zeroes and validates the header clusters and the
+            // L1 table together, as one table offset check.
+            "header" | "header_size" | "l1_table_offset" => "QED table offset is invalid".into(),
+            "image_size" => "QED image size is invalid".into(),
+            "backing_filename_offset" => "QED backing filename offset is invalid".into(),
+            "backing_filename_size" => "Failed to read backing filename".into(),
+            _ => e.to_string(),
+        },
+        qed::Error::Unsupported {
+            field: "features",
+            value,
+            ..
+        } => format!("Unsupported QED features: {value:x}"),
+        _ => e.to_string(),
     }
 }
 
@@ -239,6 +342,7 @@ impl Session {
             open: None,
             done: Arc::new(Mutex::new(Vec::new())),
             refused: Mutex::new(Vec::new()),
+            raw_node: None,
             quit: false,
         }
     }
@@ -252,20 +356,61 @@ impl Session {
         Failed
     }
 
-    /// Opens `path` (no image may be open).
-    pub(crate) fn open(&mut self, path: &str, s: &Settings) -> CmdResult {
+    /// Opens `name`, or the file `-o` names (no image may be open).
+    pub(crate) fn open(&mut self, name: Option<&str>, s: &Settings) -> CmdResult {
+        // qemu-io names the device only when it was given as an argument.
+        let prefix = match name {
+            Some(n) => format!("can't open device {n}"),
+            None => "can't open".to_string(),
+        };
+        let Some(given) = name.or(s.opts.filename.as_deref()) else {
+            return Err(self.error(format!("{prefix}: no file name given")));
+        };
+        if let Some(driver) = &s.opts.protocol {
+            open_protocol(driver, given, s.read_only)
+                .map_err(|e| self.error(format!("{prefix}: {e}")))?;
+            self.raw_node = Some(driver.clone());
+            return Ok(());
+        }
+        let path = strip_protocol(given).map_err(|e| self.error(format!("{prefix}: {e}")))?;
         let opts = OpenOptions {
             writable: !s.read_only,
             force_share: s.force_share && s.read_only,
             direct: s.direct,
+            lock: !s.opts.no_lock,
+            copy_on_read: s.copy_on_read,
             ..OpenOptions::default()
         };
-        if s.force_share && !s.read_only {
+        if s.copy_on_read && s.read_only {
             return Err(self.error(format!(
-                "can't open device {path}: force-share=on can only be used with read-only images"
+                "{prefix}: Can't use copy-on-read on read-only device"
             )));
         }
-        let opened = Image::open(path, &opts).and_then(|img| {
+        if s.force_share && !s.read_only {
+            return Err(self.error(format!(
+                "{prefix}: force-share=on can only be used with read-only images"
+            )));
+        }
+        if s.snapshot && s.opts.nested {
+            return Err(self.error(format!(
+                "{prefix}: snapshot mode on a nested image is not supported by qed-io"
+            )));
+        }
+        let overlay = match s.snapshot.then(|| temp_overlay(path, s)).transpose() {
+            Ok(o) => o,
+            Err(e) => return Err(self.error(format!("{prefix}: {}", open_error(path, &e)))),
+        };
+        let target = overlay.as_ref().map_or(Path::new(path), |o| o.0.as_path());
+        let image = if s.opts.nested {
+            // The outer image's file is the inner image's guest disk.
+            Image::open(target, &opts).and_then(|inner| {
+                let storage = Arc::new(ImageStorage::new(inner));
+                Image::open_storage(storage, &opts)
+            })
+        } else {
+            Image::open(target, &opts)
+        };
+        let opened = image.and_then(|img| {
             let img = Arc::new(img);
             let aio = AioOptions {
                 block_when_full: true,
@@ -283,6 +428,7 @@ impl Session {
                 img,
                 queue,
                 writethrough: s.writethrough,
+                overlay,
             })
         });
         match opened {
@@ -290,31 +436,21 @@ impl Session {
                 self.open = Some(o);
                 Ok(())
             }
-            Err(e) => {
-                let why = match e.root() {
-                    qed::Error::Io { .. } => {
-                        format!("Could not open '{path}': {}", strerror(&e))
-                    }
-                    // qemu's file-posix words a lock conflict on two lines.
-                    qed::Error::Locked { detail, .. } => {
-                        let head = detail.split(": is another").next().unwrap_or(detail);
-                        format!("{head}\nIs another process using the image [{path}]?")
-                    }
-                    _ => e.to_string(),
-                };
-                Err(self.error(format!("can't open device {path}: {why}")))
-            }
+            Err(e) => Err(self.error(format!("{prefix}: {}", open_error(path, &e)))),
         }
     }
 
     /// Finishes outstanding aio requests and closes the image.
     pub(crate) fn close(&mut self) {
+        self.raw_node = None;
         self.drain_aio();
         if let Some(o) = self.open.take() {
             let _ = o.queue.shutdown();
             if let Err(e) = o.img.close() {
                 eprintln!("{}: {e}", self.prog);
             }
+            // The overlay goes only once the image on it is closed.
+            drop(o.overlay);
         }
     }
 
@@ -331,8 +467,16 @@ impl Session {
         let args = &words[1..];
         let global = matches!(name.as_str(), "help" | "quit" | "open");
         if !global && self.open.is_none() {
-            eprintln!("no file open, try 'help open'");
-            return Err(Failed);
+            if let Some(driver) = &self.raw_node {
+                if name != "close" {
+                    return Err(self.error(format!(
+                        "the open node is a bare '{driver}' protocol node; qed-io does I/O on QED images only"
+                    )));
+                }
+            } else {
+                eprintln!("no file open, try 'help open'");
+                return Err(Failed);
+            }
         }
         if args.len() < min || (max >= 0 && args.len() > max as usize) {
             if max < 0 {
@@ -947,12 +1091,15 @@ impl Session {
     }
 
     fn open_cmd(&mut self, args: &[String]) -> CmdResult {
-        if self.open.is_some() {
+        if self.open.is_some() || self.raw_node.is_some() {
             return Err(self.error("file open already, try 'help close'"));
         }
         let (opts, rest) = getopt(args, "rsCnkUt:d:o:").map_err(|e| bad_option("open", e))?;
         let mut s = self.settings.clone();
         s.read_only = false;
+        s.snapshot = false;
+        s.opts = OpenOpts::default();
+        s.copy_on_read = false;
         for (c, v) in opts {
             let r = match c {
                 'r' => {
@@ -966,15 +1113,25 @@ impl Session {
                 'n' => s.set_cache("none"),
                 't' => s.set_cache(&v.unwrap_or_default()),
                 'k' => s.set_aio("native"),
-                's' => Err("snapshot mode (-s) is not supported by qed-io".into()),
+                's' => {
+                    s.snapshot = true;
+                    Ok(())
+                }
+                'o' => s.opts.parse(&v.unwrap_or_default()),
+                'C' => {
+                    s.copy_on_read = true;
+                    Ok(())
+                }
                 _ => Err(format!("open -{c} is not supported by qed-io")),
             };
             r.map_err(|e| self.error(e))?;
         }
-        let [path] = rest.as_slice() else {
-            return Err(usage("open"));
+        let name = match rest.as_slice() {
+            [] => None,
+            [path] => Some(path.as_str()),
+            _ => return Err(usage("open")),
         };
-        self.open(path, &s)
+        self.open(name, &s)
     }
 }
 

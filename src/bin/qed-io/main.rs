@@ -7,6 +7,7 @@
 
 mod cmds;
 mod getopt;
+mod open;
 mod report;
 
 use cmds::{Session, Settings};
@@ -20,7 +21,8 @@ QEMU Disk exerciser for QED images (libqed)
                        from the given string
   -f, --format FMT     specifies the block driver to use (qed)
   -r, --read-only      export read-only
-  -s, --snapshot       use snapshot file (refused)
+  -s, --snapshot       use snapshot file
+  -C, --copy-on-read   enable copy-on-read
   -n, --nocache        disable host cache, short for -t none
   -d, --discard=MODE   accepted (ignore, off, unmap, on); discards are always done
   -k, --native-aio     use kernel AIO (here: the automatic I/O engine)
@@ -47,6 +49,7 @@ fn long_to_short(arg: &str) -> Option<(String, Option<String>)> {
         "format" => 'f',
         "read-only" => 'r',
         "snapshot" => 's',
+        "copy-on-read" => 'C',
         "nocache" => 'n',
         "force-share" => 'U',
         "aio" => 'i',
@@ -86,7 +89,7 @@ fn main() {
             None => args.push(a.clone()),
         }
     }
-    let (opts, rest) = match getopt_permute(&args, "c:d:f:rsnkmUi:t:T:hV") {
+    let (opts, rest) = match getopt_permute(&args, "c:d:f:rsnkmUi:t:T:hVC") {
         Ok(x) => x,
         Err(e) => {
             eprintln!("{prog}: {e}");
@@ -108,7 +111,14 @@ fn main() {
                 settings.read_only = true;
                 Ok(())
             }
-            's' => Err("snapshot mode (-s) is not supported by qed-io".to_string()),
+            'C' => {
+                settings.copy_on_read = true;
+                Ok(())
+            }
+            's' => {
+                settings.snapshot = true;
+                Ok(())
+            }
             'n' => settings.set_cache("none"),
             'U' => {
                 settings.force_share = true;
@@ -149,7 +159,7 @@ fn main() {
     }
     let mut s = Session::new(prog.clone(), settings);
     if let Some(path) = rest.first() {
-        if s.open(path, &s.settings()).is_err() {
+        if s.open(Some(path), &s.settings()).is_err() {
             report::flush_out();
             std::process::exit(1);
         }
