@@ -80,6 +80,32 @@ impl Dir {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+    /// qed-img run through a link named `qemu-img`, as QEMU's iotests run it: messages must then
+    /// be qemu-img's, prefix included.
+    fn as_qemu_img(&self, args: &[&str]) -> Out {
+        let link = self.p(".bin/qemu-img");
+        if !link.exists() {
+            std::fs::create_dir_all(self.p(".bin")).expect("mkdir");
+            std::os::unix::fs::symlink(QED_IMG, &link).expect("symlink");
+        }
+        self.run(link.to_str().expect("utf-8 path"), args)
+    }
+    /// qemu-img for "qemu", else qed-img named `qemu-img`.
+    fn by(&self, tool: &str, args: &[&str]) -> Out {
+        if tool == "qemu" {
+            self.qemu(args)
+        } else {
+            self.as_qemu_img(args)
+        }
+    }
+    /// A QED overlay `name` of the QED image `backing` (named as the header will store it).
+    fn overlay(&self, backing: &str, name: &str, size: Option<&str>) {
+        let mut args = vec![
+            "create", "-q", "-f", "qed", "-b", backing, "-F", "qed", name,
+        ];
+        args.extend(size);
+        self.qemu(&args).ok();
+    }
     fn qemu(&self, args: &[&str]) -> Out {
         self.run("qemu-img", args)
     }
@@ -119,6 +145,21 @@ fn same(d: &Dir, args: &[&str]) -> Out {
         args.join(" "),
         q.stderr,
         o.stderr
+    );
+    o
+}
+
+/// Runs the same arguments through qemu-img and through qed-img named `qemu-img`; asserts
+/// identical exit code, stdout and stderr.
+#[track_caller]
+fn same_all(d: &Dir, args: &[&str]) -> Out {
+    let q = d.qemu(args);
+    let o = d.as_qemu_img(args);
+    assert_eq!(
+        (q.code, &q.stdout, &q.stderr),
+        (o.code, &o.stdout, &o.stderr),
+        "`{}`: qemu-img (left) and qed-img (right) differ",
+        args.join(" ")
     );
     o
 }
@@ -1229,4 +1270,478 @@ fn progress_output_on_a_terminal_is_qemu_img_s() {
     );
     // -q wins over -p.
     assert_eq!(on_tty(QED_IMG, "convert -q -p -O qed ov.qed o2.qed"), "");
+}
+
+#[test]
+fn messages_carry_the_invoked_name_and_qemu_img_s_wording() {
+    let d = Dir::new();
+    // The prefix is the program's file name as invoked.
+    let o = d.ours(&["info", "nope.qed"]);
+    assert!(
+        o.stderr.starts_with("qed-img: Could not open 'nope.qed'"),
+        "{}",
+        o.stderr
+    );
+    let o = d.as_qemu_img(&["info", "nope.qed"]);
+    assert!(
+        o.stderr.starts_with("qemu-img: Could not open 'nope.qed'"),
+        "{}",
+        o.stderr
+    );
+    // A missing backing file at create: the cause, then qemu-img's hint line.
+    same_all(
+        &d,
+        &[
+            "create", "-f", "qed", "-b", "gone.qed", "-F", "qed", "x.qed",
+        ],
+    );
+    // Backing loops found by info --backing-chain, named as qemu-img names them.
+    d.qemu(&["create", "-q", "-f", "qed", "a.qed", "1M"]).ok();
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "a.qed", "-F", "qed", "b.qed",
+    ])
+    .ok();
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "b.qed", "-F", "qed", "c.qed",
+    ])
+    .ok();
+    let (q, o) = (
+        d.qemu(&["info", "--backing-chain", "c.qed"]).ok(),
+        d.as_qemu_img(&["info", "--backing-chain", "c.qed"]).ok(),
+    );
+    assert_eq!(q.stdout, strip_qed_specific(&o.stdout));
+    d.qemu(&["rebase", "-u", "-b", "c.qed", "-F", "qed", "a.qed"])
+        .ok();
+    let o = same_all(&d, &["info", "--backing-chain", "c.qed"]);
+    assert_eq!(
+        o.stderr,
+        "qemu-img: Backing file 'c.qed' creates an infinite loop.\n"
+    );
+    // A loop further down, met after the first two images.
+    d.qemu(&["rebase", "-u", "-b", "b.qed", "-F", "qed", "a.qed"])
+        .ok();
+    let o = same_all(&d, &["info", "--backing-chain", "--output=json", "c.qed"]);
+    assert_eq!(
+        o.stderr,
+        "qemu-img: Backing file 'b.qed' creates an infinite loop.\n"
+    );
+}
+
+#[test]
+fn dd_copies_as_qemu_img_dd() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "a.qed", "1M"]).ok();
+    d.qio(
+        "qed",
+        "a.qed",
+        &["write -P 0xa 0 300k", "write -P 0xb 700k 5k"],
+    );
+    for bs in ["5", "512", "1999", "64K", "1.5k", "4M"] {
+        let bs_op = format!("bs={bs}");
+        for (tool, out) in [("qemu", "q.raw"), ("ours", "o.raw")] {
+            let of = format!("of={out}");
+            let args = ["dd", "if=a.qed", &of, &bs_op];
+            let o = if tool == "qemu" {
+                d.qemu(&args)
+            } else {
+                d.ours(&args)
+            };
+            assert_eq!(
+                (o.code, o.stdout.as_str(), o.stderr.as_str()),
+                (0, "", ""),
+                "{bs}"
+            );
+        }
+        assert!(
+            d.bytes("q.raw") == d.bytes("o.raw"),
+            "bs={bs}: outputs differ"
+        );
+        // A QED output holds the same guest bytes and is clean.
+        d.ours(&["dd", "-O", "qed", "if=a.qed", "of=o.qed", &bs_op])
+            .ok();
+        d.qemu(&["check", "o.qed"]).ok();
+        d.qemu(&["compare", "a.qed", "o.qed"]).ok();
+    }
+    // skip alone matches qemu-img byte for byte.
+    d.qemu(&["dd", "if=a.qed", "of=q.raw", "bs=4k", "skip=3"])
+        .ok();
+    d.ours(&["dd", "if=a.qed", "of=o.raw", "bs=4k", "skip=3"])
+        .ok();
+    assert!(d.bytes("q.raw") == d.bytes("o.raw"));
+    assert_eq!(d.bytes("o.raw").len(), (1 << 20) - 3 * 4096);
+    // count counts the blocks after the skipped ones (dd(1), qemu-img's manual).
+    d.ours(&["dd", "if=a.qed", "of=o.raw", "bs=100k", "skip=2", "count=2"])
+        .ok();
+    let b = d.bytes("o.raw");
+    assert_eq!(b.len(), 200 << 10);
+    assert!(b[..100 << 10].iter().all(|&x| x == 0xa));
+    assert!(b[100 << 10..].iter().all(|&x| x == 0));
+    // Skipping past the end: an empty output and qemu-img's warning.
+    let o = same_all(&d, &["dd", "if=a.qed", "of=e.raw", "bs=1M", "skip=3"]);
+    assert!(o.stderr.contains("cannot skip"), "{}", o.stderr);
+    assert_eq!(d.bytes("e.raw").len(), 0);
+    // Operand errors, word for word.
+    for bad in [
+        &["dd", "if=a.qed", "of=x", "bs=0"][..],
+        &["dd", "if=a.qed", "of=x", "bs=x"],
+        &["dd", "if=a.qed", "of=x", "count=1k"],
+        &["dd", "if=a.qed", "of=x", "skip=-1"],
+        &["dd", "if=a.qed", "of=x", "foo=1"],
+        &["dd", "if=a.qed", "of=x", "if"],
+        &["dd", "if=a.qed"],
+        &["dd", "if=nope", "of=x"],
+    ] {
+        let o = d.as_qemu_img(bad);
+        let q = d.qemu(bad);
+        assert_eq!(o.code, 1, "{bad:?}");
+        assert_eq!(q.code, 1, "{bad:?}");
+        assert!(o.stderr.starts_with("qemu-img: "), "{bad:?}: {}", o.stderr);
+        if !bad[1].contains("nope") {
+            assert_eq!(q.stderr, o.stderr, "{bad:?}");
+        }
+        assert!(!d.p("x").exists(), "{bad:?} created its output");
+    }
+}
+
+/// Safe rebase writes each run of differing clusters in one request, as qemu-img does, so the
+/// overlay's clusters land where qemu-img's land: identical `map` afterwards.
+#[test]
+fn rebase_writes_runs_as_qemu_img() {
+    let d = Dir::new();
+    let mut maps = Vec::new();
+    for tool in ["qemu", "ours"] {
+        d.qemu(&["create", "-q", "-f", "qed", "bo.qed", "1M"]).ok();
+        d.qemu(&["create", "-q", "-f", "qed", "bn.qed", "1M"]).ok();
+        d.qemu(&[
+            "create", "-q", "-f", "qed", "-b", "bo.qed", "-F", "qed", "ov.qed",
+        ])
+        .ok();
+        d.qio(
+            "qed",
+            "bo.qed",
+            &["write -P 0x11 0 128k", "write -P 0x11 192k 64k"],
+        );
+        d.qio(
+            "qed",
+            "bn.qed",
+            &["write -P 0x22 64k 128k", "write -P 0x11 192k 64k"],
+        );
+        let args = ["rebase", "-b", "bn.qed", "-F", "qed", "ov.qed"];
+        if tool == "qemu" {
+            d.qemu(&args).ok();
+        } else {
+            d.ours(&args).ok();
+        }
+        maps.push(d.qemu(&["map", "--output=json", "ov.qed"]).ok().stdout);
+        d.qemu(&["check", "ov.qed"]).ok();
+        d.qio(
+            "qed",
+            "ov.qed",
+            &["read -P 0x11 0 128k", "read -P 0 128k 64k"],
+        );
+    }
+    assert_eq!(maps[0], maps[1]);
+}
+
+/// `file:NAME` is QEMU's file protocol: the prefix names no folder, and a relative name with a
+/// colon is shown as `./NAME`, backing paths combined from it.
+#[test]
+fn file_protocol_prefix_as_qemu_img() {
+    let d = Dir::new();
+    let mut outs = Vec::new();
+    for tool in ["qemu", "ours"] {
+        let run = |args: &[&str]| d.by(tool, args).ok();
+        let top = format!("{tool}:top.qed");
+        let name = format!("file:{top}");
+        let mut out = run(&["create", "-f", "qed", "base.qed", "1M"]).stdout;
+        out += &run(&["create", "-f", "qed", "-b", "base.qed", "-F", "qed", &name]).stdout;
+        assert!(d.p(&top).exists(), "{tool} did not create {top}");
+        out += &strip_qed_specific(&run(&["info", &name]).stdout);
+        // (Disk usage differs on purpose: libqed does not write the new L1 table's zeros.)
+        let out: String = out
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("disk size:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        outs.push(out.replace(&top, "TOP"));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert!(outs[1].contains("image: ./TOP\n"), "{}", outs[1]);
+    assert!(outs[1].contains("backing file: base.qed (actual path: ./base.qed)\n"));
+    // Both tools made the same image.
+    d.qemu(&["compare", "file:qemu:top.qed", "file:ours:top.qed"])
+        .ok();
+}
+
+/// convert -B (and -o backing_file=): only the source's top image is copied, over a target
+/// that names the backing file; the file comes out as qemu-img's, byte for byte.
+#[test]
+fn convert_onto_a_backing_file_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "base.qed", "2M"])
+        .ok();
+    d.qio(
+        "qed",
+        "base.qed",
+        &["write -P 0x11 0 1M", "write -P 0x12 1536k 512k"],
+    );
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", "base.qed", "-F", "qed", "top.qed", "4M",
+    ])
+    .ok();
+    d.qio(
+        "qed",
+        "top.qed",
+        &[
+            "write -P 0x21 512 1024",
+            "write -P 0x22 128k 64k",
+            "write -z 256k 128k",
+            "write -z 3M 128k",
+            "write -P 0x23 3584k 4k",
+        ],
+    );
+    let cases: [&[&str]; 3] = [
+        &["-B", "base.qed", "-F", "qed"],
+        &["-o", "backing_file=base.qed,backing_fmt=qed"],
+        &["-B", "base.qed", "-o", "backing_fmt=qed", "-S", "0"],
+    ];
+    for extra in cases {
+        for (tool, out) in [("qemu", "q.qed"), ("ours", "o.qed")] {
+            let mut args = vec!["convert", "-f", "qed", "-O", "qed"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["top.qed", out]);
+            let o = if tool == "qemu" {
+                d.qemu(&args)
+            } else {
+                d.ours(&args)
+            };
+            o.ok();
+        }
+        assert!(
+            d.bytes("q.qed") == d.bytes("o.qed"),
+            "{extra:?}: files differ"
+        );
+        d.qemu(&["check", "o.qed"]).ok();
+        d.qemu(&["compare", "top.qed", "o.qed"]).ok();
+        let info = d.qemu(&["info", "o.qed"]).ok().stdout;
+        assert!(info.contains("backing file: base.qed\n"), "{info}");
+    }
+    // No backing file for raw targets, as qemu-img.
+    assert_eq!(
+        d.ours(&["convert", "-B", "base.qed", "top.qed", "x.raw"])
+            .code,
+        1
+    );
+    assert!(!d.p("x.raw").exists());
+}
+
+/// commit -b BASE: everything the images above BASE hold goes into BASE, found as qemu-img
+/// finds it (a relative name is relative to the folder of the image naming it).
+#[test]
+fn commit_into_a_chosen_base_as_qemu_img() {
+    let d = Dir::new();
+    std::fs::create_dir(d.p("sub")).unwrap();
+    let mut bases = Vec::new();
+    for tool in ["qemu", "ours"] {
+        d.qemu(&["create", "-q", "-f", "qed", "sub/b.qed", "1M"])
+            .ok();
+        d.qio("qed", "sub/b.qed", &["write -P 0x01 0 1M"]);
+        d.overlay("b.qed", "sub/m.qed", Some("2M"));
+        d.qio(
+            "qed",
+            "sub/m.qed",
+            &["write -P 0x02 64k 128k", "write -z 512k 64k"],
+        );
+        d.overlay("m.qed", "sub/t.qed", None);
+        d.qio(
+            "qed",
+            "sub/t.qed",
+            &["write -P 0x03 128k 128k", "write -P 0x04 1536k 4k"],
+        );
+        let run = |args: &[&str]| d.by(tool, args);
+        // Not a name of the chain from the overlay's folder: refused, nothing written.
+        let o = run(&["commit", "-b", "sub/b.qed", "sub/t.qed"]);
+        assert_eq!(o.code, 1, "{tool}");
+        assert_eq!(
+            o.stderr,
+            "qemu-img: Did not find 'sub/b.qed' in the backing chain of 'sub/t.qed'\n"
+        );
+        let o = run(&["commit", "-b", "b.qed", "sub/t.qed"]).ok();
+        assert_eq!(o.stdout, "Image committed.\n");
+        d.qemu(&["check", "sub/b.qed"]).ok();
+        // The base now reads as the top image.
+        d.qemu(&["compare", "sub/t.qed", "sub/b.qed"]).ok();
+        bases.push(d.bytes("sub/b.qed"));
+        for f in ["sub/b.qed", "sub/m.qed", "sub/t.qed"] {
+            std::fs::remove_file(d.p(f)).unwrap();
+        }
+    }
+    // Same guest view; qemu-img's base file layout is its own block job's, so only the
+    // contents are compared (above).
+    assert_eq!(bases[0].len(), bases[1].len());
+}
+
+/// Images given by QEMU block options, `json:{...}` and `--image-opts`: a format over a plain
+/// file is shown by its file name, anything more as `json:`; blkdebug and quorum nodes open
+/// (reads vote among quorum's children); results match qemu-img's.
+#[test]
+fn image_options_and_json_names_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "b.qed", "1M"]).ok();
+    d.qio("qed", "b.qed", &["write -P 0x11 0 64k"]);
+    // An absolute backing name: quorum nodes have no folder for a relative one.
+    let base = d.p("b.qed").to_str().unwrap().to_string();
+    d.overlay(&base, "t.qed", None);
+    d.qio("qed", "t.qed", &["write -P 0x22 128k 64k"]);
+    d.copy("t.qed", "t2.qed");
+    d.overlay("b.qed", "rel.qed", None);
+    let rel = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 1, 'children': [{'driver': 'file', 'filename': 'rel.qed'}]}}";
+    assert_eq!(
+        d.ours(&["info", "--backing-chain", rel]).code,
+        d.qemu(&["info", "--backing-chain", rel]).code
+    );
+    let o = d.ours(&["map", rel]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("Cannot generate a base directory for quorum nodes"),
+        "{}",
+        o.stderr
+    );
+    let o = d.ours(&["info", rel]).ok().stdout;
+    assert!(
+        o.contains("backing file: b.qed (cannot determine actual path)\n"),
+        "{o}"
+    );
+    let strip = |s: &str| -> String {
+        strip_qed_specific(s)
+            .lines()
+            .filter(|l| {
+                !l.contains("disk size") && !l.starts_with("Child") && !l.starts_with("    ")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let plain = "json:{'driver': 'qed', 'file': {'driver': 'file', 'filename': 't.qed'}}";
+    let debug = "json:{'driver': 'qed', 'file': {'driver': 'blkdebug', 'image': {'driver': 'file', 'filename': 't.qed'}, 'set-state': [{'event': 'read_aio', 'new_state': 42}]}}";
+    let quorum = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 1, 'children': [{'driver': 'file', 'filename': 't.qed'}, {'driver': 'file', 'filename': 't2.qed'}]}}";
+    for args in [
+        &["info", plain][..],
+        &["info", "--backing-chain", "--image-opts", "driver=qed,file.driver=file,file.filename=t.qed"],
+        &["info", "--image-opts", "driver=qed,file.driver=quorum,file.vote-threshold=2,file.children.0.driver=file,file.children.0.filename=t.qed,file.children.1.driver=file,file.children.1.filename=t2.qed"],
+        &["info", debug],
+        &["info", quorum],
+    ] {
+        let q = d.qemu(args).ok();
+        let o = d.as_qemu_img(args).ok();
+        // json: names are QEMU's own spelling of the options; compare the rest.
+        let unjson = |s: &str| -> String {
+            s.lines()
+                .map(|l| if l.starts_with("image: json:") { "image: json:..." } else { l })
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        assert_eq!(unjson(&strip(&q.stdout)), unjson(&strip(&o.stdout)), "{args:?}");
+    }
+    // Contents through the options are the image's.
+    for name in [plain, debug, quorum] {
+        assert_eq!(same(&d, &["compare", name, "t.qed"]).code, 0);
+        same(&d, &["map", "--output=json", name]).ok();
+    }
+    // A quorum whose children disagree, with 2 votes needed: reads fail, as in qemu-img.
+    d.qio("qed", "t2.qed", &["write -P 0x33 128k 64k"]);
+    let split = "json:{'driver': 'qed', 'file': {'driver': 'quorum', 'vote-threshold': 2, 'children': [{'driver': 'file', 'filename': 't.qed'}, {'driver': 'file', 'filename': 't2.qed'}]}}";
+    let q = d.qemu(&["compare", split, "t.qed"]);
+    let o = d.ours(&["compare", split, "t.qed"]);
+    assert_eq!(q.code, o.code, "{}\n{}", q.stderr, o.stderr);
+    assert_ne!(o.code, 0);
+}
+
+/// qed-img run with `args` fails (exit 1) saying `what`.
+#[track_caller]
+fn fails_with(d: &Dir, args: &[&str], what: &str) {
+    let o = d.ours(args);
+    assert_eq!(o.code, 1, "{args:?}");
+    assert!(o.stderr.contains(what), "{args:?}: {}", o.stderr);
+}
+
+/// A backing file named by options in an image's header (json:, or any protocol prefix) lets
+/// the image choose drivers and host files (CVE-2024-4467): like the library, qed-img refuses
+/// to create such an image or open its backing file, whether the image is opened by name or
+/// by options; the user's own json: names on the command line are taken.
+#[test]
+fn image_chosen_backing_drivers_are_refused() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "b.qed", "1M"]).ok();
+    let named = "json:{'driver': 'qed', 'file': {'driver': 'file', 'filename': 'b.qed'}}";
+    // The user may name an image by options ...
+    d.ours(&["info", named]).ok();
+    // ... but not make an image that names its backing file so.
+    for args in [
+        &["create", "-f", "qed", "-b", named, "-F", "qed", "t.qed"][..],
+        &[
+            "create",
+            "-f",
+            "qed",
+            "-b",
+            "file:b.qed",
+            "-F",
+            "qed",
+            "t.qed",
+        ],
+        &[
+            "convert", "-O", "qed", "-B", named, "-F", "qed", "b.qed", "t.qed",
+        ],
+    ] {
+        fails_with(&d, args, "protocol prefix");
+        assert!(!d.p("t.qed").exists(), "{args:?} created the image");
+    }
+    // An image made so by qemu-img opens without its backing file only.
+    d.qemu(&[
+        "create", "-q", "-f", "qed", "-b", named, "-F", "qed", "t.qed",
+    ])
+    .ok();
+    d.ours(&["info", "t.qed"]).ok();
+    let via_opts = "json:{'driver': 'qed', 'file': {'driver': 'blkdebug', 'image': {'driver': 'file', 'filename': 't.qed'}}}";
+    for args in [
+        &["map", "t.qed"][..],
+        &["commit", "t.qed"],
+        &["map", via_opts],
+    ] {
+        fails_with(&d, args, "protocol prefix (json:)");
+    }
+}
+
+#[test]
+fn convert_salvage_as_qemu_img() {
+    let d = Dir::new();
+    d.qemu(&["create", "-q", "-f", "qed", "o.qed", "8M"]).ok();
+    d.qio("qed", "o.qed", &["write -P 42 0 8M"]);
+    let rule = |io: &str, off: u64| {
+        format!(
+            "{{'event': 'none', 'iotype': '{io}', 'errno': 5, 'sector': {}}}",
+            off / 512
+        )
+    };
+    let rules = [
+        rule("block-status", (2 << 20) + 8192),
+        rule("block-status", (5 << 20) + 512),
+        rule("read", (4 << 20) - 65536),
+        rule("read", (5 << 20) + 512),
+        rule("read", 6 << 20),
+        rule("read", (6 << 20) + 512),
+    ];
+    let src = format!(
+        "json:{{'driver': 'blkdebug', 'image': {{'driver': 'qed', 'file': {{'driver': 'file', 'filename': 'o.qed'}}}}, 'inject-error': [{}]}}",
+        rules.join(", ")
+    );
+    let q = d.qemu(&["convert", "--salvage", &src, "q.raw"]).ok();
+    let o = d.as_qemu_img(&["convert", "--salvage", &src, "x.raw"]).ok();
+    assert_eq!(q.stderr, o.stderr);
+    assert_eq!(o.stderr.lines().count(), 2 + 2 + 4, "{}", o.stderr);
+    assert!(d.bytes("q.raw") == d.bytes("x.raw"), "outputs differ");
+    // Without --salvage the first failure stops the copy.
+    let o = d.ours(&["convert", &src, "y.raw"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("Input/output error"), "{}", o.stderr);
 }

@@ -25,6 +25,9 @@ pub struct CopyStatus {
     pub zero: bool,
     /// Bytes from the offset asked for that share this state (at least 1).
     pub len: u64,
+    /// The range is left to the target's backing file, which holds the same bytes: nothing is
+    /// written there (qemu-img convert -B's "backing file" state).
+    pub from_backing: bool,
 }
 
 /// A guest view to copy from. `E` is the caller's error type (it must hold the library's).
@@ -104,6 +107,7 @@ pub fn copy<E: From<Error>>(
     let mut sector = 0u64;
     let mut next_status = 0u64;
     let mut zero_status = false;
+    let mut backing_status = false;
     while sector < total {
         // convert_iteration_sectors
         let mut n = (total - sector).min(REQUEST_MAX_SECTORS);
@@ -115,9 +119,15 @@ pub fn copy<E: From<Error>>(
                 n -= tail;
             }
             zero_status = st.zero;
+            backing_status = st.from_backing;
             next_status = sector + n;
         }
         n = n.min(next_status - sector);
+        if backing_status {
+            sector += n;
+            progress.update(WHAT, (sector * SECTOR).min(size), size)?;
+            continue;
+        }
         if !zero_status {
             n = n.min(BUF_SECTORS);
         }
@@ -260,6 +270,7 @@ fn chain_status(img: &Image, offset: u64, len: u64) -> Result<CopyStatus> {
                         return Ok(CopyStatus {
                             zero: true,
                             len: (d - offset).min(e.length),
+                            from_backing: false,
                         })
                     }
                     _ => false,
@@ -270,6 +281,7 @@ fn chain_status(img: &Image, offset: u64, len: u64) -> Result<CopyStatus> {
     Ok(CopyStatus {
         zero,
         len: e.length,
+        from_backing: false,
     })
 }
 
@@ -373,5 +385,55 @@ mod tests {
     fn all_zero() {
         let b = buf(&[0; 16]);
         assert_eq!(is_allocated_sectors_min(&b, 16, 8, 0, 8), (false, 16));
+    }
+
+    /// A source whose middle third is left to the target's backing file, the rest data.
+    struct ThirdsFromBacking;
+    impl CopySource for ThirdsFromBacking {
+        fn size(&self) -> u64 {
+            3 << 20
+        }
+        fn status(&self, offset: u64, len: u64) -> Result<CopyStatus> {
+            let third = offset >> 20;
+            Ok(CopyStatus {
+                zero: false,
+                len: (((third + 1) << 20) - offset).min(len),
+                from_backing: third == 1,
+            })
+        }
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0x5a);
+            Ok(())
+        }
+        fn alignment(&self) -> u64 {
+            512
+        }
+    }
+
+    /// Records the ranges written.
+    struct Writes(std::sync::Mutex<Vec<(u64, u64)>>);
+    impl CopyTarget for Writes {
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+            self.0.lock().unwrap().push((offset, buf.len() as u64));
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+            self.0.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ranges_from_backing_are_not_written() {
+        let w = Writes(std::sync::Mutex::new(Vec::new()));
+        copy(
+            &ThirdsFromBacking,
+            &w,
+            &CopyOptions::default(),
+            &Progress::new(),
+        )
+        .unwrap();
+        let writes = w.0.into_inner().unwrap();
+        assert_eq!(writes, vec![(0, 1 << 20), (2 << 20, 1 << 20)]);
     }
 }

@@ -83,6 +83,7 @@ pub(crate) fn run(a: CheckArgs) -> CliResult<i32> {
         force_share: a.force_share,
         no_backing: true,
         no_repair: true,
+        image_opts: a.image_opts.image_opts,
         ..Default::default()
     };
     let disk = Disk::open(&a.file, fmt, &mode)?;

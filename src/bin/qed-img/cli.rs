@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 pub(crate) const EXIT_STATUS: &str = "\
 Exit status: as qemu-img. check: 0 clean, 1 check failed, 2 corruptions found, 3 leaks found. \
 compare: 0 same, 1 different, 2 open error, 4 read error. Any other error prints \
-`qed-img: <what went wrong>` on stderr and exits 1.";
+`<name>: <what went wrong>` on stderr (name: the program's file name as invoked, like \
+qemu-img) and exits 1.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +47,13 @@ pub(crate) enum Cmd {
     /// Copy the backing chain into the overlay, then drop the backing file (live streaming's
     /// offline form)
     Stream(StreamArgs),
+    /// Copy guest bytes into a new image block by block, as dd(1)
+    ///
+    /// Operands are dd's: if=INPUT and of=OUTPUT (both needed), bs=BLOCK_SIZE (default 512,
+    /// with K/M/G suffixes), count=BLOCKS (copy only this many blocks), skip=BLOCKS (start this
+    /// many blocks into the input). OUTPUT is created (or truncated) with the size of what is
+    /// copied, in -O's format.
+    Dd(DdArgs),
     /// Run a simple I/O benchmark, as qemu-img bench
     ///
     /// qemu-img bench's requests in its order: DEPTH in flight, each completion starting the
@@ -65,6 +73,24 @@ pub(crate) enum Cmd {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct DdArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
+    /// Input format (probed when omitted)
+    #[arg(short = 'f', value_name = "FMT")]
+    pub(crate) fmt: Option<String>,
+    /// Output format: raw (default) or qed
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    pub(crate) out_fmt: Option<String>,
+    /// Open the input even if another process is writing it
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
+    /// dd operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]
+    #[arg(value_name = "OPERAND")]
+    pub(crate) operands: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct SparsifyArgs {
     /// Image format (must be qed)
     #[arg(short = 'f', value_name = "FMT")]
@@ -74,6 +100,16 @@ pub(crate) struct SparsifyArgs {
     pub(crate) quiet: bool,
     /// The QED image to sparsify in place
     pub(crate) file: String,
+}
+
+/// `--image-opts`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ImageOptsArg {
+    /// The image is given as QEMU block options (driver=qed,file.filename=F,...: formats qed
+    /// and raw over file, blkdebug or quorum nodes) rather than a file name; `json:{...}` names
+    /// are taken without it
+    #[arg(long = "image-opts")]
+    pub(crate) image_opts: bool,
 }
 
 /// `--output=human|json`.
@@ -119,6 +155,8 @@ pub(crate) struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct InfoArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -135,6 +173,8 @@ pub(crate) struct InfoArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -157,6 +197,8 @@ pub(crate) struct CheckArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct MapArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Image format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
@@ -176,15 +218,30 @@ pub(crate) struct MapArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ConvertArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Source format (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt: Option<String>,
     /// Output format: raw (default, as qemu-img) or qed
     #[arg(short = 'O', value_name = "OUTPUT_FMT")]
     pub(crate) out_fmt: Option<String>,
-    /// Output format options (cluster_size=N,table_size=N)
+    /// Output format options (cluster_size=N,table_size=N,backing_file=F,backing_fmt=F)
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub(crate) options: Vec<String>,
+    /// Backing file of the new QED target (as -o backing_file=): only what SRC's top image
+    /// holds is copied, the rest being taken to be in BACKING already (SRC's own backing chain
+    /// must read the same)
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub(crate) backing: Option<String>,
+    /// Keep going after read errors in the source: a sector that cannot be read is written as
+    /// zeros, a range whose block status cannot be read is copied as data; each gives a
+    /// warning on stderr (as qemu-img)
+    #[arg(long = "salvage")]
+    pub(crate) salvage: bool,
+    /// Format of -B's backing file (raw or qed; needed with a backing file, as qemu-img)
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    pub(crate) backing_fmt: Option<String>,
     /// Show progress as qemu-img does: (x.xx/100%) lines on stdout
     #[arg(short = 'p')]
     pub(crate) progress: bool,
@@ -212,6 +269,8 @@ pub(crate) struct ConvertArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
+    #[command(flatten)]
+    pub(crate) image_opts: ImageOptsArg,
     /// Format of the first image (probed when omitted)
     #[arg(short = 'f', value_name = "FMT")]
     pub(crate) fmt1: Option<String>,
@@ -310,6 +369,11 @@ pub(crate) struct CommitArgs {
     /// Keep the overlay as it is (QED overlays are never emptied, as with qemu-img)
     #[arg(short = 'd')]
     pub(crate) drop: bool,
+    /// Commit into this image of the backing chain rather than the backing file: everything
+    /// the images above it hold is written into it (a relative name is relative to the folder
+    /// of the image that names it as its backing file, or give the path)
+    #[arg(short = 'b', value_name = "BASE")]
+    pub(crate) base: Option<String>,
     /// Cache mode (accepted for compatibility)
     #[arg(short = 't', value_name = "CACHE")]
     pub(crate) cache: Option<String>,

@@ -9,6 +9,24 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// The name messages start with: the last component of argv[0], as qemu-img prints it
+/// (`error_init(argv[0])`), so that a `qemu-img` link to qed-img speaks as qemu-img does and
+/// scripts filtering on that name (QEMU's iotests) read us unchanged.
+pub(crate) fn prog_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|a| {
+                Path::new(&a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "qed-img".into())
+    })
+}
+
 /// An error to report on stderr, with the exit code to leave with.
 #[derive(Debug)]
 pub(crate) struct CliError {
@@ -122,6 +140,42 @@ pub(crate) fn io_msg(e: &std::io::Error) -> String {
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+/// The host file a command-line name stands for, spelled as QEMU shows it: a `file:` prefix
+/// (QEMU's file protocol) is dropped, and a relative name that would then look like it has a
+/// protocol prefix of its own (`image:top.qed`) is shown as `./image:top.qed`.
+pub(crate) fn host_path(name: &str) -> String {
+    let Some(rest) = name.strip_prefix("file:") else {
+        return name.to_string();
+    };
+    // QEMU's path_has_protocol: a ':' before any '/'.
+    match rest.find([':', '/']) {
+        Some(i) if rest.as_bytes()[i] == b':' => format!("./{rest}"),
+        _ => rest.to_string(),
+    }
+}
+
+/// The protocol prefix of a name QEMU would hand to a protocol driver (`json:`, `file:`,
+/// `nbd:`...): what the library refuses in a backing file name (an image must not choose
+/// drivers or host files beyond a plain path; CVE-2024-4467).
+pub(crate) fn protocol_prefix(name: &str) -> Option<&str> {
+    name.split_once(':').map(|(p, _)| p).filter(|p| {
+        !p.is_empty()
+            && !p.contains('/')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+    })
+}
+
+/// Refuses a backing file name for a new image that the library would refuse to open.
+pub(crate) fn check_backing_name(file: &str, name: &str) -> CliResult<()> {
+    match protocol_prefix(name) {
+        Some(p) => Err(CliError::new(format!(
+            "{file}: backing file names with a protocol prefix ({p}:) are not supported"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -397,6 +451,15 @@ mod tests {
         assert_eq!(size_to_str(1000), "0.977 KiB");
         assert_eq!(size_to_str(999), "999 B");
         assert_eq!(fmt_g(1e-5, 3), "1e-05");
+    }
+
+    #[test]
+    fn file_protocol_prefix() {
+        assert_eq!(host_path("a.qed"), "a.qed");
+        assert_eq!(host_path("file:a.qed"), "a.qed");
+        assert_eq!(host_path("file:/t/a:b.qed"), "/t/a:b.qed");
+        assert_eq!(host_path("file:image:top.qed"), "./image:top.qed");
+        assert_eq!(host_path("file:d/x:y"), "d/x:y");
     }
 
     #[test]

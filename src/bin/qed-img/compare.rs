@@ -42,6 +42,7 @@ pub(crate) fn run(a: CompareArgs) -> CliResult<i32> {
     let f2 = parse_fmt(a.fmt2.as_deref()).map_err(|e| e.with_code(2))?;
     let mode = OpenMode {
         force_share: a.force_share,
+        image_opts: a.image_opts.image_opts,
         ..Default::default()
     };
     let d1 = Disk::open(&a.file1, f1, &mode).map_err(|e| e.with_code(2))?;

@@ -2,7 +2,10 @@
 //! `qed-img create [-f qed|raw] [-o cluster_size=N,table_size=N] [-b BACKING [-F FMT]] [-u]
 //! FILE [SIZE]`.
 
-use crate::common::{parse_fmt, parse_opts, parse_size, path_combine, CliError, CliResult, Fmt};
+use crate::common::{
+    check_backing_name, host_path, parse_fmt, parse_opts, parse_size, path_combine, CliError,
+    CliResult, Fmt,
+};
 use crate::disk::{create_raw, Disk, OpenMode};
 use crate::CreateArgs;
 use qed::{BackingFormat, CreateOptions, Image};
@@ -91,6 +94,7 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
         o.size = Some(parse_size(s).ok_or_else(|| CliError::new(SIZE_HELP))?);
     }
     let file = &a.file;
+    let path = &host_path(file);
     match fmt {
         Fmt::Raw => {
             if o.backing_file.is_some() {
@@ -105,7 +109,7 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
                 println!("Formatting '{file}', fmt=raw size={size}");
             }
             // Like qemu-img: the size is rounded up to whole sectors.
-            create_raw(file, size.next_multiple_of(512))?;
+            create_raw(path, size.next_multiple_of(512))?;
         }
         Fmt::Qed => {
             let mut bfmt = parse_fmt(o.backing_fmt.as_deref())?;
@@ -116,7 +120,9 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
                         "{file}: Expected backing file name, got empty string"
                     )));
                 }
-                let bpath = path_combine(file, b);
+                // Names the library would refuse to open are refused here (CVE-2024-4467).
+                check_backing_name(file, b)?;
+                let bpath = path_combine(path, b);
                 if !a.unsafe_ || (size.is_none()) {
                     // Open the backing file as qemu-img does, for its format and size.
                     let ro = OpenMode {
@@ -125,7 +131,8 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
                         ..Default::default()
                     };
                     let d = Disk::open(&bpath, bfmt, &ro).map_err(|e| {
-                        CliError::new(format!("{file}: Could not open backing image: {}", e.msg))
+                        // qemu-img's wording: the cause first, then its hint line.
+                        CliError::new(format!("{file}: {}\nCould not open backing image.", e.msg))
                     })?;
                     bfmt = Some(d.fmt);
                     if size.is_none() {
@@ -139,7 +146,8 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
             if !a.quiet {
                 let mut line = format!("Formatting '{file}', fmt=qed size={size}");
                 if let Some(b) = &o.backing_file {
-                    line += &format!(" backing_file={b}");
+                    // qemu prints option values with their commas doubled, as they are typed.
+                    line += &format!(" backing_file={}", b.replace(',', ",,"));
                 }
                 if let Some(f) = bfmt {
                     if o.backing_file.is_some() {
@@ -164,7 +172,7 @@ pub(crate) fn run(a: CreateArgs) -> CliResult<i32> {
             } else {
                 None
             };
-            Image::create(file, &opts).map_err(|e| CliError::new(format!("{file}: {e}")))?;
+            Image::create(path, &opts).map_err(|e| CliError::new(format!("{file}: {e}")))?;
         }
     }
     Ok(0)

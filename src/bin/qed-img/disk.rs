@@ -3,7 +3,10 @@
 //! way QEMU's block layer reports it, so that `map`, `convert` and `compare` walk an image as
 //! qemu-img does.
 
-use crate::common::{format_of, io_msg, path_combine, CliError, CliResult, Context, Fmt};
+use crate::common::{
+    format_of, host_path, io_msg, path_combine, protocol_prefix, CliError, CliResult, Context, Fmt,
+};
+use crate::spec::{fire, Io, Rule, Spec};
 use qed::storage::lock::{lock_image, ImageLock, LockMode};
 use qed::storage::sys;
 use qed::{Backing, ChainKind, FileStorage, Image, OpenOptions, Storage};
@@ -19,6 +22,32 @@ pub(crate) struct OpenMode {
     pub(crate) direct: bool,
     pub(crate) no_backing: bool,
     pub(crate) no_repair: bool,
+    /// The name is an `--image-opts` list, not a file name.
+    pub(crate) image_opts: bool,
+}
+
+impl OpenMode {
+    /// The library's options for this mode.
+    pub(crate) fn library_options(&self) -> OpenOptions {
+        OpenOptions {
+            writable: self.writable,
+            force_share: self.force_share && !self.writable,
+            direct: self.direct,
+            no_backing: self.no_backing,
+            no_repair: self.no_repair,
+            ..OpenOptions::read_only()
+        }
+    }
+
+    /// Read-only, sharing with a writer when `force_share` (-U), the name an --image-opts list
+    /// when `image_opts`: how a copy opens its source.
+    pub(crate) fn source(force_share: bool, image_opts: bool) -> OpenMode {
+        OpenMode {
+            force_share,
+            image_opts,
+            ..Default::default()
+        }
+    }
 }
 
 /// A raw file with its lock (when we took one).
@@ -57,6 +86,11 @@ impl RawFile {
             storage,
             _lock: lock,
         })
+    }
+
+    /// The storage, shared, with the lock that goes with it.
+    pub(crate) fn into_shared(self) -> (Arc<dyn Storage>, Option<ImageLock>) {
+        (Arc::new(self.storage), self._lock)
     }
 
     /// Length of the file.
@@ -108,6 +142,11 @@ pub(crate) struct Disk {
     pub(crate) path: String,
     pub(crate) fmt: Fmt,
     pub(crate) layers: Vec<Layer>,
+    /// An image given by options (json:, --image-opts): how QEMU names it, and the path its
+    /// relative backing names are relative to (`None`: it has no one folder).
+    pub(crate) shown: Option<(String, Option<String>)>,
+    /// blkdebug rules above the format (failing reads and block status).
+    pub(crate) guest_rules: Vec<Arc<Rule>>,
 }
 
 /// `qed::Error`s as one line, naming the file.
@@ -117,7 +156,11 @@ pub(crate) fn open_err(path: &str, e: impl std::fmt::Display) -> CliError {
 
 impl Disk {
     /// Opens `path` as `fmt` (probed when `None`).
-    pub(crate) fn open(path: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+    pub(crate) fn open(name: &str, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        if let Some(spec) = Spec::of_name(name, mode.image_opts)? {
+            return Disk::open_spec(spec, fmt, mode);
+        }
+        let path = &host_path(name);
         let fmt = format_of(path, fmt)?;
         let mut layers = Vec::new();
         match fmt {
@@ -129,57 +172,89 @@ impl Disk {
                 if Path::new(path).is_dir() {
                     return Err(open_err(path, "Is a directory"));
                 }
-                let opts = OpenOptions {
-                    writable: mode.writable,
-                    force_share: mode.force_share && !mode.writable,
-                    direct: mode.direct,
-                    no_backing: mode.no_backing,
-                    no_repair: mode.no_repair,
-                    ..OpenOptions::read_only()
-                };
-                let img = Image::open(path, &opts).map_err(|e| open_err(path, e))?;
-                let mut cur = Arc::new(img);
-                let mut cur_path = path.to_string();
-                layers.push(Layer::Qed {
-                    img: cur.clone(),
-                    path: cur_path.clone(),
-                });
-                loop {
-                    let Some(b) = cur.backing() else { break };
-                    let name = cur
-                        .info()
-                        .map_err(|e| open_err(&cur_path, e))?
-                        .backing_file
-                        .unwrap_or_default();
-                    let bpath = path_combine(&cur_path, &name);
-                    match b {
-                        Backing::Qed(bimg) => {
-                            layers.push(Layer::Qed {
-                                img: bimg.clone(),
-                                path: bpath.clone(),
-                            });
-                            cur = bimg;
-                            cur_path = bpath;
-                        }
-                        Backing::Raw(_) => {
-                            // Our own descriptor, for info's sizes; the library holds the lock
-                            // (and answers block status through its own).
-                            let ro = OpenMode::default();
-                            layers.push(Layer::Raw {
-                                file: RawFile::open(&bpath, &ro, false)?,
-                                path: bpath,
-                            });
-                            break;
-                        }
+                let opts = mode.library_options();
+                let img = Image::open(path, &opts).map_err(|e| match e {
+                    // A file that cannot be opened: qemu's "Could not open 'F': <errno text>".
+                    qed::Error::Io { context, source } if context.starts_with("opening") => {
+                        open_err(path, io_msg(&source))
                     }
-                }
+                    e => open_err(path, e),
+                })?;
+                layers.extend(chain_layers(Arc::new(img), path.to_string())?);
             }
         }
         Ok(Disk {
             path: path.to_string(),
             fmt,
             layers,
+            shown: None,
+            guest_rules: Vec::new(),
         })
+    }
+
+    /// Opens an image given by options: as its file when the options add nothing to it, else
+    /// on the storage they describe.
+    fn open_spec(spec: Spec, fmt: Option<Fmt>, mode: &OpenMode) -> CliResult<Disk> {
+        let fmt = fmt.or(spec.fmt);
+        let shown = Some((spec.shown.clone(), spec.dir_base()));
+        let plain = OpenMode {
+            image_opts: false,
+            ..*mode
+        };
+        if let Some(f) = spec.plain_file() {
+            let mut d = Disk::open(f, fmt, &plain)?;
+            d.shown = shown;
+            d.guest_rules = spec.guest_rules;
+            return Ok(d);
+        }
+        let storage = spec
+            .storage(mode.writable, mode.force_share)
+            .map_err(|e| open_err(&spec.shown, e.msg))?;
+        let fmt = match fmt {
+            Some(f) => f,
+            None => {
+                let mut magic = [0u8; 4];
+                storage
+                    .read_at(&mut magic, 0)
+                    .map_err(|e| open_err(&spec.shown, io_msg(&e)))?;
+                if &magic == b"QED\0" {
+                    Fmt::Qed
+                } else {
+                    Fmt::Raw
+                }
+            }
+        };
+        if fmt == Fmt::Raw {
+            return Err(open_err(
+                &spec.shown,
+                "raw images are opened as files only (no blkdebug or quorum under them)",
+            ));
+        }
+        let dir = spec.dir_base();
+        let opts = OpenOptions {
+            backing_resolver: Some(backing_resolver(dir.clone())),
+            ..mode.library_options()
+        };
+        let img = Image::open_storage(storage, &opts).map_err(|e| open_err(&spec.shown, e))?;
+        let first = spec.first_file().to_string();
+        // Layer 0's path: the file backing names are combined with (and info's sizes).
+        let layers = chain_layers(Arc::new(img), dir.unwrap_or(first))?;
+        Ok(Disk {
+            path: spec.shown.clone(),
+            fmt,
+            layers,
+            shown,
+            guest_rules: spec.guest_rules,
+        })
+    }
+
+    /// This image as a backing file of another.
+    pub(crate) fn into_backing(self) -> CliResult<Backing> {
+        match self.layers.into_iter().next() {
+            Some(Layer::Qed { img, .. }) => Ok(Backing::Qed(img)),
+            Some(Layer::Raw { file, .. }) => Ok(Backing::Raw(file.into_shared().0)),
+            None => Err(CliError::new("no image")),
+        }
     }
 
     pub(crate) fn top(&self) -> &Layer {
@@ -201,6 +276,12 @@ impl Disk {
 
     /// Reads guest bytes; past the end they read as zeros.
     pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> CliResult<()> {
+        if let Err(e) = fire(&self.guest_rules, Io::Read, offset, buf.len() as u64) {
+            return Err(CliError::new(format!(
+                "error while reading offset {offset}: {}",
+                io_msg(&e)
+            )));
+        }
         let r = match &self.layers[0] {
             Layer::Qed { img, .. } => {
                 let size = img.size();
@@ -286,6 +367,12 @@ impl Disk {
     /// qemu-img map's `get_block_status`: the layer that decides `[offset, offset + bytes)`,
     /// walking down the chain (the library's chain block status for a QED image).
     pub(crate) fn status(&self, offset: u64, bytes: u64) -> CliResult<Status> {
+        if let Err(e) = fire(&self.guest_rules, Io::Status, offset, bytes) {
+            return Err(CliError::new(format!(
+                "error while reading block status at offset {offset}: {}",
+                io_msg(&e)
+            )));
+        }
         let mut st = Status {
             start: offset,
             len: bytes,
@@ -324,6 +411,88 @@ impl Disk {
         st.layer = st.offset.map(|_| st.depth);
         Ok(st)
     }
+}
+
+/// An open QED image and its backing chain as layers, `path` being the image's.
+fn chain_layers(img: Arc<Image>, path: String) -> CliResult<Vec<Layer>> {
+    let mut layers = Vec::new();
+    let mut cur = img;
+    let mut cur_path = path;
+    layers.push(Layer::Qed {
+        img: cur.clone(),
+        path: cur_path.clone(),
+    });
+    loop {
+        let Some(b) = cur.backing() else { break };
+        let name = cur
+            .info()
+            .map_err(|e| open_err(&cur_path, e))?
+            .backing_file
+            .unwrap_or_default();
+        let bpath = path_combine(&cur_path, &name);
+        match b {
+            Backing::Qed(bimg) => {
+                layers.push(Layer::Qed {
+                    img: bimg.clone(),
+                    path: bpath.clone(),
+                });
+                cur = bimg;
+                cur_path = bpath;
+            }
+            Backing::Raw(_) => {
+                // Our own descriptor, for info's sizes; the library holds the lock
+                // (and answers block status through its own).
+                let ro = OpenMode::default();
+                layers.push(Layer::Raw {
+                    file: RawFile::open(&bpath, &ro, false)?,
+                    path: bpath,
+                });
+                break;
+            }
+        }
+    }
+    Ok(layers)
+}
+
+/// Opens the backing files of an image given by options (it has no path of its own for the
+/// library to resolve them from): relative names from `base`'s folder (none: only absolute
+/// names), the format probed unless the header says it. As the library does, a name with a
+/// protocol prefix (json:, file:, ...) is refused: the image does not choose drivers or options.
+fn backing_resolver(base: Option<String>) -> qed::image::BackingResolver {
+    Arc::new(move |name: &str, fmt: Option<qed::BackingFormat>| {
+        let refuse = |reason: String| qed::Error::BackingRefused {
+            name: name.to_string(),
+            reason,
+        };
+        if let Some(p) = protocol_prefix(name) {
+            return Err(refuse(format!(
+                "backing file names with a protocol prefix ({p}:) are not supported"
+            )));
+        }
+        let path = if name.starts_with('/') {
+            name.to_string()
+        } else {
+            match &base {
+                Some(b) => path_combine(b, name),
+                None => {
+                    // QEMU's words for a relative name under several files.
+                    return Err(refuse(
+                        "Cannot generate a base directory for quorum nodes".into(),
+                    ));
+                }
+            }
+        };
+        let fmt = fmt.map(|f| match f {
+            qed::BackingFormat::Raw => Fmt::Raw,
+            _ => Fmt::Qed,
+        });
+        let ro = OpenMode {
+            force_share: true,
+            ..Default::default()
+        };
+        let d = Disk::open(&path, fmt, &ro).map_err(|e| refuse(e.msg))?;
+        d.into_backing().map_err(|e| refuse(e.msg))
+    })
 }
 
 /// Zeroes a range of a raw file: punch a hole (keeping the size), or write zeros if the file

@@ -2,7 +2,7 @@
 //! `qed-img info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`: qemu-img's fields
 //! and JSON keys, plus QED's table and header sizes under `format-specific`.
 
-use crate::common::{parse_fmt, path_combine, size_to_str, CliError, CliResult};
+use crate::common::{parse_fmt, path_combine, size_to_str, CliError, CliResult, Fmt};
 use crate::disk::{Disk, Layer, OpenMode};
 use crate::json::{pretty, Json, ObjBuilder};
 use crate::InfoArgs;
@@ -67,6 +67,21 @@ fn layer_info(layer: &Layer) -> CliResult<Info> {
             })
         }
     }
+}
+
+/// The top image's info, named as QEMU names an image given by options.
+fn disk_info(disk: &Disk) -> CliResult<Info> {
+    let mut i = layer_info(disk.top())?;
+    if let Some((name, dir)) = &disk.shown {
+        i.filename = name.clone();
+        // An absolute name needs no folder.
+        i.full_backing = match (dir, i.backing.as_deref()) {
+            (_, Some(b)) if b.starts_with('/') => Some(b.to_string()),
+            (Some(d), b) => b.map(|b| path_combine(d, b)),
+            (None, _) => None,
+        };
+    }
+    Ok(i)
 }
 
 fn to_json(i: &Info) -> Json {
@@ -136,10 +151,10 @@ fn human(i: &Info) -> String {
     }
     if let Some(b) = &i.backing {
         s += &format!("backing file: {b}");
-        if let Some(full) = &i.full_backing {
-            if full != b {
-                s += &format!(" (actual path: {full})");
-            }
+        match &i.full_backing {
+            Some(full) if full != b => s += &format!(" (actual path: {full})"),
+            Some(_) => {}
+            None => s += " (cannot determine actual path)",
         }
         s += "\n";
         if let Some(f) = i.backing_fmt {
@@ -166,20 +181,53 @@ pub(crate) fn run(a: InfoArgs) -> CliResult<i32> {
     let fmt = parse_fmt(a.fmt.as_deref())?;
     let mode = OpenMode {
         force_share: a.force_share,
-        no_backing: !a.backing_chain,
+        no_backing: true,
         no_repair: true,
         ..Default::default()
     };
-    let disk = Disk::open(&a.file, fmt, &mode)?;
-    let n = if a.backing_chain {
-        disk.layers.len()
+    let mut infos = Vec::new();
+    if a.backing_chain {
+        // As qemu-img: each image opened alone, its backing file named by the one above; a
+        // name met twice is a loop, reported before anything is printed.
+        let mut seen = std::collections::HashSet::new();
+        let (mut file, mut fmt) = (a.file.clone(), fmt);
+        loop {
+            if !seen.insert(file.clone()) {
+                return Err(CliError::new(format!(
+                    "Backing file '{file}' creates an infinite loop."
+                )));
+            }
+            let first = infos.is_empty();
+            let m = OpenMode {
+                image_opts: first && a.image_opts.image_opts,
+                ..mode
+            };
+            let disk = Disk::open(&file, fmt, &m)?;
+            let i = disk_info(&disk)?;
+            let next = match (&i.full_backing, &i.backing) {
+                (Some(f), _) => Some(f.clone()),
+                (None, Some(b)) => {
+                    return Err(CliError::new(format!(
+                        "Could not determine absolute backing filename, but backing filename '{b}' present"
+                    )))
+                }
+                (None, None) => None,
+            };
+            fmt = i.backing_fmt.map(Fmt::parse).transpose()?;
+            infos.push(i);
+            match next {
+                Some(n) => file = n,
+                None => break,
+            }
+        }
     } else {
-        1
-    };
-    let infos = disk.layers[..n]
-        .iter()
-        .map(layer_info)
-        .collect::<CliResult<Vec<_>>>()?;
+        let m = OpenMode {
+            image_opts: a.image_opts.image_opts,
+            ..mode
+        };
+        let disk = Disk::open(&a.file, fmt, &m)?;
+        infos.push(disk_info(&disk)?);
+    }
     if a.output.json() {
         if a.backing_chain {
             print!(

@@ -12,6 +12,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod disk;
 mod info;
 mod json;
@@ -19,6 +20,7 @@ mod map;
 mod rebase;
 mod resize;
 mod sparsify;
+mod spec;
 mod stream;
 
 use clap::Parser;
@@ -37,6 +39,7 @@ fn run(cmd: Cmd) -> CliResult<i32> {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Commit(a) => commit::run(a),
         Cmd::Stream(a) => stream::run(a),
+        Cmd::Dd(a) => dd::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Sparsify(a) => sparsify::run(a),
     }
@@ -60,7 +63,7 @@ fn main() {
         Err(e) => {
             use std::io::Write;
             let _ = std::io::stdout().flush();
-            eprintln!("qed-img: {}", e.msg);
+            eprintln!("{}: {}", common::prog_name(), e.msg);
             e.code
         }
     };

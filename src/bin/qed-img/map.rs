@@ -79,6 +79,7 @@ pub(crate) fn run(a: MapArgs) -> CliResult<i32> {
     let json = a.output.json();
     let mode = OpenMode {
         force_share: a.force_share,
+        image_opts: a.image_opts.image_opts,
         ..Default::default()
     };
     let disk = Disk::open(&a.file, fmt, &mode)?;

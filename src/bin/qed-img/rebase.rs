@@ -145,18 +145,33 @@ pub(crate) fn run(a: RebaseArgs) -> CliResult<i32> {
                     None => new_buf[..nb].fill(0),
                 }
                 // Cluster by cluster: copy the ones that differ.
+                // As qemu-img: each run of differing clusters is one write (so its clusters
+                // land next to each other in the file), and zeros are written as zeros only
+                // when the whole chunk read from the old chain is zeros.
+                let old_zero = is_zero(&old_buf[..nb]);
+                let cluster_end = |p: u64| ((p / cs + 1) * cs).min(pos + n);
+                let differs = |p: u64| {
+                    let r = (p - pos) as usize..(cluster_end(p) - pos) as usize;
+                    old_buf[r.clone()] != new_buf[r]
+                };
                 let mut p = pos;
                 while p < pos + n {
-                    let cend = ((p / cs + 1) * cs).min(pos + n);
-                    let r = (p - pos) as usize..(cend - pos) as usize;
-                    if old_buf[r.clone()] != new_buf[r.clone()] {
-                        if is_zero(&old_buf[r.clone()]) {
-                            disk.write_zeroes(p, cend - p)?;
+                    let mut run_end = cluster_end(p);
+                    let same = !differs(p);
+                    while run_end < pos + n && differs(run_end) != same {
+                        run_end = cluster_end(run_end);
+                    }
+                    if !same {
+                        if old_zero {
+                            disk.write_zeroes(p, run_end - p)?;
                         } else {
-                            disk.write_at(p, &old_buf[r])?;
+                            disk.write_at(
+                                p,
+                                &old_buf[(p - pos) as usize..(run_end - pos) as usize],
+                            )?;
                         }
                     }
-                    p = cend;
+                    p = run_end;
                 }
                 pos += n;
                 progress.inc(n);
