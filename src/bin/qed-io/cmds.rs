@@ -70,6 +70,21 @@ impl Settings {
         });
         Ok(())
     }
+    /// Applies an option the command line and `open` share (-r -U -n -t -k -s -C); `None`
+    /// for any other letter, which the caller handles.
+    pub(crate) fn apply_open_option(&mut self, c: char, v: &str) -> Option<Result<(), String>> {
+        match c {
+            'r' => self.read_only = true,
+            'U' => self.force_share = true,
+            's' => self.snapshot = true,
+            'C' => self.copy_on_read = true,
+            'n' => return Some(self.set_cache("none")),
+            't' => return Some(self.set_cache(v)),
+            'k' => return Some(self.set_aio("native")),
+            _ => return None,
+        }
+        Some(Ok(()))
+    }
 }
 
 /// An aio request's result, printed at the next synchronous command (where qemu-io's event
@@ -1101,27 +1116,10 @@ impl Session {
         s.opts = OpenOpts::default();
         s.copy_on_read = false;
         for (c, v) in opts {
-            let r = match c {
-                'r' => {
-                    s.read_only = true;
-                    Ok(())
-                }
-                'U' => {
-                    s.force_share = true;
-                    Ok(())
-                }
-                'n' => s.set_cache("none"),
-                't' => s.set_cache(&v.unwrap_or_default()),
-                'k' => s.set_aio("native"),
-                's' => {
-                    s.snapshot = true;
-                    Ok(())
-                }
-                'o' => s.opts.parse(&v.unwrap_or_default()),
-                'C' => {
-                    s.copy_on_read = true;
-                    Ok(())
-                }
+            let v = v.unwrap_or_default();
+            let r = match (c, s.apply_open_option(c, &v)) {
+                (_, Some(r)) => r,
+                ('o', None) => s.opts.parse(&v),
                 _ => Err(format!("open -{c} is not supported by qed-io")),
             };
             r.map_err(|e| self.error(e))?;

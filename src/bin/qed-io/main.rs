@@ -101,31 +101,15 @@ fn main() {
     let mut cmdline = Vec::new();
     for (c, v) in opts {
         let v = v.unwrap_or_default();
+        let shared = settings.apply_open_option(c, &v);
         let r = match c {
+            _ if shared.is_some() => shared.unwrap_or(Ok(())),
             'c' => {
                 cmdline.push(v);
                 Ok(())
             }
             'f' => settings.set_format(&v),
-            'r' => {
-                settings.read_only = true;
-                Ok(())
-            }
-            'C' => {
-                settings.copy_on_read = true;
-                Ok(())
-            }
-            's' => {
-                settings.snapshot = true;
-                Ok(())
-            }
-            'n' => settings.set_cache("none"),
-            'U' => {
-                settings.force_share = true;
-                Ok(())
-            }
             'i' => settings.set_aio(&v),
-            'k' => settings.set_aio("native"),
             // Discard is always passed down; buffer misalignment and tracing change nothing
             // qed-io prints.
             'd' => match v.as_str() {
@@ -133,7 +117,6 @@ fn main() {
                 _ => Err(format!("Invalid discard option: {v}")),
             },
             'm' | 'T' => Ok(()),
-            't' => settings.set_cache(&v),
             'h' => {
                 print!("{}", USAGE.replace("PROG", &prog));
                 std::process::exit(0);
